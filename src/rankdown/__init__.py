@@ -1,0 +1,44 @@
+"""rankdown: make trained language models smaller by activation-guided low-rank decomposition.
+
+    import rankdown
+    model, tok = rankdown.load_reference()
+    report = rankdown.compress(model, tok, rankdown.SVDLLMConfig(ratio=0.3), calibration="reference")
+    rankdown.save(model, tok, "out/small", report)
+    small = rankdown.load("out/small")
+"""
+
+from __future__ import annotations
+
+try:
+    from importlib.metadata import PackageNotFoundError, version
+
+    __version__ = version("rankdown")
+except PackageNotFoundError:  # running from a source tree
+    __version__ = "0+unknown"
+
+from rankdown.api import CompressionReport, compress
+from rankdown.config import ASVDConfig, ConfigError, MethodConfig, SVDConfig, SVDLLMConfig
+from rankdown.methods import make_config, method_names
+from rankdown.reference import load_reference
+
+
+def save(model, tokenizer, out_dir, report: CompressionReport, overwrite: bool = False):
+    """Save a compressed model as a Hugging Face folder that records how it was made."""
+    from rankdown import io
+    from rankdown.api import versions
+
+    record = {**report.record(), "versions": versions()}
+    return io.save(model, tokenizer, out_dir, record=record, structure=report.structure, overwrite=overwrite)
+
+
+def load(path, device="cpu", dtype=None):
+    """Load a model saved by rankdown (or any plain Hugging Face folder)."""
+    from rankdown import io
+
+    return io.load(path, device=device, dtype=dtype)
+
+
+__all__ = [
+    "ASVDConfig", "CompressionReport", "ConfigError", "MethodConfig", "SVDConfig", "SVDLLMConfig",
+    "compress", "load", "load_reference", "make_config", "method_names", "save", "__version__",
+]

@@ -1,0 +1,164 @@
+"""The one verb: ``compress(model, tokenizer, config, calibration) -> CompressionReport``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from rankdown.allocate import Target, count_params, default_multiple
+from rankdown.arch import ArchSpec, spec_for
+from rankdown.config import ConfigError, MethodConfig
+from rankdown.engine import run_sequential
+from rankdown.methods import method_class
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompressionReport:
+    """What a compression did: counts, ratio, time, and every replaced module."""
+
+    method: str
+    config: dict[str, Any]
+    ratio_requested: float
+    params_before: int
+    params_after: int
+    seconds: float
+    calibration: dict[str, Any] | None
+    modules: dict[str, dict] = field(default_factory=dict)  # dotted path -> record (type, shape, rank)
+    unfused_experts: list[str] = field(default_factory=list)
+    guards: dict[str, dict] = field(default_factory=dict)
+    layer_seconds: list[float] = field(default_factory=list)
+    device: str = "cpu"
+
+    @property
+    def ratio_achieved(self) -> float:
+        return 1.0 - self.params_after / self.params_before
+
+    @property
+    def structure(self) -> dict[str, Any]:
+        """What io.py needs to rebuild the compressed model's shapes (see nn/portable.py)."""
+        return {"unfused_experts": list(self.unfused_experts), "modules": dict(self.modules)}
+
+    def record(self) -> dict[str, Any]:
+        """Provenance stored in the saved model's config.json (without the structure)."""
+        d = asdict(self)
+        for k in ("modules", "unfused_experts", "layer_seconds"):
+            d.pop(k)
+        d["ratio_achieved"] = self.ratio_achieved
+        d["seed"] = self.config.get("seed")
+        return d
+
+    def summary(self) -> dict[str, Any]:
+        """The flat figures the CLI prints with --json."""
+        return {
+            "method": self.method, "ratio_requested": self.ratio_requested,
+            "params_before": self.params_before, "params_after": self.params_after,
+            "ratio_achieved": round(self.ratio_achieved, 6), "seconds": round(self.seconds, 3),
+            "modules_replaced": len(self.modules),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps({**self.record(), "structure": self.structure}, indent=1)
+
+
+def find_targets(model: nn.Module, spec: ArchSpec, exclude: list[str] | tuple[str, ...] = ()) -> list[Target]:
+    """Every linear of every layer that a method may replace, in layer and group order."""
+    path, layers = spec.find_layers(model)
+    patterns = [re.compile(p) for p in exclude]
+    targets = []
+    for i, layer in enumerate(layers):
+        for group in spec.groups(layer):
+            for name in group:
+                full = f"{path}.{i}.{name}"
+                if any(p.search(full) for p in patterns) or name in spec.exclude:
+                    continue
+                mod = layer.get_submodule(name)
+                if isinstance(mod, nn.Linear):
+                    targets.append(Target(full, mod.out_features, mod.in_features, mod.bias is not None))
+    if not targets:
+        raise ConfigError("no linear layer is left to compress: check --exclude patterns")
+    return targets
+
+
+def _hidden_size(model: nn.Module) -> int:
+    cfg = model.config
+    return int(getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model", 0) or 0)
+
+
+def compress(
+    model: nn.Module,
+    tokenizer: Any,
+    config: MethodConfig,
+    calibration: Any = None,
+    *,
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    progress: bool = True,
+) -> CompressionReport:
+    """Compress ``model`` in place to ``config.ratio`` fewer parameters and report what changed.
+
+    calibration: a :class:`rankdown.calib.CalibrationData`, or a source name/path
+    (``wikitext2``, ``c4``, ``ptb``, ``reference``, a .txt or .jsonl file) sampled into
+    ``nsamples`` windows of ``seqlen`` tokens with ``config.seed``; unused by data-free methods.
+    """
+    config.validate()
+    method = method_class(config.method)(config)
+    spec = spec_for(model)
+    torch.manual_seed(config.seed)
+    t0 = time.perf_counter()
+    params_before = count_params(model)
+    unfused = spec.prepare(model)
+    targets = find_targets(model, spec, config.exclude)
+    multiple = config.rank_multiple or default_multiple(_hidden_size(model))
+    ranks = method.plan(targets, params_before, config.ratio, multiple)
+
+    data = None
+    if method.needs_calibration:
+        data = _calibration(tokenizer, calibration, nsamples, seqlen, config.seed)
+    modules, guards, layer_seconds = run_sequential(
+        model, spec, method, ranks,
+        None if data is None else data.input_ids, None if data is None else data.attention_mask,
+        config.batch_size, config.device, progress,
+    )
+    report = CompressionReport(
+        method=config.method, config=config.to_dict(), ratio_requested=config.ratio,
+        params_before=params_before, params_after=count_params(model), seconds=time.perf_counter() - t0,
+        calibration=None if data is None else {**data.describe(), "seed": config.seed},
+        modules=modules, unfused_experts=unfused, guards=guards, layer_seconds=layer_seconds,
+        device=config.device,
+    )
+    log.info("%s: %d -> %d parameters (%.4f removed) in %.1fs", config.method, report.params_before,
+             report.params_after, report.ratio_achieved, report.seconds)
+    return report
+
+
+def _calibration(tokenizer: Any, calibration: Any, nsamples: int, seqlen: int, seed: int):
+    if calibration is None:
+        raise ConfigError("this method needs calibration data: pass calibration='wikitext2' or a .txt/.jsonl path")
+    from rankdown.calib import CalibrationData, calibration_data
+
+    if isinstance(calibration, torch.Tensor):
+        return CalibrationData(calibration, torch.ones_like(calibration), "tensor")
+    if isinstance(calibration, CalibrationData):
+        return calibration
+    if tokenizer is None:
+        raise ConfigError("a tokenizer is needed to turn the calibration text into tokens")
+    return calibration_data(tokenizer, str(calibration), nsamples=nsamples, seqlen=seqlen, seed=seed)
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    from rankdown import __version__
+
+    return {"rankdown": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}

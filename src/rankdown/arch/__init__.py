@@ -1,0 +1,149 @@
+"""What a decoder (or encoder) layer is made of, per model family, as data.
+
+Every method speaks this vocabulary instead of a family's attribute names: the list of layers,
+the attention's q/k/v/o projections, the MLP's input and output projections, whether positions
+are rotary, and whether experts must be unfused first. Adding a family is one entry in
+``FAMILIES``; the contract tests then run every method on a tiny model of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from rankdown.nn.portable import unfuse_experts
+
+
+class UnsupportedModelError(ValueError):
+    """The model's family has no entry in rankdown's architecture table."""
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where the parts of one model family live. Paths inside a layer are relative to the layer."""
+
+    family: str
+    model_types: tuple[str, ...]
+    layers: tuple[str, ...]  # candidate paths of the ModuleList of layers, tried in order
+    q: str
+    k: str
+    v: str
+    o: str
+    mlp_in: tuple[str, ...]  # (gate, up) for a gated MLP, (up,) otherwise
+    mlp_out: str
+    rope: bool = True
+    gated_mlp: bool = True
+    causal: bool = True
+    experts: str | None = None  # fused experts module inside a layer (unfused before compressing)
+    exclude: tuple[str, ...] = field(default=())  # linears never compressed (routers)
+
+    @property
+    def fused_qkv(self) -> bool:
+        return self.q == self.k == self.v
+
+    def find_layers(self, model: nn.Module) -> tuple[str, nn.ModuleList]:
+        """The dotted path and the ModuleList of the model's decoder (encoder) layers."""
+        for path in self.layers:
+            try:
+                mod = model.get_submodule(path)
+            except AttributeError:
+                continue
+            if isinstance(mod, nn.ModuleList):
+                return path, mod
+        raise UnsupportedModelError(
+            f"{self.family}: none of the layer lists {list(self.layers)} exists in "
+            f"{type(model).__name__}; load the model with AutoModelForCausalLM (or AutoModel for encoders)"
+        )
+
+    def groups(self, layer: nn.Module) -> list[list[str]]:
+        """Linears of one layer in compression order; the linears of a group share an input.
+
+        ``[q,k,v] -> [o] -> [mlp inputs] -> [mlp output]`` (METHODS.md §0). With unfused experts
+        the MLP groups hold every expert's projections.
+        """
+        attn_in = list(dict.fromkeys([self.q, self.k, self.v]))
+        if self.experts is not None:
+            experts = layer.get_submodule(self.experts)
+            n = len(experts.experts)
+            mlp_in = [f"{self.experts}.experts.{e}.{p}" for e in range(n) for p in ("gate_proj", "up_proj")]
+            mlp_out = [f"{self.experts}.experts.{e}.down_proj" for e in range(n)]
+        else:
+            mlp_in, mlp_out = list(self.mlp_in), [self.mlp_out]
+        return [attn_in, [self.o], mlp_in, mlp_out]
+
+    def prepare(self, model: nn.Module) -> list[str]:
+        """Bring the model into the form methods work on; returns the unfused expert paths."""
+        if self.experts is None:
+            return []
+        path, layers = self.find_layers(model)
+        done = []
+        for i, layer in enumerate(layers):
+            mod = layer.get_submodule(self.experts)
+            if hasattr(mod, "gate_up_proj"):  # still fused
+                full = f"{path}.{i}.{self.experts}"
+                unfuse_experts(model, full)
+                done.append(full)
+        return done
+
+
+_LLAMA_LIKE = dict(
+    layers=("model.layers",),
+    q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
+    mlp_in=("mlp.gate_proj", "mlp.up_proj"), mlp_out="mlp.down_proj",
+)
+
+FAMILIES: tuple[ArchSpec, ...] = (
+    ArchSpec("llama", ("llama",), **_LLAMA_LIKE),
+    ArchSpec("mistral", ("mistral",), **_LLAMA_LIKE),
+    ArchSpec("qwen2", ("qwen2",), **_LLAMA_LIKE),
+    ArchSpec("qwen3", ("qwen3",), **_LLAMA_LIKE),
+    ArchSpec("gemma2", ("gemma2",), **_LLAMA_LIKE),
+    ArchSpec(
+        "phi3", ("phi3",), layers=("model.layers",),
+        q="self_attn.qkv_proj", k="self_attn.qkv_proj", v="self_attn.qkv_proj", o="self_attn.o_proj",
+        mlp_in=("mlp.gate_up_proj",), mlp_out="mlp.down_proj",
+    ),
+    ArchSpec(
+        "mixtral", ("mixtral",), layers=("model.layers",),
+        q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
+        mlp_in=(), mlp_out="", experts="mlp.experts", exclude=("mlp.gate",),
+    ),
+    ArchSpec(
+        "opt", ("opt",), layers=("model.decoder.layers",),
+        q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.out_proj",
+        mlp_in=("fc1",), mlp_out="fc2", rope=False, gated_mlp=False,
+    ),
+    ArchSpec(
+        "bert", ("bert", "roberta", "xlm-roberta"),
+        layers=("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer"),
+        q="attention.self.query", k="attention.self.key", v="attention.self.value",
+        o="attention.output.dense", mlp_in=("intermediate.dense",), mlp_out="output.dense",
+        rope=False, gated_mlp=False, causal=False,
+    ),
+)
+
+_BY_TYPE = {t: spec for spec in FAMILIES for t in spec.model_types}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_BY_TYPE)
+
+
+def base_model_type(config) -> str:
+    """The family's model_type, also for a rankdown-saved model (``rankdown_llama`` -> ``llama``)."""
+    record = getattr(config, "rankdown", None) or {}
+    return record.get("base_model_type") or config.model_type
+
+
+def spec_for(model_or_config) -> ArchSpec:
+    """The :class:`ArchSpec` of a model or config; a clear error for an unsupported family."""
+    config = getattr(model_or_config, "config", model_or_config)
+    mt = base_model_type(config)
+    try:
+        return _BY_TYPE[mt]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"model_type {mt!r} is not supported by rankdown. Supported: {', '.join(supported_model_types())}. "
+            "A new family is one ArchSpec entry in rankdown/arch/__init__.py."
+        ) from None

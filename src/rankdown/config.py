@@ -1,0 +1,87 @@
+"""Method configs: one dataclass per method, fields documented, JSON round trip.
+
+Each field's ``metadata["help"]`` is its documentation; the CLI turns fields into flags from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+class ConfigError(ValueError):
+    """A setting is out of its range or unknown; the message names it and the fix."""
+
+
+@dataclass
+class MethodConfig:
+    """Settings every method shares."""
+
+    method: ClassVar[str] = ""
+
+    ratio: float = _f(0.2, "fraction of ALL parameters to remove (embeddings and lm_head counted), in (0, 1)")
+    rank_multiple: int | None = _f(
+        None, "round ranks and kept sizes to a multiple of this (default: 8, or 1 when hidden_size < 1024)"
+    )
+    exclude: list[str] = _f([], "regular expressions of module names never to compress")
+    batch_size: int = _f(8, "calibration sequences per forward pass")
+    device: str = _f("cpu", "device that runs the layer loop: cpu, cuda, cuda:1, ...")
+    seed: int = _f(0, "random seed (calibration sampling and any randomised step)")
+
+    def validate(self) -> None:
+        if not 0.0 < self.ratio < 1.0:
+            raise ConfigError(
+                f"ratio {self.ratio} is out of range: give the fraction of parameters to remove, "
+                "strictly between 0 and 1 (e.g. --ratio 0.3 keeps 70%)"
+            )
+        if self.rank_multiple is not None and self.rank_multiple < 1:
+            raise ConfigError(f"rank_multiple must be >= 1, got {self.rank_multiple}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MethodConfig":
+        d = dict(d)
+        d.pop("method", None)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown {cls.method} setting(s) {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+
+@dataclass
+class SVDConfig(MethodConfig):
+    """Plain truncated SVD of each weight (data-free baseline)."""
+
+    method: ClassVar[str] = "svd"
+
+
+@dataclass
+class ASVDConfig(MethodConfig):
+    """Activation-aware SVD (Yuan et al. 2023): columns scaled by mean |x|^alpha before the SVD."""
+
+    method: ClassVar[str] = "asvd"
+    alpha: float = _f(0.5, "exponent of the mean absolute activation used as column scale")
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.alpha <= 2.0:
+            raise ConfigError(f"alpha must be in [0, 2], got {self.alpha}")
+
+
+@dataclass
+class SVDLLMConfig(MethodConfig):
+    """SVD-LLM (Wang et al. 2024): truncation-aware whitening by the Cholesky factor of C_in."""
+
+    method: ClassVar[str] = "svd-llm"

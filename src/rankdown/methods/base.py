@@ -1,0 +1,75 @@
+"""The contract between the engine and a method: the engine owns the loop, a method the math."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import nn
+
+from rankdown.allocate import Target, uniform_ranks
+from rankdown.config import MethodConfig
+from rankdown.methods.linalg import Guard
+from rankdown.nn.portable import LowRankLinear
+from rankdown.stats import InputStats
+
+if TYPE_CHECKING:
+    from rankdown.engine import LayerContext
+
+
+def lowrank_from(linear: nn.Linear, A: torch.Tensor, B: torch.Tensor) -> LowRankLinear:
+    """A :class:`LowRankLinear` with factors A (r, in), B (out, r) in the dtype/device of ``linear``."""
+    w = linear.weight
+    new = LowRankLinear(
+        linear.in_features, linear.out_features, A.shape[0], bias=linear.bias is not None,
+        device=w.device, dtype=w.dtype,
+    )
+    with torch.no_grad():
+        new.A.weight.copy_(A)
+        new.B.weight.copy_(B)
+        if linear.bias is not None:
+            new.B.bias.copy_(linear.bias)
+    return new
+
+
+class Method:
+    """Base of every method. Subclasses set ``config_class`` and override what they need.
+
+    The default :meth:`compress_layer` walks the layer's groups in order
+    (``[q,k,v] -> [o] -> [mlp in] -> [mlp out]``); for each group it asks the engine for the input
+    statistics of the group's targets (on inputs that already went through the compressed groups
+    before), then replaces each target by the factors :meth:`factorize` returns.
+    """
+
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    needs_calibration: ClassVar[bool] = True
+
+    def __init__(self, config: MethodConfig) -> None:
+        self.config = config
+
+    def factorize(
+        self, W: torch.Tensor, stats: InputStats | None, rank: int
+    ) -> tuple[torch.Tensor, torch.Tensor, Guard | None]:
+        """W: (out, in) float64 -> A: (r, in), B: (out, r), and any guard that was needed."""
+        raise NotImplementedError(f"{type(self).__name__} must implement factorize() or compress_layer()")
+
+    def compress_layer(self, ctx: "LayerContext", ranks: dict[str, int]) -> None:
+        """Compress the linears of one layer; ``ranks`` maps paths inside the layer to ranks."""
+        for group in ctx.groups():
+            names = [n for n in group if n in ranks]
+            if not names:
+                continue
+            stats = ctx.collect_inputs(names) if self.needs_calibration else {}
+            for name in names:
+                linear = ctx.module(name)
+                W = linear.weight.detach().to(ctx.device, torch.float64)
+                A, B, guard = self.factorize(W, stats.get(name), ranks[name])
+                if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+                    raise FloatingPointError(f"{ctx.prefix}.{name}: factors contain NaN/Inf")
+                ctx.replace(name, lowrank_from(linear, A, B))
+                if guard is not None:
+                    ctx.note(name, guard)
+
+    def plan(self, targets: list[Target], total_params: int, ratio: float, multiple: int) -> dict[str, int]:
+        """Ranks for every target path (default: one kept-parameter fraction for all, as the baselines)."""
+        return uniform_ranks(targets, total_params, ratio, multiple)

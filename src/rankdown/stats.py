@@ -1,0 +1,37 @@
+"""Running float64 statistics of the rows a linear layer sees."""
+
+from __future__ import annotations
+
+import torch
+
+
+class InputStats:
+    """Accumulates ``n``, ``Σx``, ``Σ|x|`` and ``C = Σ x xᵀ`` of input rows ``x`` (dim,) in float64."""
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
+        self.dim = dim
+        self.n = 0
+        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.abs_sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add rows ``x``: (..., dim)."""
+        x = x.reshape(-1, self.dim).to(self.gram.device, torch.float64)
+        self.n += x.shape[0]
+        self.sum += x.sum(0)
+        self.abs_sum += x.abs().sum(0)
+        self.gram.addmm_(x.T, x)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.n, 1)
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        return self.abs_sum / max(self.n, 1)
+
+    @property
+    def second_moment(self) -> torch.Tensor:
+        """``C / n``: (dim, dim)."""
+        return self.gram / max(self.n, 1)
