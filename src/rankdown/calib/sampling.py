@@ -1,0 +1,172 @@
+"""Calibration batches: token windows of a text, or whole samples of a JSONL / chat dataset.
+
+Text sources (Hub corpora, the reference texts, ``.txt`` files) are tokenized once as a whole
+(documents joined by ``"\\n\\n"``, no special tokens added) and ``nsamples`` windows of ``seqlen``
+tokens are cut at random offsets drawn from a ``torch.Generator`` seeded with ``seed``.
+Record sources (``.jsonl`` / ``.json``) give one sample per record: its ``text``, or its
+``messages`` rendered with the tokenizer's chat template; samples are truncated to ``seqlen`` and
+right-padded, with ``attention_mask`` 0 on the padding.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rankdown.calib.sources import CalibrationError, is_record_source, load_records, load_texts
+
+logger = logging.getLogger(__name__)
+
+DOCUMENT_SEPARATOR = "\n\n"
+
+
+@dataclass
+class CalibrationData:
+    """Calibration token batches.
+
+    ``input_ids``: (n, seqlen) int64 token ids; ``attention_mask``: (n, seqlen) int64, 1 = real
+    token, 0 = right padding (all ones for text windows).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    source: str
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.input_ids.dim() != 2 or self.input_ids.shape != self.attention_mask.shape:
+            raise ValueError(f"input_ids {tuple(self.input_ids.shape)} and attention_mask "
+                             f"{tuple(self.attention_mask.shape)} must be equal (n, seqlen) shapes")
+
+    @property
+    def nsamples(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def seqlen(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    @property
+    def tokens(self) -> int:
+        """Number of real (unpadded) tokens."""
+        return int(self.attention_mask.sum().item())
+
+    def __len__(self) -> int:
+        return self.nsamples
+
+    def batches(self, batch_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(input_ids, attention_mask) slices of at most ``batch_size`` rows, each (b, seqlen)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for i in range(0, self.nsamples, batch_size):
+            yield self.input_ids[i : i + batch_size], self.attention_mask[i : i + batch_size]
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able summary: source, nsamples, seqlen, seed and the count of real tokens."""
+        return {"source": self.source, "nsamples": self.nsamples, "seqlen": self.seqlen,
+                "seed": self.seed, "tokens": self.tokens}
+
+
+def tokenize_text(tokenizer: Any, text: str, add_special_tokens: bool = False) -> torch.Tensor:
+    """Token ids of a whole text in one call, (ntokens,) int64, without the too-long warning."""
+    ids = tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def render_record(tokenizer: Any, record: dict[str, Any]) -> str:
+    """The text of one record: its ``text``, or its ``messages`` through the tokenizer's chat
+    template when it has one, otherwise as ``"role: content"`` lines."""
+    if "text" in record:
+        return record["text"]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(record["messages"], tokenize=False)
+    return "\n".join(f"{m['role']}: {m['content']}" for m in record["messages"])
+
+
+def record_ids(tokenizer: Any, record: dict[str, Any]) -> list[int]:
+    """Token ids of one record. A chat template writes its own special tokens, so none are added
+    to templated messages; a ``text`` record (or untemplated messages) is a whole document and gets
+    the tokenizer's usual ones (e.g. Llama's BOS)."""
+    templated = "messages" in record and bool(getattr(tokenizer, "chat_template", None))
+    text = render_record(tokenizer, record)
+    return list(tokenizer(text, add_special_tokens=not templated, verbose=False)["input_ids"])
+
+
+def source_text(tokenizer: Any, source: str, split: str | None = None) -> str:
+    """The whole text of a source: its documents (or rendered records) joined by ``"\\n\\n"``."""
+    if is_record_source(source):
+        docs = [render_record(tokenizer, r) for r in load_records(source)]
+    else:
+        docs = load_texts(source, split=split)
+    return DOCUMENT_SEPARATOR.join(docs)
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id used for right padding: the pad token, else the EOS token, else 0."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, list):  # some configs list several EOS ids
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def calibration_data(tokenizer: Any, source: str, nsamples: int = 128, seqlen: int = 2048,
+                     seed: int = 0) -> CalibrationData:
+    """``nsamples`` calibration samples of ``seqlen`` tokens from ``source``, reproducible by ``seed``.
+
+    Text sources: windows at random offsets in ``[0, ntokens - seqlen]`` of the tokenized whole
+    text (windows may overlap). Record sources: ``nsamples`` records drawn without replacement
+    (all of them, with a warning, when there are fewer), truncated to ``seqlen`` and right-padded
+    with :func:`pad_id`. Returns input_ids and attention_mask of shape (nsamples, seqlen).
+    """
+    if isinstance(nsamples, bool) or not isinstance(nsamples, int) or nsamples < 1:
+        raise CalibrationError(f"nsamples must be a whole number >= 1, got {nsamples!r}; "
+                               "pass e.g. --nsamples 128")
+    if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
+        raise CalibrationError(f"seqlen must be a whole number >= 2 (a token and its successor), "
+                               f"got {seqlen!r}; pass e.g. --seqlen 2048")
+    generator = torch.Generator().manual_seed(seed)
+    if is_record_source(source):
+        return _record_samples(tokenizer, source, nsamples, seqlen, seed, generator)
+
+    ids = tokenize_text(tokenizer, source_text(tokenizer, source))
+    ntokens = ids.numel()
+    if ntokens < seqlen:
+        raise CalibrationError(
+            f"calibration text {source} has {ntokens} tokens but one window needs seqlen={seqlen}; "
+            "lower --seqlen or give more text"
+        )
+    offsets = torch.randint(0, ntokens - seqlen + 1, (nsamples,), generator=generator)
+    input_ids = ids[offsets[:, None] + torch.arange(seqlen)]  # (nsamples, seqlen)
+    logger.info("calibration: %d windows of %d tokens from %s (%d tokens, seed %d)",
+                nsamples, seqlen, source, ntokens, seed)
+    return CalibrationData(input_ids, torch.ones_like(input_ids), source, seed)
+
+
+def _record_samples(tokenizer: Any, source: str, nsamples: int, seqlen: int, seed: int,
+                    generator: torch.Generator) -> CalibrationData:
+    records = load_records(source)
+    if len(records) < nsamples:
+        logger.warning("calibration: %s has %d records, fewer than nsamples=%d; using all of them",
+                       source, len(records), nsamples)
+    chosen = torch.randperm(len(records), generator=generator)[:nsamples].tolist()
+    fill = pad_id(tokenizer)
+    input_ids = torch.full((len(chosen), seqlen), fill, dtype=torch.long)
+    attention_mask = torch.zeros((len(chosen), seqlen), dtype=torch.long)
+    for row, index in enumerate(chosen):
+        ids = record_ids(tokenizer, records[index])[:seqlen]
+        if not ids:
+            raise CalibrationError(f"record {index + 1} of {source} tokenizes to no tokens; "
+                                   "remove it or give it some text")
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    data = CalibrationData(input_ids, attention_mask, source, seed)
+    logger.info("calibration: %d records of %s, %d real tokens (seqlen %d, seed %d)",
+                data.nsamples, source, data.tokens, seqlen, seed)
+    return data

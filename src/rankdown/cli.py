@@ -1,0 +1,276 @@
+"""Command line: rankdown compress | eval | inspect | demo."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from rankdown.config import MethodConfig
+from rankdown.methods import METHODS
+
+log = logging.getLogger("rankdown")
+
+REFERENCE = "reference"
+
+
+# ----------------------------------------------------------------------------- model loading
+def load_model(name: str | None, dtype: str = "float32"):
+    """(model, tokenizer) from a hub id, a local folder (plain or rankdown-saved) or the reference."""
+    import torch
+
+    torch_dtype = getattr(torch, dtype)
+    if name in (None, REFERENCE):
+        from rankdown.reference import load_reference
+
+        return load_reference(torch_dtype)
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from rankdown import io
+
+    path = Path(name)
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} has no config.json: give a Hugging Face model folder or hub id")
+        model = io.load(path, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
+        return model, tokenizer
+    try:
+        config = AutoConfig.from_pretrained(name)
+        auto = AutoModelForCausalLM if config.model_type not in ("bert", "roberta", "xlm-roberta") else AutoModel
+        model = auto.from_pretrained(name, dtype=torch_dtype).eval()
+        return model, AutoTokenizer.from_pretrained(name)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"could not load {name!r}: it is not a local folder and the hub could not provide it ({e}). "
+            "Give a local model folder, or check the hub id and your network."
+        ) from None
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+# ----------------------------------------------------------------------------- printing
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+# ----------------------------------------------------------------------------- commands
+def _method_config(args: argparse.Namespace) -> MethodConfig:
+    cls = METHODS[args.method].config_class
+    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+    return cls.from_dict(settings)
+
+
+def _calib_defaults(args: argparse.Namespace) -> None:
+    ref = args.model in (None, REFERENCE)
+    args.calib = args.calib or (REFERENCE if ref else "wikitext2")
+    args.seqlen = args.seqlen or (256 if ref else 2048)
+
+
+def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
+    import rankdown
+
+    _calib_defaults(args)
+    config = _method_config(args)
+    config.validate()
+    if args.out and Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.overwrite:
+        from rankdown.io import OutputExistsError
+
+        raise OutputExistsError(f"{args.out} exists and is not empty: choose another --out or pass --overwrite")
+    model, tokenizer = load_model(args.model, args.dtype)
+    report = rankdown.compress(model, tokenizer, config, args.calib, nsamples=args.nsamples,
+                               seqlen=args.seqlen, progress=not args.quiet)
+    out = None
+    if args.out:
+        out = str(rankdown.save(model, tokenizer, args.out, report, overwrite=args.overwrite))
+    result = {**report.summary(), "out": out}
+    print(table([result], ["method", "ratio_requested", "params_before", "params_after", "ratio_achieved", "seconds"]))
+    if out:
+        print(f"saved to {out}")
+    return result
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from rankdown.eval.perplexity import perplexity
+
+    model, tokenizer = load_model(args.model, args.dtype)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{args.model} has no tokenizer files; perplexity needs one")
+    seqlen = args.seqlen or (256 if args.model in (None, REFERENCE) else 2048)
+    res = perplexity(model, tokenizer, args.ppl, seqlen=seqlen, batch_size=args.batch_size,
+                     device=args.device, max_windows=args.max_windows)
+    result = {"model": args.model, **res.to_dict()}
+    print(table([result], ["model", "source", "seqlen", "tokens", "ppl", "seconds"]))
+    return result
+
+
+def cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:
+    from rankdown.io import read_record
+
+    path = Path(args.dir)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} is not a model folder (no config.json)")
+    record = read_record(path)
+    if record is None:
+        print(f"{path}: a plain Hugging Face model, not compressed by rankdown")
+        return {"compressed": False}
+    modules = record.get("structure", {}).get("modules", {})
+    rows = [{"module": k, **{c: v.get(c, "") for c in ("type", "in", "out", "rank", "bias")}} for k, v in modules.items()]
+    print(table(rows, ["module", "type", "in", "out", "rank", "bias"]) if rows else "no module replaced")
+    print()
+    prov = {k: v for k, v in record.items() if k not in ("structure", "guards")}
+    for key, val in prov.items():
+        print(f"{key:>16}: {json.dumps(val) if isinstance(val, (dict, list)) else val}")
+    return {"compressed": True, "modules": len(modules), **prov}
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    import rankdown
+    from rankdown.eval.perplexity import perplexity
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in METHODS:
+            from rankdown.config import ConfigError
+
+            raise ConfigError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    model, tok = load_model(REFERENCE)
+    t0 = time.perf_counter()
+    dense = perplexity(model, tok, "reference-heldout", seqlen=args.seqlen)
+    rows = [{"model": "dense", "params": sum(p.numel() for p in model.parameters()), "removed": 0.0,
+             "heldout_ppl": dense.ppl, "ppl_change": "", "compress_s": "", "eval_s": time.perf_counter() - t0}]
+    print(f"reference model: {rows[0]['params']:,} parameters, held-out perplexity {dense.ppl:.3f} "
+          f"({dense.tokens:,} tokens)")
+    for m in methods:
+        model, tok = load_model(REFERENCE)
+        cfg = rankdown.make_config(m, ratio=args.ratio, seed=args.seed)
+        report = rankdown.compress(model, tok, cfg, REFERENCE, nsamples=args.nsamples, seqlen=args.seqlen,
+                                   progress=False)
+        t1 = time.perf_counter()
+        res = perplexity(model, tok, "reference-heldout", seqlen=args.seqlen)
+        rows.append({"model": m, "params": report.params_after, "removed": report.ratio_achieved,
+                     "heldout_ppl": res.ppl, "ppl_change": f"{100 * (res.ppl / dense.ppl - 1):+.1f}%",
+                     "compress_s": report.seconds, "eval_s": time.perf_counter() - t1})
+    print()
+    print(table(rows, ["model", "params", "removed", "heldout_ppl", "ppl_change", "compress_s", "eval_s"]))
+    return {"rows": rows}
+
+
+# ----------------------------------------------------------------------------- parser
+def _add_method_flags(p: argparse.ArgumentParser) -> None:
+    seen: set[str] = set()
+    for cls in [MethodConfig] + [m.config_class for m in METHODS.values()]:
+        for f in dataclasses.fields(cls):
+            if f.name in seen or f.name in ("device", "seed", "batch_size"):
+                continue
+            seen.add(f.name)
+            flag = "--" + f.name.replace("_", "-")
+            help_ = f.metadata.get("help", "")
+            if cls is not MethodConfig:
+                help_ += f" [{cls.method}]"
+            if f.name == "exclude":
+                p.add_argument(flag, action="append", default=None, help=help_)
+            else:
+                typ = {"float": float, "int": int, "int | None": int}.get(str(f.type), str)
+                p.add_argument(flag, type=typ, default=None, help=help_)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="rankdown", description="Make trained language models smaller.")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="dtype the model is loaded in")
+
+    p = sub.add_parser("compress", help="compress a model to a parameter budget")
+    p.add_argument("model", nargs="?", default=None, help="hub id or local folder (default: the reference model)")
+    p.add_argument("--method", required=True, choices=list(METHODS))
+    _add_method_flags(p)
+    p.add_argument("--calib", default=None, help="wikitext2 | c4 | ptb | reference | FILE.txt | FILE.jsonl")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per window (default 2048; 256 for the reference)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
+    p.add_argument("--out", default=None, help="folder to save the compressed model to")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    common(p)
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("eval", help="evaluate a model (perplexity)")
+    p.add_argument("model", help="hub id, local folder, or 'reference'")
+    p.add_argument("--ppl", required=True, help="wikitext2 | c4 | ptb | reference-heldout | FILE.txt")
+    p.add_argument("--seqlen", type=int, default=None, help="window length (default 2048; 256 for the reference)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--device", default=None)
+    common(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("inspect", help="show the ranks and provenance recorded in a compressed model folder")
+    p.add_argument("dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("demo", help="compress the built-in reference model and compare methods")
+    p.add_argument("--methods", default="svd,asvd,svd-llm")
+    p.add_argument("--ratio", type=float, default=0.3)
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return ap
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from rankdown.arch import UnsupportedModelError
+    from rankdown.config import ConfigError
+
+    errors: list[type[BaseException]] = [ConfigError, UnsupportedModelError, FileNotFoundError, FileExistsError]
+    try:
+        from rankdown.calib import CalibrationError
+
+        errors.append(CalibrationError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = args.func(args)
+    except _user_errors() as e:
+        print(f"rankdown {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    if getattr(args, "json", False):
+        print(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

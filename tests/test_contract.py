@@ -1,0 +1,72 @@
+"""Every method on a tiny random model of every family: ratio met, outputs finite and close."""
+
+import pytest
+import torch
+
+from rankdown.allocate import count_params
+from rankdown.api import compress
+from rankdown.methods import METHODS, make_config
+from rankdown.nn import LowRankLinear
+from tiny import FAMILIES, outputs, tiny_ids, tiny_model
+
+IDS = tiny_ids(8, 32)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_method_on_every_family(family, method):
+    model = tiny_model(family)
+    before = outputs(model, IDS)
+    n_before = count_params(model)
+    report = compress(model, None, make_config(method, ratio=0.25, batch_size=4), IDS, progress=False)
+    after = outputs(model, IDS)
+    assert report.params_before == n_before
+    assert report.params_after == count_params(model)
+    assert abs(report.ratio_achieved - 0.25) <= 0.01
+    assert torch.isfinite(after).all()
+    rel = ((after - before).pow(2).mean() / before.pow(2).mean()).item()
+    assert rel < 1.0, f"relative output error {rel:.3f}"
+    replaced = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    assert len(replaced) == len(report.modules) > 0
+    for path, rec in report.modules.items():
+        mod = model.get_submodule(path)
+        assert mod.rank == rec["rank"] and mod.rank * (mod.in_features + mod.out_features) < mod.in_features * mod.out_features
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "opt", "mixtral"])
+def test_activation_aware_beats_plain_svd_on_calibration_tokens(family):
+    errs = {}
+    for method in ("svd", "svd-llm"):
+        model = tiny_model(family)
+        before = outputs(model, IDS)
+        compress(model, None, make_config(method, ratio=0.25, batch_size=4), IDS, progress=False)
+        errs[method] = (outputs(model, IDS) - before).pow(2).mean().item()
+    assert errs["svd-llm"] < errs["svd"]
+
+
+def test_unknown_family_names_model_type_and_lists_supported():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rankdown.arch import UnsupportedModelError
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(UnsupportedModelError, match=r"'gpt2'.*llama.*mixtral"):
+        compress(model, None, make_config("svd", ratio=0.2), None, progress=False)
+
+
+def test_ratio_out_of_range_is_refused_with_the_range():
+    from rankdown.config import ConfigError
+
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(ConfigError, match="between 0 and 1"):
+            compress(tiny_model("llama"), None, make_config("svd", ratio=bad), None, progress=False)
+    with pytest.raises(ConfigError, match="cannot be reached"):
+        compress(tiny_model("llama"), None, make_config("svd", ratio=0.9), None, progress=False)
+
+
+def test_exclude_keeps_matching_modules_dense():
+    model = tiny_model("llama")
+    report = compress(model, None, make_config("svd", ratio=0.15, exclude=[r"mlp\.down_proj"]), None, progress=False)
+    assert not any("down_proj" in p for p in report.modules)
+    assert isinstance(model.model.layers[0].mlp.down_proj, torch.nn.Linear)
+    assert abs(report.ratio_achieved - 0.15) <= 0.01

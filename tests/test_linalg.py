@@ -1,0 +1,77 @@
+"""The baselines' factorisations against their defining properties."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rankdown.methods.linalg import asvd_factors, guarded_cholesky, svd_factors, whitened_svd_factors
+
+
+def _data(out_f=24, in_f=32, n=400, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out_f, in_f, generator=g, dtype=torch.float64)
+    # inputs with a few dominant directions, as real activations have
+    X = torch.randn(n, in_f, generator=g, dtype=torch.float64) * torch.logspace(1, -2, in_f, dtype=torch.float64)
+    return W, X
+
+
+def test_svd_is_eckart_young_optimal():
+    W, _ = _data()
+    A, B = svd_factors(W, 6)
+    assert A.shape == (6, 32) and B.shape == (24, 6)
+    S = torch.linalg.svdvals(W)
+    err = torch.linalg.matrix_norm(W - B @ A)
+    assert torch.isclose(err, S[6:].norm(), rtol=1e-10)
+
+
+def test_full_rank_factors_reconstruct_exactly():
+    W, X = _data()
+    for A, B in (svd_factors(W, 24), asvd_factors(W, X.abs().mean(0), 24)):
+        assert torch.allclose(B @ A, W, atol=1e-10)
+    A, B, _ = whitened_svd_factors(W, X.T @ X / X.shape[0], 24)
+    assert torch.allclose(B @ A, W, atol=1e-6)
+
+
+def test_whitening_minimises_output_error_on_the_calibration_data():
+    W, X = _data()
+    C = X.T @ X / X.shape[0]
+    for r in (2, 4, 8):
+        A, B, guard = whitened_svd_factors(W, C, r)
+        err_llm = torch.linalg.matrix_norm(X @ (W - B @ A).T)
+        A2, B2 = svd_factors(W, r)
+        err_svd = torch.linalg.matrix_norm(X @ (W - B2 @ A2).T)
+        A3, B3 = asvd_factors(W, X.abs().mean(0), r)
+        err_asvd = torch.linalg.matrix_norm(X @ (W - B3 @ A3).T)
+        # SVD-LLM is the optimal rank-r map in the data norm: the best of the three, by a margin
+        assert err_llm < 0.8 * err_svd and err_llm <= err_asvd
+        # ...and equals the Eckart-Young bound of W C^1/2 (up to the tiny ridge)
+        L = torch.linalg.cholesky(C)
+        bound = torch.linalg.svdvals(W @ L)[r:].norm() * X.shape[0] ** 0.5
+        assert torch.isclose(err_llm, bound, rtol=1e-4)
+        assert guard.value > 0
+
+
+def test_cholesky_guard_grows_on_singular_input():
+    C = torch.zeros(5, 5, dtype=torch.float64)
+    C[0, 0] = 1.0  # rank one: plain Cholesky fails
+    L, guard = guarded_cholesky(C)
+    assert torch.isfinite(L).all()
+    assert torch.allclose(L @ L.T, C + guard.value * torch.eye(5, dtype=torch.float64))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    out_f=st.integers(2, 20), in_f=st.integers(2, 20), rank=st.integers(1, 20),
+    cond=st.sampled_from([1.0, 1e3, 1e8]), seed=st.integers(0, 10_000),
+)
+def test_factors_have_their_rank_and_are_finite(out_f, in_f, rank, cond, seed):
+    g = torch.Generator().manual_seed(seed)
+    rank = min(rank, out_f, in_f)
+    W = torch.randn(out_f, in_f, generator=g, dtype=torch.float64)
+    X = torch.randn(50, in_f, generator=g, dtype=torch.float64) * torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), in_f, dtype=torch.float64)
+    X[:, 0] = 0  # a dead channel
+    for A, B in (svd_factors(W, rank), asvd_factors(W, X.abs().mean(0), rank),
+                 whitened_svd_factors(W, X.T @ X / 50, rank)[:2]):
+        assert A.shape == (rank, in_f) and B.shape == (out_f, rank)
+        assert torch.isfinite(A).all() and torch.isfinite(B).all()
+        assert torch.linalg.matrix_rank(B @ A) <= rank

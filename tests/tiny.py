@@ -1,0 +1,47 @@
+"""Tiny random models of every supported family, built in the test process (no network)."""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+VOCAB = 96
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+CONFIGS = {
+    "llama": lambda: tf.LlamaConfig(**_COMMON),
+    "llama-tied": lambda: tf.LlamaConfig(**_COMMON, tie_word_embeddings=True),
+    "mistral": lambda: tf.MistralConfig(**_COMMON, sliding_window=None),
+    "qwen2": lambda: tf.Qwen2Config(**_COMMON),  # q/k/v carry biases
+    "qwen3": lambda: tf.Qwen3Config(**_COMMON, head_dim=16),
+    "phi3": lambda: tf.Phi3Config(**_COMMON, pad_token_id=0),
+    "gemma2": lambda: tf.Gemma2Config(**_COMMON, head_dim=16, sliding_window=8),
+    "mixtral": lambda: tf.MixtralConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2),
+    "opt": lambda: tf.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64),
+    "bert": lambda: tf.BertConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, max_position_embeddings=128),
+}
+FAMILIES = list(CONFIGS)
+
+
+def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised tiny model of ``family`` in eval mode (BertModel for bert)."""
+    torch.manual_seed(seed)
+    config = CONFIGS[family]()
+    cls = tf.BertModel if family == "bert" else tf.AutoModelForCausalLM
+    model = cls(config) if family == "bert" else cls.from_config(config)
+    return model.eval()
+
+
+def tiny_ids(n: int = 8, length: int = 32, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (n, length), generator=g)
+
+
+def outputs(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a causal LM, last hidden states of an encoder."""
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
