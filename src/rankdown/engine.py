@@ -144,7 +144,7 @@ class LayerContext:
         return out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()
-    def collect_inputs(self, names: list[str]) -> dict[str, InputStats]:
+    def collect_inputs(self, names: list[str], gram: bool = True) -> dict[str, InputStats]:
         """Float64 statistics of the inputs of the named linears over all calibration batches.
 
         Linears fed the same tensor (q, k, v) share one :class:`InputStats`. Padding rows are
@@ -162,7 +162,7 @@ class LayerContext:
                 if hit is not None and hit[0] is x:
                     stats[name] = hit[1]
                 else:
-                    s = stats.get(name) or InputStats(x.shape[-1], self.device)
+                    s = stats.get(name) or InputStats(x.shape[-1], self.device, gram)
                     m = mask[0]
                     s.add(x[m] if m is not None and x.shape[:-1] == m.shape else x)
                     stats[name] = shared.setdefault(id(x), (x, s))[1]
@@ -188,7 +188,7 @@ class LayerContext:
                 h.remove()
         for n in names:  # a linear that saw no token (an expert never routed to) gets empty stats
             if n not in stats:
-                stats[n] = InputStats(self.module(n).in_features, self.device)
+                stats[n] = InputStats(self.module(n).in_features, self.device, gram)
         return stats
 
     @torch.no_grad()

@@ -8,20 +8,22 @@ import torch
 class InputStats:
     """Accumulates ``n``, ``Σx``, ``Σ|x|`` and ``C = Σ x xᵀ`` of input rows ``x`` (dim,) in float64."""
 
-    def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, dim: int, device: torch.device | str = "cpu", gram: bool = True) -> None:
         self.dim = dim
         self.n = 0
         self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
         self.abs_sum = torch.zeros(dim, dtype=torch.float64, device=device)
-        self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        # the (dim, dim) correlation dominates the cost; methods that only need means skip it
+        self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=device) if gram else None
 
     def add(self, x: torch.Tensor) -> None:
         """Add rows ``x``: (..., dim)."""
-        x = x.reshape(-1, self.dim).to(self.gram.device, torch.float64)
+        x = x.reshape(-1, self.dim).to(self.sum.device, torch.float64)
         self.n += x.shape[0]
         self.sum += x.sum(0)
         self.abs_sum += x.abs().sum(0)
-        self.gram.addmm_(x.T, x)
+        if self.gram is not None:
+            self.gram.addmm_(x.T, x)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -34,4 +36,6 @@ class InputStats:
     @property
     def second_moment(self) -> torch.Tensor:
         """``C / n``: (dim, dim)."""
+        if self.gram is None:
+            raise ValueError("these statistics were collected without the correlation matrix (gram=False)")
         return self.gram / max(self.n, 1)

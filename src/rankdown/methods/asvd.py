@@ -12,6 +12,7 @@ from rankdown.stats import InputStats
 
 class ASVD(Method):
     config_class = ASVDConfig
+    needs_gram = False
 
     def factorize(self, W: torch.Tensor, stats: InputStats, rank: int):
         A, B = asvd_factors(W, stats.abs_mean, rank, self.config.alpha)

@@ -43,6 +43,7 @@ class Method:
 
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     needs_calibration: ClassVar[bool] = True
+    needs_gram: ClassVar[bool] = True  # whether factorize() reads the (in, in) input correlation
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
@@ -59,7 +60,7 @@ class Method:
             names = [n for n in group if n in ranks]
             if not names:
                 continue
-            stats = ctx.collect_inputs(names) if self.needs_calibration else {}
+            stats = ctx.collect_inputs(names, gram=self.needs_gram) if self.needs_calibration else {}
             for name in names:
                 linear = ctx.module(name)
                 W = linear.weight.detach().to(ctx.device, torch.float64)

@@ -1,0 +1,68 @@
+"""Held-out perplexity and compress time of the baselines on the reference model, one run.
+
+    python bench/baselines.py [--ratios 0.1,0.2,0.3,0.4] [--methods svd,asvd,svd-llm]
+
+Prints a markdown table and writes bench/results/baselines.json. Every figure comes from this one
+run on this machine: compare rows with each other, not with another machine's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import rankdown
+from rankdown.allocate import count_params
+from rankdown.eval.perplexity import perplexity
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--methods", default="svd,asvd,svd-llm")
+    ap.add_argument("--ratios", default="0.1,0.2,0.3,0.4")
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "baselines.json"))
+    args = ap.parse_args()
+    methods = args.methods.split(",")
+    ratios = [float(r) for r in args.ratios.split(",")]
+
+    model, tok = rankdown.load_reference()
+    t0 = time.perf_counter()
+    dense = perplexity(model, tok, "reference-heldout", seqlen=args.seqlen)
+    results = {"machine": f"{platform.machine()} {torch.get_num_threads()} threads", "seqlen": args.seqlen,
+               "nsamples": args.nsamples, "heldout_tokens": dense.tokens,
+               "dense": {"params": count_params(model), "ppl": dense.ppl, "eval_s": time.perf_counter() - t0},
+               "runs": []}
+    print(f"dense: {count_params(model):,} params, held-out ppl {dense.ppl:.3f} over {dense.tokens:,} tokens")
+    for method in methods:
+        for ratio in ratios:
+            m, _ = rankdown.load_reference()
+            rep = rankdown.compress(m, tok, rankdown.make_config(method, ratio=ratio, seed=args.seed), "reference",
+                                    nsamples=args.nsamples, seqlen=args.seqlen, progress=False)
+            res = perplexity(m, tok, "reference-heldout", seqlen=args.seqlen)
+            run = {"method": method, "ratio": ratio, "ratio_achieved": rep.ratio_achieved,
+                   "params": rep.params_after, "ppl": res.ppl, "compress_s": rep.seconds}
+            results["runs"].append(run)
+            print(f"{method:8s} {ratio:.1f}: ratio {rep.ratio_achieved:.4f} ppl {res.ppl:8.3f} "
+                  f"compress {rep.seconds:6.1f}s", flush=True)
+
+    lines = ["| method | " + " | ".join(f"{int(r * 100)}%" for r in ratios) + " |",
+             "|---|" + "---|" * len(ratios)]
+    lines.append(f"| dense | " + " | ".join(f"{dense.ppl:.2f}" for _ in ratios) + " |")
+    for method in methods:
+        cells = [f"{r['ppl']:.2f} ({r['compress_s']:.1f}s)" for r in results["runs"] if r["method"] == method]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    print("\nheld-out perplexity (compress seconds)\n" + "\n".join(lines))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

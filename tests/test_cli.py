@@ -1,0 +1,95 @@
+"""The command line as a user runs it: real subprocesses, exit codes, JSON, saved folders."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ENV = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+
+
+def rankdown(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "rankdown.cli", *args], capture_output=True, text=True, env=ENV, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"rankdown {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def last_json(proc: subprocess.CompletedProcess) -> dict:
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("cli") / "svdllm"
+    proc = rankdown("compress", "--method", "svd-llm", "--ratio", "0.2", "--calib", "reference", "--nsamples", "16",
+                    "--seqlen", "128", "--seed", "3", "--out", str(out), "--json", "-q")
+    return out, last_json(proc)
+
+
+def test_compress_json_and_folder(compressed):
+    out, res = compressed
+    for key in ("method", "ratio_requested", "params_before", "params_after", "ratio_achieved", "seconds", "out"):
+        assert key in res
+    assert res["method"] == "svd-llm" and res["ratio_requested"] == 0.2
+    assert abs(res["ratio_achieved"] - 0.2) <= 0.01
+    assert abs(1 - res["params_after"] / res["params_before"] - res["ratio_achieved"]) < 1e-6
+    cfg = json.loads((out / "config.json").read_text())
+    rec = cfg["rankdown"]
+    assert rec["method"] == "svd-llm" and rec["config"]["ratio"] == 0.2 and rec["seed"] == 3
+    assert rec["calibration"]["source"] == "reference" and rec["calibration"]["nsamples"] == 16
+    assert {"torch", "transformers", "rankdown"} <= set(rec["versions"])
+    assert len(rec["structure"]["modules"]) == 6 * 7
+    assert (out / "tokenizer.json").exists() and (out / "modeling_rankdown.py").exists()
+
+
+def test_eval_ppl_of_saved_model_matches_api(compressed):
+    out, _ = compressed
+    res = last_json(rankdown("eval", str(out), "--ppl", "reference-heldout", "--seqlen", "128", "--max-windows", "20", "--json"))
+    assert {"ppl", "tokens", "seconds"} <= set(res) and res["tokens"] == 20 * 127
+    import rankdown as rd
+    from transformers import AutoTokenizer
+
+    from rankdown.eval.perplexity import perplexity
+
+    model = rd.load(out)
+    api = perplexity(model, AutoTokenizer.from_pretrained(out), "reference-heldout", seqlen=128, max_windows=20)
+    assert res["ppl"] == pytest.approx(api.ppl, rel=1e-6)
+
+
+def test_inspect_prints_ranks_and_provenance(compressed):
+    out, _ = compressed
+    text = rankdown("inspect", str(out)).stdout
+    assert "model.layers.5.mlp.down_proj" in text and "lowrank" in text
+    assert "svd-llm" in text and "calibration" in text and "transformers" in text
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["compress", "--method", "nope", "--ratio", "0.2"], "invalid choice"),
+        (["compress", "--method", "svd", "--ratio", "1.5", "-q"], "between 0 and 1"),
+        (["compress", "--method", "svd-llm", "--ratio", "0.2", "--calib", "/no/such/file.txt", "-q"], "/no/such/file.txt"),
+        (["compress", "--method", "svd-llm", "--ratio", "0.2", "--calib", "wikitext2", "-q"], "local file"),
+        (["compress", "/no/such/model_dir_xyz", "--method", "svd", "--ratio", "0.2", "-q"], "could not load"),
+        (["eval", "reference", "--ppl", "reference-heldout", "--seqlen", "100000000"], "lower --seqlen"),
+        (["inspect", "/no/such/dir"], "not a model folder"),
+    ],
+)
+def test_bad_input_gives_one_clear_error(args, words):
+    proc = rankdown(*args, check=False)
+    assert proc.returncode == 2
+    assert words in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_existing_output_folder_is_refused_and_kept(compressed, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    proc = rankdown("compress", "--method", "svd", "--ratio", "0.2", "--out", str(out), "-q", check=False)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
