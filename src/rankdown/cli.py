@@ -248,8 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from rankdown.arch import UnsupportedModelError
     from rankdown.config import ConfigError
+    from rankdown.io import ModelFolderError
 
-    errors: list[type[BaseException]] = [ConfigError, UnsupportedModelError, FileNotFoundError, FileExistsError]
+    errors: list[type[BaseException]] = [ConfigError, UnsupportedModelError, ModelFolderError, FileNotFoundError,
+                                         FileExistsError]
     try:
         from rankdown.calib import CalibrationError
 
