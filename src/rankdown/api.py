@@ -16,7 +16,7 @@ from torch import nn
 from rankdown.allocate import Target, count_params, default_multiple
 from rankdown.arch import ArchSpec, spec_for
 from rankdown.config import ConfigError, MethodConfig
-from rankdown.engine import run_sequential
+from rankdown.engine import PlanContext, run_sequential
 from rankdown.methods import method_class
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def find_targets(model: nn.Module, spec: ArchSpec, exclude: list[str] | tuple[st
                     continue
                 mod = layer.get_submodule(name)
                 if isinstance(mod, nn.Linear):
-                    targets.append(Target(full, mod.out_features, mod.in_features, mod.bias is not None))
+                    targets.append(Target(full, mod.out_features, mod.in_features, mod.bias is not None, i))
     if not targets:
         raise ConfigError("no linear layer is left to compress: check --exclude patterns")
     return targets
@@ -119,11 +119,17 @@ def compress(
     unfused = spec.prepare(model)
     targets = find_targets(model, spec, config.exclude)
     multiple = config.rank_multiple or default_multiple(_hidden_size(model))
-    ranks = method.plan(targets, params_before, config.ratio, multiple)
+    loaded: list[Any] = []  # calibration tokens, loaded once on first use (by plan() or below)
 
-    data = None
-    if method.needs_calibration:
-        data = _calibration(tokenizer, calibration, nsamples, seqlen, config.seed)
+    def load_calibration() -> Any:
+        if not loaded:
+            loaded.append(_calibration(tokenizer, calibration, nsamples, seqlen, config.seed))
+        return loaded[0]
+
+    context = PlanContext(model, spec, load_calibration, config.batch_size, config.device, progress)
+    ranks = method.plan(targets, params_before, config.ratio, multiple, context)
+
+    data = load_calibration() if method.needs_calibration else None
     modules, guards, layer_seconds = run_sequential(
         model, spec, method, ranks,
         None if data is None else data.input_ids, None if data is None else data.attention_mask,

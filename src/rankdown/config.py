@@ -85,3 +85,38 @@ class SVDLLMConfig(MethodConfig):
     """SVD-LLM (Wang et al. 2024): truncation-aware whitening by the Cholesky factor of C_in."""
 
     method: ClassVar[str] = "svd-llm"
+
+
+ROM_ALLOCATIONS = ("global", "uniform", "last-k")
+
+
+@dataclass
+class ROMConfig(MethodConfig):
+    """ROM (Chavan, Lele, Gupta 2023): each linear re-parameterised in the principal subspace of its outputs."""
+
+    method: ClassVar[str] = "rom"
+    center: bool = _f(
+        True,
+        "center the output statistics (covariance; the mean goes into the low-rank layer's bias, which adds "
+        "one bias to layers without one); False: the paper's uncentered correlation (--no-center)",
+    )
+    allocation: str = _f(
+        "global",
+        "rank allocation: global (water-filling on the dense model's output spectra; one extra statistics "
+        "pass), uniform (one module budget everywhere), last-k (the paper's: only the last K layers)",
+    )
+    last_k: int | None = _f(
+        None, "last-k allocation: number of final layers to compress (default: the smallest K at module budget >= 0.33)"
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.center, bool):
+            raise ConfigError(f"center must be true or false, got {self.center!r}")
+        if self.allocation not in ROM_ALLOCATIONS:
+            raise ConfigError(f"unknown allocation {self.allocation!r}; choose one of: {', '.join(ROM_ALLOCATIONS)}")
+        if self.last_k is not None:
+            if self.allocation != "last-k":
+                raise ConfigError(f"last_k is only used by --allocation last-k, not {self.allocation!r}")
+            if self.last_k < 1:
+                raise ConfigError(f"last_k must be >= 1, got {self.last_k}")

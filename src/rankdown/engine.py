@@ -9,12 +9,15 @@
    input statistics group by group (each group sees the outputs of the groups already compressed);
    then the compressed layer is run to produce the next layer's inputs. So every layer is calibrated
    on the errors made upstream.
+Before that, a method's ``plan`` may walk the still-dense model the same way once, only reading
+statistics (:class:`PlanContext`: ROM's global allocation reads every linear's output spectrum).
 Hooks are always removed, forwards always restored.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -192,9 +195,99 @@ class LayerContext:
         return stats
 
     @torch.no_grad()
+    def collect_outputs(self, names: list[str]) -> dict[str, InputStats]:
+        """Float64 statistics of the outputs ``W x`` (bias left out) of the named linears.
+
+        The rows are the linears' outputs, so ``gram`` is ``C_out = Σ (Wx)(Wx)ᵀ`` (out, out) and
+        ``mean`` is ``W μ_in``: the cheaper statistics for a linear with ``out <= in``. Padding rows
+        are left out; each batch's forward stops once every named linear has computed.
+        """
+        stats = {n: InputStats(self.module(n).out_features, self.device, True) for n in names}
+        seen: set[str] = set()
+        mask: list[torch.Tensor | None] = [None]
+
+        def hook(name: str) -> Callable:
+            def post(mod: nn.Module, a: tuple, y: torch.Tensor) -> None:
+                y = y.to(torch.float64)
+                if getattr(mod, "bias", None) is not None:
+                    y = y - mod.bias.to(torch.float64)
+                m = mask[0]
+                stats[name].add(y[m] if m is not None and y.shape[:-1] == m.shape else y)
+                seen.add(name)
+                if len(seen) == len(names):
+                    raise _StopForward
+
+            return post
+
+        handles = [self.module(n).register_forward_hook(hook(n)) for n in names]
+        try:
+            for b in range(len(self.inputs.hidden)):
+                seen.clear()
+                m = self.inputs.masks[b]
+                mask[0] = None if m is None else m.to(self.device)
+                try:
+                    self._run(b)
+                except _StopForward:
+                    pass
+        finally:
+            for h in handles:
+                h.remove()
+        return stats
+
+    @torch.no_grad()
     def outputs(self) -> list[torch.Tensor]:
         """The layer's outputs on every batch, on the CPU: the next layer's inputs."""
         return [self._run(b).to("cpu") for b in range(len(self.inputs.hidden))]
+
+
+def walk_layers(
+    model: nn.Module,
+    spec: ArchSpec,
+    visit: Callable[[LayerContext], None],
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    batch_size: int,
+    device: torch.device | str,
+    desc: str = "layers",
+    progress: bool = True,
+) -> list[float]:
+    """Call ``visit`` on every layer in order, on ``device``; returns the seconds spent per layer.
+
+    Each layer is fed the outputs of the layers before it as they are after their visit
+    (compressed, or dense when the visits only read statistics). Without ``input_ids`` the layers
+    get no inputs (data-free methods) and nothing is run.
+    """
+    device = torch.device(device)
+    path, layers = spec.find_layers(model)
+    calibrate = input_ids is not None
+    was_training = model.training
+    model.eval()
+    inputs = None
+    seconds: list[float] = []
+    try:
+        if calibrate:
+            _place_outside_layers(model, path, device)
+            hidden, args, kwargs, masks = capture(model, layers, input_ids, attention_mask, batch_size, device)
+        bar = tqdm(range(len(layers)), desc=desc, unit="layer", disable=not progress)
+        for i in bar:
+            t0 = time.perf_counter()
+            layer = layers[i]
+            layer.to(device)
+            if calibrate:
+                inputs = LayerInputs(hidden, args[i], kwargs[i], masks)
+            ctx = LayerContext(i, f"{path}.{i}", layer, spec, inputs, device)
+            visit(ctx)
+            if calibrate and i + 1 < len(layers):
+                hidden = ctx.outputs()
+            layer.to("cpu") if device.type != "cpu" else None
+            seconds.append(time.perf_counter() - t0)
+            bar.set_postfix(layer=i, replaced=len(ctx.replaced), s=f"{seconds[-1]:.1f}")
+            log.info("%s: layer %d, %d modules replaced in %.2fs", desc, i, len(ctx.replaced), seconds[-1])
+    finally:
+        if device.type != "cpu":
+            model.to("cpu")
+        model.train(was_training)
+    return seconds
 
 
 def run_sequential(
@@ -210,48 +303,55 @@ def run_sequential(
 ) -> tuple[dict[str, dict], dict[str, dict], list[float]]:
     """Compress ``model`` in place, layer by layer.
 
-    ranks: full dotted path -> rank. Returns (structure modules: path -> record,
-    guards: path -> guard, seconds per layer).
+    ranks: full dotted path -> rank (a target left out stays dense). Returns (structure modules:
+    path -> record, guards: path -> guard, seconds per layer).
     """
-    import time
+    modules: dict[str, dict] = {}
+    guards: dict[str, dict] = {}
 
-    device = torch.device(device)
-    path, layers = spec.find_layers(model)
-    was_training = model.training
-    model.eval()
-    inputs = None
-    try:
-        if method.needs_calibration:
-            _place_outside_layers(model, path, device)
-            hidden, args, kwargs, masks = capture(model, layers, input_ids, attention_mask, batch_size, device)
-        modules: dict[str, dict] = {}
-        guards: dict[str, dict] = {}
-        seconds: list[float] = []
-        bar = tqdm(range(len(layers)), desc=f"{type(method).__name__}", unit="layer", disable=not progress)
-        for i in bar:
-            t0 = time.perf_counter()
-            prefix = f"{path}.{i}"
-            layer_ranks = {k[len(prefix) + 1 :]: r for k, r in ranks.items() if k.startswith(prefix + ".")}
-            layer = layers[i]
-            layer.to(device)
-            if method.needs_calibration:
-                inputs = LayerInputs(hidden, args[i], kwargs[i], masks)
-            ctx = LayerContext(i, prefix, layer, spec, inputs, device)
-            if layer_ranks:
-                method.compress_layer(ctx, layer_ranks)
-            if method.needs_calibration and i + 1 < len(layers):
-                hidden = ctx.outputs()
-            layer.to("cpu") if device.type != "cpu" else None
-            modules.update({f"{prefix}.{k}": v for k, v in ctx.replaced.items()})
-            guards.update({f"{prefix}.{k}": v for k, v in ctx.guards.items()})
-            seconds.append(time.perf_counter() - t0)
-            bar.set_postfix(layer=i, replaced=len(ctx.replaced), s=f"{seconds[-1]:.1f}")
-            log.info("layer %d: %d modules replaced in %.2fs", i, len(ctx.replaced), seconds[-1])
-    finally:
-        if device.type != "cpu":
-            model.to("cpu")
-        model.train(was_training)
+    def visit(ctx: LayerContext) -> None:
+        n = len(ctx.prefix) + 1
+        layer_ranks = {k[n:]: r for k, r in ranks.items() if k.startswith(ctx.prefix + ".")}
+        if layer_ranks:
+            method.compress_layer(ctx, layer_ranks)
+        modules.update({f"{ctx.prefix}.{k}": v for k, v in ctx.replaced.items()})
+        guards.update({f"{ctx.prefix}.{k}": v for k, v in ctx.guards.items()})
+
+    if not method.needs_calibration:
+        input_ids = attention_mask = None
+    seconds = walk_layers(model, spec, visit, input_ids, attention_mask, batch_size, device,
+                          type(method).__name__, progress)
     return modules, guards, seconds
+
+
+@dataclass
+class PlanContext:
+    """What :meth:`Method.plan` may ask of the engine before compressing: a statistics pass.
+
+    ``calibration`` loads the calibration tokens on first use (an object with ``input_ids`` and
+    ``attention_mask``), so methods that plan without data never pay for it.
+    """
+
+    model: nn.Module
+    spec: ArchSpec
+    calibration: Callable[[], Any]
+    batch_size: int
+    device: torch.device | str
+    progress: bool = True
+
+    def walk_dense(self, visit: Callable[[LayerContext], None]) -> None:
+        """Call ``visit`` on every layer of the still-dense model, each fed the dense outputs of the
+        one before. ``visit`` may only collect statistics; a visit that replaces a module fails.
+        """
+
+        def guarded(ctx: LayerContext) -> None:
+            visit(ctx)
+            if ctx.replaced:
+                raise RuntimeError(f"{ctx.prefix}: a planning visit must not replace modules ({list(ctx.replaced)})")
+
+        data = self.calibration()
+        walk_layers(self.model, self.spec, guarded, data.input_ids, data.attention_mask, self.batch_size,
+                    self.device, "statistics", self.progress)
 
 
 def _place_outside_layers(model: nn.Module, layers_path: str, device: torch.device) -> None:

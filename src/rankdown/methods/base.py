@@ -14,21 +14,27 @@ from rankdown.nn.portable import LowRankLinear
 from rankdown.stats import InputStats
 
 if TYPE_CHECKING:
-    from rankdown.engine import LayerContext
+    from rankdown.engine import LayerContext, PlanContext
 
 
-def lowrank_from(linear: nn.Linear, A: torch.Tensor, B: torch.Tensor) -> LowRankLinear:
-    """A :class:`LowRankLinear` with factors A (r, in), B (out, r) in the dtype/device of ``linear``."""
+def lowrank_from(
+    linear: nn.Linear, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None
+) -> LowRankLinear:
+    """A :class:`LowRankLinear` with factors A (r, in), B (out, r) in the dtype/device of ``linear``.
+
+    B's bias is ``bias`` (out,) when given, else the linear's own bias (if any).
+    """
     w = linear.weight
+    bias = linear.bias if bias is None else bias
     new = LowRankLinear(
-        linear.in_features, linear.out_features, A.shape[0], bias=linear.bias is not None,
+        linear.in_features, linear.out_features, A.shape[0], bias=bias is not None,
         device=w.device, dtype=w.dtype,
     )
     with torch.no_grad():
         new.A.weight.copy_(A)
         new.B.weight.copy_(B)
-        if linear.bias is not None:
-            new.B.bias.copy_(linear.bias)
+        if bias is not None:
+            new.B.bias.copy_(bias)
     return new
 
 
@@ -71,6 +77,13 @@ class Method:
                 if guard is not None:
                     ctx.note(name, guard)
 
-    def plan(self, targets: list[Target], total_params: int, ratio: float, multiple: int) -> dict[str, int]:
-        """Ranks for every target path (default: one kept-parameter fraction for all, as the baselines)."""
+    def plan(
+        self, targets: list[Target], total_params: int, ratio: float, multiple: int,
+        context: "PlanContext | None" = None,
+    ) -> dict[str, int]:
+        """Ranks for the target paths to compress; a target left out stays dense.
+
+        Default: one kept-parameter fraction for all, as the baselines. ``context`` lets a method
+        run a statistics pass over the dense model first (see :class:`rankdown.engine.PlanContext`).
+        """
         return uniform_ranks(targets, total_params, ratio, multiple)

@@ -6,9 +6,12 @@ Conventions (METHODS.md §0): a weight ``W`` is (out, in); a rank-``r`` factoris
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,3 +80,31 @@ def whitened_svd_factors(W: torch.Tensor, C: torch.Tensor, r: int) -> tuple[torc
     A_w, B = svd_factors(W @ L, r)
     A = torch.linalg.solve_triangular(L, A_w, upper=False, left=False)
     return A, B, guard
+
+
+def guarded_eigh(
+    S: torch.Tensor, vectors: bool = True, warn_at: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor | None, Guard | None]:
+    """Eigen-pairs of a symmetric PSD matrix in descending order, negative eigenvalues clamped to 0.
+
+    S: (d, d) -> eigenvalues (d,), eigenvectors (d, d) as columns (None unless ``vectors``), and a
+    guard when an eigenvalue below ``-1e-10·max`` had to be clamped (value: the most negative
+    eigenvalue over the largest); rounding noise below that is clamped silently. Raises on NaN/Inf.
+    """
+    if not torch.isfinite(S).all():
+        raise FloatingPointError("statistics matrix contains NaN or Inf")
+    S = (S + S.T) / 2
+    if vectors:
+        evals, evecs = torch.linalg.eigh(S)
+        evals, evecs = evals.flip(0), evecs.flip(1)
+    else:
+        evals, evecs = torch.linalg.eigvalsh(S).flip(0), None
+    top = max(float(evals[0]), 0.0) if evals.numel() else 0.0
+    low = float(evals[-1]) if evals.numel() else 0.0
+    guard = None
+    if low < -1e-10 * top or (top == 0.0 and low < 0.0):
+        rel = -low / top if top > 0 else float("inf")
+        guard = Guard("eigenvalue_clamp", rel)
+        if rel > warn_at:
+            log.warning("eigenvalue %.3g (%.2g of the largest) clamped to 0: the statistics are far from PSD", low, rel)
+    return evals.clamp_min(0), evecs, guard

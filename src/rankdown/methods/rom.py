@@ -1,0 +1,183 @@
+"""ROM: reduced order modelling of layer features (Chavan, Lele, Gupta 2023). METHODS.md §2.
+
+Each linear ``y = W x + b`` is re-parameterised in the principal subspace of its outputs on the
+calibration data: ``V_r`` = the ``r`` leading eigenvectors of the outputs' covariance (centered,
+the default) or correlation (uncentered, the paper's); ``A = V_rᵀ W``, ``B = V_r``, and whatever
+is constant goes into B's bias. No gradients and no inverse.
+
+The output statistics are accumulated in the cheaper space: ``C_out`` of the outputs themselves
+when ``out <= in``, else ``C_in`` of the inputs, from which the output spectrum is derived without
+forming the ``(out, out)`` matrix (see :func:`output_eig`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from rankdown.allocate import (
+    Target, check_reachable, discarded_energy, global_ranks, last_k_ranks, uniform_ranks,
+)
+from rankdown.config import ConfigError, ROMConfig
+from rankdown.methods.base import Method, lowrank_from
+from rankdown.methods.linalg import Guard, guarded_eigh
+from rankdown.stats import InputStats
+
+if TYPE_CHECKING:
+    from rankdown.engine import LayerContext, PlanContext
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- math
+def output_moments(W: torch.Tensor, stats: InputStats, space: str) -> tuple[torch.Tensor, torch.Tensor, Guard | None]:
+    """``E[z zᵀ]`` (d, d) and ``E[z]`` (d,) of ``z = W x`` (space "out", d = out) or ``z = x`` ("in", d = in).
+
+    W: (out, in). A linear that saw no calibration token (an expert never routed to) gets the
+    moments of isotropic unit inputs (``E[x xᵀ] = I``, mean 0: ROM then reduces to the weight's SVD)
+    and a guard saying so.
+    """
+    if stats.n > 0:
+        return stats.second_moment, stats.mean, None
+    out_f, in_f = W.shape
+    eye = torch.eye(in_f, dtype=W.dtype, device=W.device)
+    second = W @ W.T if space == "out" else eye
+    return second, second.new_zeros(second.shape[0]), Guard("no_calibration_tokens", 0.0)
+
+
+def output_eig(
+    W: torch.Tensor, second: torch.Tensor, mean: torch.Tensor, space: str, center: bool, vectors: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None, Guard | None]:
+    """Leading eigen-pairs of the outputs' covariance ``Σ = E[zzᵀ] − E[z]E[z]ᵀ`` (center) or ``E[zzᵀ]``.
+
+    W: (out, in); second: (d, d), mean: (d,) as :func:`output_moments` returns them.
+    Space "out": eigendecomposition of the (out, out) matrix. Space "in" (``out > in``): with
+    ``Σ_in = Q Λ Qᵀ``, ``Σ_out = W Σ_in Wᵀ = M Mᵀ`` for ``M = W Q Λ^½`` (out, in), whose SVD
+    ``U S`` gives the eigenvectors ``U`` and eigenvalues ``S²`` (the other ``out − in`` are 0).
+    Returns eigenvalues (k,) descending and non-negative, eigenvectors (out, k) (None unless
+    ``vectors``), and any clamping guard; k = out in space "out", in otherwise.
+    """
+    S = second - torch.outer(mean, mean) if center else second
+    if space == "out":
+        return guarded_eigh(S, vectors)
+    lam, Q, guard = guarded_eigh(S, vectors=True)
+    M = W @ (Q * lam.sqrt()[None, :])
+    if not vectors:
+        return torch.linalg.svdvals(M).square(), None, guard
+    U, s, _ = torch.linalg.svd(M, full_matrices=False)
+    return s.square(), U, guard
+
+
+def rom_factors(
+    W: torch.Tensor, b: torch.Tensor | None, V: torch.Tensor, mu: torch.Tensor, center: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """ROM's low-rank layer ``ŷ = B (A x) + bias`` from the output subspace ``V``.
+
+    W: (out, in); b: (out,) or None; V: (out, r) orthonormal columns; mu: (out,) mean of ``W x``
+    (without b) -> A: (r, in), B: (out, r), bias: (out,) or None.
+
+    - centered: ``ŷ = V Vᵀ (W x − μ) + μ + b``, so ``bias = b + (I − V Vᵀ) μ``. This is the best
+      rank-r affine map of the outputs on the calibration data (PCA of the centered outputs), and
+      with ``A`` fixed to ``Vᵀ W`` the constant that minimises the squared error.
+    - uncentered: ``ŷ = V Vᵀ W x + b``: the best rank-r linear map of ``W x`` (Eckart–Young on the
+      calibration outputs, the same error as SVD-LLM), with the bias kept exactly; the spec's split
+      (A's bias ``Vᵀ b``, B's bias ``(I − V Vᵀ) b``) sums to the same ``b``, and A has no bias here.
+      A linear without bias gets none, so the parameter count equals the baselines'.
+    """
+    A = V.T @ W
+    if not center:
+        return A, V, b
+    bias = mu - V @ (V.T @ mu)
+    return A, V, bias if b is None else bias + b
+
+
+def _space(linear: nn.Module) -> str:
+    """Where the statistics are cheaper: the outputs (out, out) when ``out <= in``, else the inputs."""
+    return "out" if linear.out_features <= linear.in_features else "in"
+
+
+# ----------------------------------------------------------------------------- method
+class ROM(Method):
+    """ROM (METHODS.md §2). ``allocation``: global (default), uniform, or last-k (the paper's)."""
+
+    config_class = ROMConfig
+    config: ROMConfig
+
+    def _moments(self, ctx: "LayerContext", names: list[str]) -> dict[str, tuple[InputStats, str]]:
+        """Statistics of the named linears (name -> (stats, space)), in one or two passes."""
+        spaces = {n: _space(ctx.module(n)) for n in names}
+        found: dict[str, tuple[InputStats, str]] = {}
+        ins = [n for n in names if spaces[n] == "in"]
+        outs = [n for n in names if spaces[n] == "out"]
+        if ins:
+            found.update({n: (s, "in") for n, s in ctx.collect_inputs(ins, gram=True).items()})
+        if outs:
+            found.update({n: (s, "out") for n, s in ctx.collect_outputs(outs).items()})
+        return found
+
+    def _eig(
+        self, ctx: "LayerContext", name: str, stats: InputStats, space: str, vectors: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, Guard | None]:
+        """W (out, in), eigenvalues, eigenvectors, output mean μ = E[W x] (out,), guard."""
+        W = ctx.module(name).weight.detach().to(ctx.device, torch.float64)
+        second, mean, guard = output_moments(W, stats, space)
+        evals, V, eig_guard = output_eig(W, second, mean, space, self.config.center, vectors)
+        mu = mean if space == "out" else W @ mean
+        return W, evals, V, mu, guard or eig_guard
+
+    def compress_layer(self, ctx: "LayerContext", ranks: dict[str, int]) -> None:
+        for group in ctx.groups():
+            names = [n for n in group if n in ranks]
+            if not names:
+                continue
+            moments = self._moments(ctx, names)
+            for name in names:
+                linear = ctx.module(name)
+                W, _, V, mu, guard = self._eig(ctx, name, *moments.pop(name), vectors=True)
+                b = None if linear.bias is None else linear.bias.detach().to(ctx.device, torch.float64)
+                A, B, bias = rom_factors(W, b, V[:, : ranks[name]], mu, self.config.center)
+                if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+                    raise FloatingPointError(f"{ctx.prefix}.{name}: factors contain NaN/Inf")
+                ctx.replace(name, lowrank_from(linear, A, B, bias))
+                if guard is not None:
+                    ctx.note(name, guard)
+
+    def plan(
+        self, targets: list[Target], total_params: int, ratio: float, multiple: int,
+        context: "PlanContext | None" = None,
+    ) -> dict[str, int]:
+        cfg, with_bias = self.config, self.config.center
+        if cfg.allocation == "uniform":
+            return uniform_ranks(targets, total_params, ratio, multiple, with_bias)
+        if cfg.allocation == "last-k":
+            return last_k_ranks(targets, total_params, ratio, multiple, cfg.last_k, with_bias)
+        if context is None:
+            raise ConfigError("the global allocation needs a statistics pass: call rankdown.compress(), "
+                              "or use allocation='uniform'")
+        check_reachable(targets, total_params, ratio, multiple, with_bias)  # fail before the pass
+        spectra = self.spectra(targets, context)
+        ranks = global_ranks(targets, spectra, total_params, ratio, multiple, with_bias)
+        energy = sum(discarded_energy(spectra[t.path], ranks.get(t.path)) for t in targets)
+        log.info("global allocation: mean normalised discarded energy %.4f over %d targets",
+                 energy / len(targets), len(targets))
+        return ranks
+
+    def spectra(self, targets: list[Target], context: "PlanContext") -> dict[str, torch.Tensor]:
+        """Path -> eigenvalues (descending, CPU) of every target's output statistics on the dense
+        model, one layer at a time; only one layer's statistics matrices are alive at once."""
+        spectra: dict[str, torch.Tensor] = {}
+
+        def visit(ctx: "LayerContext") -> None:
+            names = [t.path[len(ctx.prefix) + 1 :] for t in targets if t.path.startswith(ctx.prefix + ".")]
+            if not names:
+                return
+            moments = self._moments(ctx, names)
+            for name in names:
+                _, evals, _, _, _ = self._eig(ctx, name, *moments.pop(name), vectors=False)
+                spectra[f"{ctx.prefix}.{name}"] = evals.cpu()
+
+        context.walk_dense(visit)
+        return spectra
