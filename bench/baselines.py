@@ -1,6 +1,8 @@
 """Held-out perplexity and compress time of the baselines on the reference model, one run.
 
-    python bench/baselines.py [--ratios 0.1,0.2,0.3,0.4] [--methods svd,asvd,svd-llm]
+    python bench/baselines.py [--ratios 0.1,0.2,0.3,0.4] [--methods svd,asvd,svd-llm,rom:allocation=uniform]
+
+A method is NAME or NAME:key=value:key=value (settings of its config, e.g. rom:center=false).
 
 Prints a markdown table and writes bench/results/baselines.json. Every figure comes from this one
 run on this machine: compare rows with each other, not with another machine's.
@@ -19,6 +21,16 @@ import torch
 import rankdown
 from rankdown.allocate import count_params
 from rankdown.eval.perplexity import perplexity
+
+
+def parse_method(spec: str) -> tuple[str, dict]:
+    """``rom:allocation=uniform:center=false`` -> ("rom", {"allocation": "uniform", "center": False})."""
+    name, *pairs = spec.split(":")
+    settings = {}
+    for pair in pairs:
+        key, value = pair.split("=", 1)
+        settings[key] = json.loads(value) if value in ("true", "false") or value[:1].isdigit() else value
+    return name, settings
 
 
 def main() -> None:
@@ -44,7 +56,9 @@ def main() -> None:
     for method in methods:
         for ratio in ratios:
             m, _ = rankdown.load_reference()
-            rep = rankdown.compress(m, tok, rankdown.make_config(method, ratio=ratio, seed=args.seed), "reference",
+            name, settings = parse_method(method)
+            cfg = rankdown.make_config(name, ratio=ratio, seed=args.seed, **settings)
+            rep = rankdown.compress(m, tok, cfg, "reference",
                                     nsamples=args.nsamples, seqlen=args.seqlen, progress=False)
             res = perplexity(m, tok, "reference-heldout", seqlen=args.seqlen)
             run = {"method": method, "ratio": ratio, "ratio_achieved": rep.ratio_achieved,

@@ -17,7 +17,7 @@ except PackageNotFoundError:  # running from a source tree
     __version__ = "0+unknown"
 
 from rankdown.api import CompressionReport, compress
-from rankdown.config import ASVDConfig, ConfigError, MethodConfig, SVDConfig, SVDLLMConfig
+from rankdown.config import ASVDConfig, ConfigError, MethodConfig, ROMConfig, SVDConfig, SVDLLMConfig
 from rankdown.methods import make_config, method_names
 from rankdown.reference import load_reference
 
@@ -39,6 +39,6 @@ def load(path, device="cpu", dtype=None):
 
 
 __all__ = [
-    "ASVDConfig", "CompressionReport", "ConfigError", "MethodConfig", "SVDConfig", "SVDLLMConfig",
+    "ASVDConfig", "CompressionReport", "ConfigError", "MethodConfig", "ROMConfig", "SVDConfig", "SVDLLMConfig",
     "compress", "load", "load_reference", "make_config", "method_names", "save", "__version__",
 ]

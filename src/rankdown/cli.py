@@ -74,8 +74,16 @@ def _fmt(v: Any) -> str:
 
 # ----------------------------------------------------------------------------- commands
 def _method_config(args: argparse.Namespace) -> MethodConfig:
+    from rankdown.config import ConfigError
+
     cls = METHODS[args.method].config_class
-    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+    own = {f.name for f in dataclasses.fields(cls)}
+    for other in METHODS.values():  # a flag of another method is a mistake, not something to ignore
+        for f in dataclasses.fields(other.config_class):
+            if f.name not in own and getattr(args, f.name, None) is not None:
+                raise ConfigError(f"--{f.name.replace('_', '-')} is a setting of {other.config_class.method}, "
+                                  f"not of {args.method}; remove it or choose --method {other.config_class.method}")
+    settings = {n: getattr(args, n) for n in own if getattr(args, n, None) is not None}
     return cls.from_dict(settings)
 
 
@@ -188,6 +196,10 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
                 help_ += f" [{cls.method}]"
             if f.name == "exclude":
                 p.add_argument(flag, action="append", default=None, help=help_)
+            elif str(f.type) == "bool":
+                p.add_argument(flag, dest=f.name, action="store_true", default=None, help=help_)
+                p.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", default=None,
+                               help=f"the opposite of {flag}")
             else:
                 typ = {"float": float, "int": int, "int | None": int}.get(str(f.type), str)
                 p.add_argument(flag, type=typ, default=None, help=help_)
@@ -235,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("demo", help="compress the built-in reference model and compare methods")
-    p.add_argument("--methods", default="svd,asvd,svd-llm")
+    p.add_argument("--methods", default="svd,asvd,svd-llm,rom")
     p.add_argument("--ratio", type=float, default=0.3)
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=256)
