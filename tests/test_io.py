@@ -161,7 +161,8 @@ def test_factorised_tied_head_is_saved_untied(saved):
 REMOTE = r"""
 import sys
 sys.modules["rankdown"] = None  # only the folder's own code may run
-import json, torch
+import json, os, torch
+torch.set_num_threads(int(os.environ["RANKDOWN_TEST_THREADS"]))  # same float summation order as the parent
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 try:
     import rankdown
@@ -198,7 +199,8 @@ def remote(saved, tmp_path_factory) -> dict[str, dict]:
     jobs = {n: {"dir": str(s["dir"]), "causal": s["causal"], "tokenizer": n == "llama_tied", "text": TEXT[0]}
             for n, s in saved.items()}
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_MODULES_CACHE=str(work / "modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.update(HF_MODULES_CACHE=str(work / "modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               RANKDOWN_TEST_THREADS=str(torch.get_num_threads()))
     proc = subprocess.run([sys.executable, "-c", REMOTE, json.dumps(jobs), str(work / "ids.pt"), str(work / "r.pt")],
                           cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
