@@ -69,7 +69,7 @@ def main() -> None:
 
     lines = ["| method | " + " | ".join(f"{int(r * 100)}%" for r in ratios) + " |",
              "|---|" + "---|" * len(ratios)]
-    lines.append(f"| dense | " + " | ".join(f"{dense.ppl:.2f}" for _ in ratios) + " |")
+    lines.append("| dense | " + " | ".join(f"{dense.ppl:.2f}" for _ in ratios) + " |")
     for method in methods:
         cells = [f"{r['ppl']:.2f} ({r['compress_s']:.1f}s)" for r in results["runs"] if r["method"] == method]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")

@@ -146,40 +146,30 @@ class LayerContext:
         out = self.layer(h, *to_device(self.inputs.args[b], self.device), **to_device(self.inputs.kwargs[b], self.device))
         return out[0] if isinstance(out, tuple) else out
 
-    @torch.no_grad()
-    def collect_inputs(self, names: list[str], gram: bool = True) -> dict[str, InputStats]:
-        """Float64 statistics of the inputs of the named linears over all calibration batches.
+    def _hooked_pass(self, names: list[str], make_hook: Callable, post: bool, on_batch: Callable[[], None]) -> None:
+        """Run every calibration batch with ``make_hook(name, add, done)`` hooked on each named module.
 
-        Linears fed the same tensor (q, k, v) share one :class:`InputStats`. Padding rows are
-        left out. Each batch's forward stops as soon as every named linear has been seen.
+        ``add(rows)`` hands the hook's rows (padding removed) on; ``done(name)`` marks the module
+        seen and stops the batch's forward once all are. ``on_batch`` runs before each batch.
         """
-        stats: dict[str, InputStats] = {}
-        shared: dict[int, tuple[torch.Tensor, InputStats]] = {}
         seen: set[str] = set()
         mask: list[torch.Tensor | None] = [None]
 
-        def hook(name: str) -> Callable:
-            def pre(mod: nn.Module, a: tuple) -> None:
-                x = a[0]
-                hit = shared.get(id(x))
-                if hit is not None and hit[0] is x:
-                    stats[name] = hit[1]
-                else:
-                    s = stats.get(name) or InputStats(x.shape[-1], self.device, gram)
-                    m = mask[0]
-                    s.add(x[m] if m is not None and x.shape[:-1] == m.shape else x)
-                    stats[name] = shared.setdefault(id(x), (x, s))[1]
-                seen.add(name)
-                if len(seen) == len(names):
-                    raise _StopForward
+        def add(stats: InputStats, x: torch.Tensor) -> None:
+            m = mask[0]
+            stats.add(x[m] if m is not None and x.shape[:-1] == m.shape else x)
 
-            return pre
+        def done(name: str) -> None:
+            seen.add(name)
+            if len(seen) == len(names):
+                raise _StopForward
 
-        handles = [self.module(n).register_forward_pre_hook(hook(n)) for n in names]
+        register = "register_forward_hook" if post else "register_forward_pre_hook"
+        handles = [getattr(self.module(n), register)(make_hook(n, add, done)) for n in names]
         try:
             for b in range(len(self.inputs.hidden)):
-                shared.clear()
                 seen.clear()
+                on_batch()
                 m = self.inputs.masks[b]
                 mask[0] = None if m is None else m.to(self.device)
                 try:
@@ -189,6 +179,32 @@ class LayerContext:
         finally:
             for h in handles:
                 h.remove()
+
+    @torch.no_grad()
+    def collect_inputs(self, names: list[str], gram: bool = True) -> dict[str, InputStats]:
+        """Float64 statistics of the inputs of the named linears over all calibration batches.
+
+        Linears fed the same tensor (q, k, v) share one :class:`InputStats`. Padding rows are
+        left out. Each batch's forward stops as soon as every named linear has been seen.
+        """
+        stats: dict[str, InputStats] = {}
+        shared: dict[int, tuple[torch.Tensor, InputStats]] = {}
+
+        def make_hook(name: str, add: Callable, done: Callable) -> Callable:
+            def pre(mod: nn.Module, a: tuple) -> None:
+                x = a[0]
+                hit = shared.get(id(x))
+                if hit is not None and hit[0] is x:
+                    stats[name] = hit[1]
+                else:
+                    s = stats.get(name) or InputStats(x.shape[-1], self.device, gram)
+                    add(s, x)
+                    stats[name] = shared.setdefault(id(x), (x, s))[1]
+                done(name)
+
+            return pre
+
+        self._hooked_pass(names, make_hook, post=False, on_batch=shared.clear)
         for n in names:  # a linear that saw no token (an expert never routed to) gets empty stats
             if n not in stats:
                 stats[n] = InputStats(self.module(n).in_features, self.device, gram)
@@ -203,35 +219,18 @@ class LayerContext:
         are left out; each batch's forward stops once every named linear has computed.
         """
         stats = {n: InputStats(self.module(n).out_features, self.device, True) for n in names}
-        seen: set[str] = set()
-        mask: list[torch.Tensor | None] = [None]
 
-        def hook(name: str) -> Callable:
+        def make_hook(name: str, add: Callable, done: Callable) -> Callable:
             def post(mod: nn.Module, a: tuple, y: torch.Tensor) -> None:
                 y = y.to(torch.float64)
                 if getattr(mod, "bias", None) is not None:
                     y = y - mod.bias.to(torch.float64)
-                m = mask[0]
-                stats[name].add(y[m] if m is not None and y.shape[:-1] == m.shape else y)
-                seen.add(name)
-                if len(seen) == len(names):
-                    raise _StopForward
+                add(stats[name], y)
+                done(name)
 
             return post
 
-        handles = [self.module(n).register_forward_hook(hook(n)) for n in names]
-        try:
-            for b in range(len(self.inputs.hidden)):
-                seen.clear()
-                m = self.inputs.masks[b]
-                mask[0] = None if m is None else m.to(self.device)
-                try:
-                    self._run(b)
-                except _StopForward:
-                    pass
-        finally:
-            for h in handles:
-                h.remove()
+        self._hooked_pass(names, make_hook, post=True, on_batch=lambda: None)
         return stats
 
     @torch.no_grad()

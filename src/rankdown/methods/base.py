@@ -38,6 +38,18 @@ def lowrank_from(
     return new
 
 
+def install_factors(
+    ctx: "LayerContext", name: str, A: torch.Tensor, B: torch.Tensor,
+    bias: torch.Tensor | None = None, guard: Guard | None = None,
+) -> None:
+    """Replace linear ``name`` of the layer by ``B @ A`` (+ ``bias``), refusing NaN/Inf factors."""
+    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        raise FloatingPointError(f"{ctx.prefix}.{name}: factors contain NaN/Inf")
+    ctx.replace(name, lowrank_from(ctx.module(name), A, B, bias))
+    if guard is not None:
+        ctx.note(name, guard)
+
+
 class Method:
     """Base of every method. Subclasses set ``config_class`` and override what they need.
 
@@ -58,7 +70,7 @@ class Method:
         self, W: torch.Tensor, stats: InputStats | None, rank: int
     ) -> tuple[torch.Tensor, torch.Tensor, Guard | None]:
         """W: (out, in) float64 -> A: (r, in), B: (out, r), and any guard that was needed."""
-        raise NotImplementedError(f"{type(self).__name__} must implement factorize() or compress_layer()")
+        raise TypeError(f"{type(self).__name__} defines neither factorize() nor compress_layer()")
 
     def compress_layer(self, ctx: "LayerContext", ranks: dict[str, int]) -> None:
         """Compress the linears of one layer; ``ranks`` maps paths inside the layer to ranks."""
@@ -71,11 +83,7 @@ class Method:
                 linear = ctx.module(name)
                 W = linear.weight.detach().to(ctx.device, torch.float64)
                 A, B, guard = self.factorize(W, stats.get(name), ranks[name])
-                if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-                    raise FloatingPointError(f"{ctx.prefix}.{name}: factors contain NaN/Inf")
-                ctx.replace(name, lowrank_from(linear, A, B))
-                if guard is not None:
-                    ctx.note(name, guard)
+                install_factors(ctx, name, A, B, guard=guard)
 
     def plan(
         self, targets: list[Target], total_params: int, ratio: float, multiple: int,

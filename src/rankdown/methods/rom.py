@@ -22,7 +22,7 @@ from rankdown.allocate import (
     Target, check_reachable, discarded_energy, global_ranks, last_k_ranks, uniform_ranks,
 )
 from rankdown.config import ConfigError, ROMConfig
-from rankdown.methods.base import Method, lowrank_from
+from rankdown.methods.base import Method, install_factors
 from rankdown.methods.linalg import Guard, guarded_eigh
 from rankdown.stats import InputStats
 
@@ -139,11 +139,7 @@ class ROM(Method):
                 W, _, V, mu, guard = self._eig(ctx, name, *moments.pop(name), vectors=True)
                 b = None if linear.bias is None else linear.bias.detach().to(ctx.device, torch.float64)
                 A, B, bias = rom_factors(W, b, V[:, : ranks[name]], mu, self.config.center)
-                if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-                    raise FloatingPointError(f"{ctx.prefix}.{name}: factors contain NaN/Inf")
-                ctx.replace(name, lowrank_from(linear, A, B, bias))
-                if guard is not None:
-                    ctx.note(name, guard)
+                install_factors(ctx, name, A, B, bias, guard)
 
     def plan(
         self, targets: list[Target], total_params: int, ratio: float, multiple: int,
