@@ -1,4 +1,4 @@
-"""Command line: rankdown compress | eval | inspect | demo."""
+"""Command line: rankdown compress | eval | generate | inspect | demo."""
 
 from __future__ import annotations
 
@@ -117,17 +117,67 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
-    from rankdown.eval.perplexity import perplexity
+    from rankdown.config import ConfigError
+
+    if args.ppl is None and args.fidelity is None:
+        raise ConfigError("nothing to evaluate: pass --ppl SOURCE (perplexity) and/or "
+                          "--fidelity ORIGINAL --texts FILE (agreement with the original model)")
+    if (args.fidelity is None) != (args.texts is None):
+        raise ConfigError("--fidelity ORIGINAL and --texts FILE go together: pass both "
+                          "(FILE holds passages separated by blank lines)")
+    model, tokenizer = load_model(args.model, args.dtype)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{args.model} has no tokenizer files; "
+                                f"{'perplexity' if args.ppl else 'fidelity'} needs one")
+    result: dict[str, Any] = {"model": args.model}
+    if args.ppl is not None:
+        from rankdown.eval.perplexity import perplexity
+
+        seqlen = args.seqlen or (256 if args.model in (None, REFERENCE) else 2048)
+        res = perplexity(model, tokenizer, args.ppl, seqlen=seqlen, batch_size=_or(args.batch_size, 1),
+                         device=args.device, max_windows=args.max_windows)
+        result.update(res.to_dict())
+        print(table([result], ["model", "source", "seqlen", "tokens", "ppl", "seconds"]))
+    if args.fidelity is not None:
+        fid = _eval_fidelity(args, model, tokenizer)
+        if args.ppl is not None:  # perplexity's keys stay at the top level; fidelity's nest
+            result["fidelity"] = fid
+        else:
+            result.update(fid)
+    return result
+
+
+def _eval_fidelity(args: argparse.Namespace, model: Any, tokenizer: Any) -> dict[str, Any]:
+    from rankdown.eval.fidelity import fidelity, read_passages
+
+    passages = read_passages(args.texts)
+    original, _ = load_model(args.fidelity, args.dtype)
+    if args.device:
+        model.to(args.device)
+        original.to(args.device)
+    res = fidelity(model, original, tokenizer, passages, seqlen=_or(args.seqlen, 512),
+                   batch_size=_or(args.batch_size, 8))
+    row = {"model": args.model, "original": args.fidelity, **res.to_dict()}
+    metrics = ["kl", "top1_agreement"] if res.kind == "causal" else ["cosine", "neighbour_agreement"]
+    print(table([row], ["model", "original", "passages", "tokens", *metrics, "seconds"]))
+    return {"original": args.fidelity, **res.to_dict()}
+
+
+def _or(value: Any, default: Any) -> Any:
+    """``value`` unless it was not given (None): a given 0 reaches the validation and its error."""
+    return default if value is None else value
+
+
+def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
+    from rankdown.eval.generate import generate_text
 
     model, tokenizer = load_model(args.model, args.dtype)
     if tokenizer is None:
-        raise FileNotFoundError(f"{args.model} has no tokenizer files; perplexity needs one")
-    seqlen = args.seqlen or (256 if args.model in (None, REFERENCE) else 2048)
-    res = perplexity(model, tokenizer, args.ppl, seqlen=seqlen, batch_size=args.batch_size,
-                     device=args.device, max_windows=args.max_windows)
-    result = {"model": args.model, **res.to_dict()}
-    print(table([result], ["model", "source", "seqlen", "tokens", "ppl", "seconds"]))
-    return result
+        raise FileNotFoundError(f"{args.model} has no tokenizer files; generation needs one")
+    res = generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, sample=args.sample,
+                        temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    print(res.text)
+    return {"model": args.model, **res.to_dict()}
 
 
 def cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:
@@ -231,15 +281,33 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_compress)
 
-    p = sub.add_parser("eval", help="evaluate a model (perplexity)")
+    p = sub.add_parser("eval", help="evaluate a model (perplexity; fidelity to its original)")
     p.add_argument("model", help="hub id, local folder, or 'reference'")
-    p.add_argument("--ppl", required=True, help="wikitext2 | c4 | ptb | reference-heldout | FILE.txt")
-    p.add_argument("--seqlen", type=int, default=None, help="window length (default 2048; 256 for the reference)")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--ppl", default=None, help="wikitext2 | c4 | ptb | reference-heldout | FILE.txt")
+    p.add_argument("--fidelity", default=None, metavar="ORIGINAL",
+                   help="compare with the original model (hub id, folder or 'reference'): KL and top-1 "
+                        "agreement for causal LMs, embedding cosine and neighbour agreement for encoders")
+    p.add_argument("--texts", default=None, metavar="FILE",
+                   help="passages for --fidelity, separated by blank lines")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help="window length (default 2048; 256 for the reference); --fidelity: tokens kept "
+                        "per passage (default 512)")
+    p.add_argument("--batch-size", type=int, default=None, help="windows / passages per forward (default 1 / 8)")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--device", default=None)
     common(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="continue a prompt (greedy, or sampled with --sample)")
+    p.add_argument("model", help="hub id, local folder, or 'reference'")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true", help="sample (nucleus) instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.8, help="with --sample")
+    p.add_argument("--top-p", type=float, default=0.95, help="with --sample")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    common(p)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("inspect", help="show the ranks and provenance recorded in a compressed model folder")
     p.add_argument("dir")
