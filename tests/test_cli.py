@@ -51,12 +51,10 @@ def test_eval_ppl_of_saved_model_matches_api(compressed):
     res = last_json(rankdown("eval", str(out), "--ppl", "reference-heldout", "--seqlen", "128", "--max-windows", "20", "--json"))
     assert {"ppl", "tokens", "seconds"} <= set(res) and res["tokens"] == 20 * 127
     import rankdown as rd
-    from transformers import AutoTokenizer
-
     from rankdown.eval.perplexity import perplexity
 
     model = rd.load(out)
-    api = perplexity(model, AutoTokenizer.from_pretrained(out), "reference-heldout", seqlen=128, max_windows=20)
+    api = perplexity(model, rd.load_tokenizer(out), "reference-heldout", seqlen=128, max_windows=20)
     assert res["ppl"] == pytest.approx(api.ppl, rel=1e-6)
 
 

@@ -38,7 +38,14 @@ def load(path, device="cpu", dtype=None):
     return io.load(path, device=device, dtype=dtype)
 
 
+def load_tokenizer(path):
+    """The tokenizer of a saved folder, without the remote-code prompt of ``AutoTokenizer``."""
+    from rankdown import io
+
+    return io.load_tokenizer(path)
+
+
 __all__ = [
     "ASVDConfig", "CompressionReport", "ConfigError", "MethodConfig", "ROMConfig", "SVDConfig", "SVDLLMConfig",
-    "compress", "load", "load_reference", "make_config", "method_names", "save", "__version__",
+    "compress", "load", "load_reference", "load_tokenizer", "make_config", "method_names", "save", "__version__",
 ]

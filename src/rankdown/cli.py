@@ -38,7 +38,7 @@ def load_model(name: str | None, dtype: str = "float32"):
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} has no config.json: give a Hugging Face model folder or hub id")
         model = io.load(path, dtype=torch_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
+        tokenizer = io.load_tokenizer(path) if _has_tokenizer(path) else None
         return model, tokenizer
     try:
         config = AutoConfig.from_pretrained(name)

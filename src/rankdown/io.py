@@ -295,6 +295,38 @@ def _check_loading_info(info: dict, path: Path, strict: bool) -> None:
         )
 
 
+def _base_config(path: Path, cfg: dict, record: dict) -> tuple[type, Any]:
+    """The stock model class and its config (with ``.rankdown``) of a rankdown folder's config.json."""
+    import transformers
+
+    try:
+        base_type, base_arch = record["base_model_type"], record["base_architecture"]
+        stock = getattr(transformers, base_arch)
+    except (KeyError, AttributeError) as e:
+        raise ModelFolderError(f"{path}/config.json names no usable base architecture ({e!r})") from e
+    base = {k: v for k, v in cfg.items() if k not in ("rankdown", "auto_map")}
+    base.update(model_type=base_type, architectures=[base_arch])
+    config = stock.config_class.from_dict(base)
+    config.rankdown = record
+    return stock, config
+
+
+def load_tokenizer(path: str | os.PathLike) -> Any:
+    """The tokenizer of a model folder, without running a rankdown folder's generated code.
+
+    (A plain ``AutoTokenizer.from_pretrained`` reads config.json through ``AutoConfig``, which
+    asks to trust the folder's remote code.)
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(path).expanduser().absolute()
+    cfg = _read_config(path)
+    record = cfg.get("rankdown")
+    if record is None:
+        return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, config=_base_config(path, cfg, record)[1])
+
+
 def load(
     path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> nn.Module:
@@ -332,15 +364,7 @@ def load(
             f"{path} was saved in rankdown format {record.get('format')!r}; this rankdown reads format {FORMAT}. "
             "Install the rankdown version recorded in config.json (rankdown.versions)"
         )
-    try:
-        base_type, base_arch = record["base_model_type"], record["base_architecture"]
-        stock = getattr(transformers, base_arch)
-    except (KeyError, AttributeError) as e:
-        raise ModelFolderError(f"{path}/config.json names no usable base architecture ({e!r})") from e
-    base = {k: v for k, v in cfg.items() if k not in ("rankdown", "auto_map")}
-    base.update(model_type=base_type, architectures=[base_arch])
-    config = stock.config_class.from_dict(base)
-    config.rankdown = record
+    stock, config = _base_config(path, cfg, record)
     model, info = _wrapper_class(stock).from_pretrained(path, config=config, **kwargs)
     _check_loading_info(info, path, strict=True)
     return model.eval()
