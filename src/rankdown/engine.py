@@ -278,7 +278,8 @@ def walk_layers(
             visit(ctx)
             if calibrate and i + 1 < len(layers):
                 hidden = ctx.outputs()
-            layer.to("cpu") if device.type != "cpu" else None
+            if device.type != "cpu":
+                layer.to("cpu")
             seconds.append(time.perf_counter() - t0)
             bar.set_postfix(layer=i, replaced=len(ctx.replaced), s=f"{seconds[-1]:.1f}")
             log.info("%s: layer %d, %d modules replaced in %.2fs", desc, i, len(ctx.replaced), seconds[-1])
