@@ -146,30 +146,65 @@ class LayerContext:
         out = self.layer(h, *to_device(self.inputs.args[b], self.device), **to_device(self.inputs.kwargs[b], self.device))
         return out[0] if isinstance(out, tuple) else out
 
-    def _hooked_pass(self, names: list[str], make_hook: Callable, post: bool, on_batch: Callable[[], None]) -> None:
-        """Run every calibration batch with ``make_hook(name, add, done)`` hooked on each named module.
+    @torch.no_grad()
+    def collect(
+        self, inputs: list[str], outputs: list[str] = (), gram: bool = True
+    ) -> tuple[dict[str, InputStats], dict[str, InputStats]]:
+        """Float64 statistics of the inputs of linears ``inputs`` and of the outputs ``W x`` (bias
+        left out) of linears ``outputs``, in ONE pass over the calibration batches.
 
-        ``add(rows)`` hands the hook's rows (padding removed) on; ``done(name)`` marks the module
-        seen and stops the batch's forward once all are. ``on_batch`` runs before each batch.
+        Input statistics: linears fed the same tensor (q, k, v) share one :class:`InputStats`; a
+        linear that saw no token (an expert never routed to) gets empty ones. Output statistics:
+        ``gram`` is ``C_out = Σ (Wx)(Wx)ᵀ`` (out, out), ``mean`` is ``W μ_in`` — the cheaper choice
+        for a linear with ``out <= in``. Padding rows are left out; each batch's forward stops once
+        every hook has fired.
         """
-        seen: set[str] = set()
+        ins: dict[str, InputStats] = {}
+        outs = {n: InputStats(self.module(n).out_features, self.device, True) for n in outputs}
+        shared: dict[int, tuple[torch.Tensor, InputStats]] = {}
+        seen: set[tuple[str, str]] = set()
+        want = len(inputs) + len(outputs)
         mask: list[torch.Tensor | None] = [None]
 
         def add(stats: InputStats, x: torch.Tensor) -> None:
             m = mask[0]
             stats.add(x[m] if m is not None and x.shape[:-1] == m.shape else x)
 
-        def done(name: str) -> None:
-            seen.add(name)
-            if len(seen) == len(names):
+        def done(key: tuple[str, str]) -> None:
+            seen.add(key)
+            if len(seen) == want:
                 raise _StopForward
 
-        register = "register_forward_hook" if post else "register_forward_pre_hook"
-        handles = [getattr(self.module(n), register)(make_hook(n, add, done)) for n in names]
+        def pre_hook(name: str) -> Callable:
+            def pre(mod: nn.Module, a: tuple) -> None:
+                x = a[0]
+                hit = shared.get(id(x))
+                if hit is not None and hit[0] is x:
+                    ins[name] = hit[1]
+                else:
+                    s = ins.get(name) or InputStats(x.shape[-1], self.device, gram)
+                    add(s, x)
+                    ins[name] = shared.setdefault(id(x), (x, s))[1]
+                done(("in", name))
+
+            return pre
+
+        def post_hook(name: str) -> Callable:
+            def post(mod: nn.Module, a: tuple, y: torch.Tensor) -> None:
+                y = y.to(torch.float64)
+                if getattr(mod, "bias", None) is not None:
+                    y = y - mod.bias.to(torch.float64)
+                add(outs[name], y)
+                done(("out", name))
+
+            return post
+
+        handles = [self.module(n).register_forward_pre_hook(pre_hook(n)) for n in inputs]
+        handles += [self.module(n).register_forward_hook(post_hook(n)) for n in outputs]
         try:
             for b in range(len(self.inputs.hidden)):
                 seen.clear()
-                on_batch()
+                shared.clear()
                 m = self.inputs.masks[b]
                 mask[0] = None if m is None else m.to(self.device)
                 try:
@@ -179,59 +214,18 @@ class LayerContext:
         finally:
             for h in handles:
                 h.remove()
+        for n in inputs:
+            if n not in ins:
+                ins[n] = InputStats(self.module(n).in_features, self.device, gram)
+        return ins, outs
 
-    @torch.no_grad()
     def collect_inputs(self, names: list[str], gram: bool = True) -> dict[str, InputStats]:
-        """Float64 statistics of the inputs of the named linears over all calibration batches.
+        """Input statistics of the named linears (see :meth:`collect`)."""
+        return self.collect(names, (), gram)[0]
 
-        Linears fed the same tensor (q, k, v) share one :class:`InputStats`. Padding rows are
-        left out. Each batch's forward stops as soon as every named linear has been seen.
-        """
-        stats: dict[str, InputStats] = {}
-        shared: dict[int, tuple[torch.Tensor, InputStats]] = {}
-
-        def make_hook(name: str, add: Callable, done: Callable) -> Callable:
-            def pre(mod: nn.Module, a: tuple) -> None:
-                x = a[0]
-                hit = shared.get(id(x))
-                if hit is not None and hit[0] is x:
-                    stats[name] = hit[1]
-                else:
-                    s = stats.get(name) or InputStats(x.shape[-1], self.device, gram)
-                    add(s, x)
-                    stats[name] = shared.setdefault(id(x), (x, s))[1]
-                done(name)
-
-            return pre
-
-        self._hooked_pass(names, make_hook, post=False, on_batch=shared.clear)
-        for n in names:  # a linear that saw no token (an expert never routed to) gets empty stats
-            if n not in stats:
-                stats[n] = InputStats(self.module(n).in_features, self.device, gram)
-        return stats
-
-    @torch.no_grad()
     def collect_outputs(self, names: list[str]) -> dict[str, InputStats]:
-        """Float64 statistics of the outputs ``W x`` (bias left out) of the named linears.
-
-        The rows are the linears' outputs, so ``gram`` is ``C_out = Σ (Wx)(Wx)ᵀ`` (out, out) and
-        ``mean`` is ``W μ_in``: the cheaper statistics for a linear with ``out <= in``. Padding rows
-        are left out; each batch's forward stops once every named linear has computed.
-        """
-        stats = {n: InputStats(self.module(n).out_features, self.device, True) for n in names}
-
-        def make_hook(name: str, add: Callable, done: Callable) -> Callable:
-            def post(mod: nn.Module, a: tuple, y: torch.Tensor) -> None:
-                y = y.to(torch.float64)
-                if getattr(mod, "bias", None) is not None:
-                    y = y - mod.bias.to(torch.float64)
-                add(stats[name], y)
-                done(name)
-
-            return post
-
-        self._hooked_pass(names, make_hook, post=True, on_batch=lambda: None)
-        return stats
+        """Output statistics of the named linears (see :meth:`collect`)."""
+        return self.collect((), names)[1]
 
     @torch.no_grad()
     def outputs(self) -> list[torch.Tensor]:

@@ -107,15 +107,14 @@ class ROM(Method):
     config: ROMConfig
 
     def _moments(self, ctx: "LayerContext", names: list[str]) -> dict[str, tuple[InputStats, str]]:
-        """Statistics of the named linears (name -> (stats, space)), in one or two passes."""
+        """Statistics of the named linears (name -> (stats, space)), in one pass."""
         spaces = {n: _space(ctx.module(n)) for n in names}
         found: dict[str, tuple[InputStats, str]] = {}
         ins = [n for n in names if spaces[n] == "in"]
         outs = [n for n in names if spaces[n] == "out"]
-        if ins:
-            found.update({n: (s, "in") for n, s in ctx.collect_inputs(ins, gram=True).items()})
-        if outs:
-            found.update({n: (s, "out") for n, s in ctx.collect_outputs(outs).items()})
+        in_stats, out_stats = ctx.collect(ins, outs)  # one pass over the batches for both kinds
+        found.update({n: (s, "in") for n, s in in_stats.items()})
+        found.update({n: (s, "out") for n, s in out_stats.items()})
         return found
 
     def _eig(
