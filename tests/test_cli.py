@@ -72,7 +72,8 @@ def test_inspect_prints_ranks_and_provenance(compressed):
         (["compress", "--method", "svd", "--ratio", "1.5", "-q"], "between 0 and 1"),
         (["compress", "--method", "svd-llm", "--ratio", "0.2", "--calib", "/no/such/file.txt", "-q"], "/no/such/file.txt"),
         (["compress", "--method", "svd-llm", "--ratio", "0.2", "--calib", "wikitext2", "-q"], "local file"),
-        (["compress", "/no/such/model_dir_xyz", "--method", "svd", "--ratio", "0.2", "-q"], "could not load"),
+        (["compress", "/no/such/model_dir_xyz", "--method", "svd", "--ratio", "0.2", "-q"], "no such model folder"),
+        (["compress", "nobody/no-such-model-xyz", "--method", "svd", "--ratio", "0.2", "-q"], "could not load"),
         (["eval", "reference", "--ppl", "reference-heldout", "--seqlen", "100000000"], "lower --seqlen"),
         (["inspect", "/no/such/dir"], "not a model folder"),
     ],
@@ -91,3 +92,20 @@ def test_existing_output_folder_is_refused_and_kept(compressed, tmp_path):
     proc = rankdown("compress", "--method", "svd", "--ratio", "0.2", "--out", str(out), "-q", check=False)
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
     assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+
+
+def test_compressing_a_compressed_folder_keeps_earlier_replacements(compressed, tmp_path):
+    out, first = compressed  # svd-llm at 20%, every target replaced
+    proc = rankdown("compress", str(out), "--method", "svd", "--ratio", "0.1", "-q", check=False)
+    assert proc.returncode == 2 and "already replaced" in proc.stderr
+    # a model compressed with the MLP excluded can be compressed again on the MLP
+    partial, again = tmp_path / "attn", tmp_path / "attn_mlp"
+    rankdown("compress", "--method", "svd", "--ratio", "0.05", "--exclude", "mlp", "--out", str(partial), "-q")
+    res = last_json(rankdown("compress", str(partial), "--method", "svd", "--ratio", "0.1", "--exclude", "self_attn",
+                             "--out", str(again), "--json", "-q"))
+    modules = json.loads((again / "config.json").read_text())["rankdown"]["structure"]["modules"]
+    assert len(modules) == 6 * 7  # 4 attention linears from the first run, 3 MLP ones from the second
+    import rankdown as rd
+    from rankdown.allocate import count_params
+
+    assert count_params(rd.load(again)) == res["params_after"]

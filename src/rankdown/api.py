@@ -85,6 +85,9 @@ def find_targets(model: nn.Module, spec: ArchSpec, exclude: list[str] | tuple[st
                 if isinstance(mod, nn.Linear):
                     targets.append(Target(full, mod.out_features, mod.in_features, mod.bias is not None, i))
     if not targets:
+        if (getattr(model.config, "rankdown", None) or {}).get("structure"):
+            raise ConfigError("every linear of this model was already replaced by rankdown (see `rankdown "
+                              "inspect`); compress the original model to a larger ratio instead")
         raise ConfigError("no linear layer is left to compress: check --exclude patterns")
     return targets
 
@@ -116,7 +119,9 @@ def compress(
     torch.manual_seed(config.seed)
     t0 = time.perf_counter()
     params_before = count_params(model)
-    unfused = spec.prepare(model)
+    # a model rankdown compressed before keeps its earlier replacements in the structure it saves
+    earlier = (getattr(model.config, "rankdown", None) or {}).get("structure") or {}
+    unfused = list(earlier.get("unfused_experts", [])) + spec.prepare(model)
     targets = find_targets(model, spec, config.exclude)
     multiple = config.rank_multiple or default_multiple(_hidden_size(model))
     loaded: list[Any] = []  # calibration tokens, loaded once on first use (by plan() or below)
@@ -139,7 +144,7 @@ def compress(
         method=config.method, config=config.to_dict(), ratio_requested=config.ratio,
         params_before=params_before, params_after=count_params(model), seconds=time.perf_counter() - t0,
         calibration=None if data is None else {**data.describe(), "seed": config.seed},
-        modules=modules, unfused_experts=unfused, guards=guards, layer_seconds=layer_seconds,
+        modules={**earlier.get("modules", {}), **modules}, unfused_experts=unfused, guards=guards, layer_seconds=layer_seconds,
         device=config.device,
     )
     log.info("%s: %d -> %d parameters (%.4f removed) in %.1fs", config.method, report.params_before,

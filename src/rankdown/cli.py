@@ -33,7 +33,9 @@ def load_model(name: str | None, dtype: str = "float32"):
 
     from rankdown import io
 
-    path = Path(name)
+    path = Path(name).expanduser()
+    if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise FileNotFoundError(f"{name}: no such model folder (and not a hub id of the form owner/name)")
     if path.exists():
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} has no config.json: give a Hugging Face model folder or hub id")
