@@ -25,10 +25,9 @@ from rankdown.reference import load_reference
 def save(model, tokenizer, out_dir, report: CompressionReport, overwrite: bool = False):
     """Save a compressed model as a Hugging Face folder that records how it was made."""
     from rankdown import io
-    from rankdown.api import versions
 
-    record = {**report.record(), "versions": versions()}
-    return io.save(model, tokenizer, out_dir, record=record, structure=report.structure, overwrite=overwrite)
+    # io.save adds the library versions itself
+    return io.save(model, tokenizer, out_dir, record=report.record(), structure=report.structure, overwrite=overwrite)
 
 
 def load(path, device="cpu", dtype=None):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -164,12 +163,3 @@ def _calibration(tokenizer: Any, calibration: Any, nsamples: int, seqlen: int, s
     if tokenizer is None:
         raise ConfigError("a tokenizer is needed to turn the calibration text into tokens")
     return calibration_data(tokenizer, str(calibration), nsamples=nsamples, seqlen=seqlen, seed=seed)
-
-
-def versions() -> dict[str, str]:
-    import transformers
-
-    from rankdown import __version__
-
-    return {"rankdown": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
