@@ -332,6 +332,17 @@ def test_record_must_be_json(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_extra_files_are_written_beside_the_model(tmp_path):
+    model, structure = _compressed("llama")
+    curves = {"model.layers.0": [0.5, 0.25]}
+    io.save(model, None, tmp_path / "out", RECORD, structure, extra_files={"losses.json": curves})
+    assert json.loads((tmp_path / "out" / "losses.json").read_text()) == curves
+    for bad in ("../x.json", "config.json", "notes.txt"):
+        with pytest.raises(ValueError, match="plain"):
+            io.save(model, None, tmp_path / "bad", RECORD, structure, extra_files={bad: 1})
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
 def test_unfused_experts_survive_in_process(saved):
     model = io.load(saved["mixtral"]["dir"])
     assert isinstance(model.get_submodule("model.layers.1.mlp.experts"), UnfusedExperts)

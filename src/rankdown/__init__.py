@@ -27,7 +27,8 @@ def save(model, tokenizer, out_dir, report: CompressionReport, overwrite: bool =
     from rankdown import io
 
     # io.save adds the library versions itself
-    return io.save(model, tokenizer, out_dir, record=report.record(), structure=report.structure, overwrite=overwrite)
+    return io.save(model, tokenizer, out_dir, record=report.record(), structure=report.structure,
+                   overwrite=overwrite, extra_files=report.artifacts)
 
 
 def load(path, device="cpu", dtype=None):

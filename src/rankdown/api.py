@@ -37,6 +37,7 @@ class CompressionReport:
     guards: dict[str, dict] = field(default_factory=dict)
     layer_seconds: list[float] = field(default_factory=list)
     device: str = "cpu"
+    artifacts: dict[str, Any] = field(default_factory=dict)  # file name -> JSON value, saved beside the model
 
     @property
     def ratio_achieved(self) -> float:
@@ -50,7 +51,7 @@ class CompressionReport:
     def record(self) -> dict[str, Any]:
         """Provenance stored in the saved model's config.json (without the structure)."""
         d = asdict(self)
-        for k in ("modules", "unfused_experts", "layer_seconds"):
+        for k in ("modules", "unfused_experts", "layer_seconds", "artifacts"):
             d.pop(k)
         d["ratio_achieved"] = self.ratio_achieved
         d["seed"] = self.config.get("seed")
@@ -144,7 +145,7 @@ def compress(
         params_before=params_before, params_after=count_params(model), seconds=time.perf_counter() - t0,
         calibration=None if data is None else {**data.describe(), "seed": config.seed},
         modules={**earlier.get("modules", {}), **modules}, unfused_experts=unfused, guards=guards, layer_seconds=layer_seconds,
-        device=config.device,
+        device=config.device, artifacts=method.artifacts(),
     )
     log.info("%s: %d -> %d parameters (%.4f removed) in %.1fs", config.method, report.params_before,
              report.params_after, report.ratio_achieved, report.seconds)

@@ -197,14 +197,20 @@ def save(
     overwrite: bool = False,
     *,
     max_shard_size: int | str = "5GB",
+    extra_files: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` (a transformers model with rankdown modules) as a self-contained HF folder.
 
     ``record`` (method, config, seed, ...) and ``structure`` go to config.json under ``rankdown``.
     The folder appears complete or not at all: it is written next to ``out_dir`` and renamed into
-    place last. Returns the folder's path.
+    place last. ``extra_files`` (file name -> JSON value) are written into the folder too. Returns
+    the folder's path.
     """
-    for name, value in (("record", record), ("structure", structure)):  # fail before writing gigabytes
+    extra_files = dict(extra_files or {})
+    for name in extra_files:
+        if Path(name).name != name or not name.endswith(".json") or name == "config.json":
+            raise ValueError(f"extra file name {name!r} must be a plain *.json file name other than config.json")
+    for name, value in (("record", record), ("structure", structure), *extra_files.items()):  # fail before writing gigabytes
         if not isinstance(value, dict):
             raise TypeError(f"{name} must be a dict, not {type(value).__name__}")
         try:
@@ -222,6 +228,8 @@ def save(
     try:
         tmp.mkdir()
         _write(model, tokenizer, tmp, record, structure, max_shard_size)
+        for name, value in extra_files.items():
+            (tmp / name).write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
         _check_out_dir(out_dir, overwrite)  # it may have appeared meanwhile
         if out_dir.exists():
             logger.info("replacing %s", out_dir)

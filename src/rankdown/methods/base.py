@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -84,6 +84,13 @@ class Method:
                 W = linear.weight.detach().to(ctx.device, torch.float64)
                 A, B, guard = self.factorize(W, stats.get(name), ranks[name])
                 install_factors(ctx, name, A, B, guard=guard)
+
+    def artifacts(self) -> dict[str, Any]:
+        """JSON files to save beside the compressed model, name -> JSON value (e.g. loss curves).
+
+        Read by :func:`rankdown.compress` after the layer loop; default none.
+        """
+        return {}
 
     def plan(
         self, targets: list[Target], total_params: int, ratio: float, multiple: int,
