@@ -17,6 +17,7 @@ from rankdown.arch import ArchSpec, spec_for
 from rankdown.config import ConfigError, MethodConfig
 from rankdown.engine import PlanContext, run_sequential
 from rankdown.methods import method_class
+from rankdown.spill import MemoryBudget, parse_bytes
 
 log = logging.getLogger(__name__)
 
@@ -131,15 +132,18 @@ def compress(
             loaded.append(_calibration(tokenizer, calibration, nsamples, seqlen, config.seed))
         return loaded[0]
 
-    context = PlanContext(model, spec, load_calibration, config.batch_size, config.device, progress)
-    ranks = method.plan(targets, params_before, config.ratio, multiple, context)
+    with MemoryBudget(parse_bytes(config.max_memory)) as budget:
+        context = PlanContext(model, spec, load_calibration, config.batch_size, config.device, progress, budget)
+        ranks = method.plan(targets, params_before, config.ratio, multiple, context)
 
-    data = load_calibration() if method.needs_calibration else None
-    modules, guards, layer_seconds = run_sequential(
-        model, spec, method, ranks,
-        None if data is None else data.input_ids, None if data is None else data.attention_mask,
-        config.batch_size, config.device, progress,
-    )
+        data = load_calibration() if method.needs_calibration else None
+        modules, guards, layer_seconds = run_sequential(
+            model, spec, method, ranks,
+            None if data is None else data.input_ids, None if data is None else data.attention_mask,
+            config.batch_size, config.device, progress, budget,
+        )
+    if budget.spilled:
+        log.info("%.1f MB of activations went to disk (max_memory=%s)", budget.spilled / 1e6, config.max_memory)
     report = CompressionReport(
         method=config.method, config=config.to_dict(), ratio_requested=config.ratio,
         params_before=params_before, params_after=count_params(model), seconds=time.perf_counter() - t0,

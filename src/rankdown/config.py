@@ -34,6 +34,10 @@ class MethodConfig:
     batch_size: int = _f(8, "calibration sequences per forward pass")
     device: str = _f("cpu", "device that runs the layer loop: cpu, cuda, cuda:1, ...")
     seed: int = _f(0, "random seed (calibration sampling and any randomised step)")
+    max_memory: str | None = _f(
+        None, "calibration activations kept in RAM, e.g. 8GB; beyond it they go to temporary files "
+        "(default: no limit; 0 puts them all on disk)"
+    )
 
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -45,6 +49,12 @@ class MethodConfig:
             raise ConfigError(f"rank_multiple must be >= 1, got {self.rank_multiple}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        from rankdown.spill import parse_bytes
+
+        try:
+            parse_bytes(self.max_memory)
+        except ValueError as e:
+            raise ConfigError(f"max_memory: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from rankdown.arch import ArchSpec
 from rankdown.methods.linalg import Guard
 from rankdown.nn.portable import LowRankLinear
+from rankdown.spill import MemoryBudget, TensorStore
 from rankdown.stats import InputStats
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def module_spec(module: nn.Module) -> dict:
 class LayerInputs:
     """Everything one layer is called with, per batch."""
 
-    hidden: list[torch.Tensor]  # per batch (b, L, d), on the storage device
+    hidden: "TensorStore | list[torch.Tensor]"  # per batch (b, L, d), on the CPU (RAM or disk)
     args: list[tuple]  # per batch: positional arguments after the hidden states
     kwargs: list[dict]  # per batch: keyword arguments
     masks: list[torch.Tensor | None]  # per batch (b, L) bool of real tokens, None when all real
@@ -72,15 +73,16 @@ class LayerInputs:
 @torch.no_grad()
 def capture(
     model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-    batch_size: int, device: torch.device,
-) -> tuple[list[torch.Tensor], list[list[tuple]], list[list[dict]], list[torch.Tensor | None]]:
+    batch_size: int, device: torch.device, store: Any = None,
+) -> tuple[Any, list[list[tuple]], list[list[dict]], list[torch.Tensor | None]]:
     """Hidden states entering layer 0, and the other arguments of every layer, per batch.
 
     input_ids, attention_mask: (n, L). Returns hidden (per batch), args[layer][batch],
-    kwargs[layer][batch], masks[batch]. Only the modules outside the layers compute.
+    kwargs[layer][batch], masks[batch]. Only the modules outside the layers compute. ``store``
+    (a list or :class:`TensorStore`) receives the hidden states.
     """
     n_layers = len(layers)
-    hidden: list[torch.Tensor] = []
+    hidden = [] if store is None else store
     args: list[list[tuple]] = [[] for _ in range(n_layers)]
     kwargs: list[list[dict]] = [[] for _ in range(n_layers)]
 
@@ -126,6 +128,7 @@ class LayerContext:
     device: torch.device
     replaced: dict[str, dict] = field(default_factory=dict)  # path in layer -> module record
     guards: dict[str, dict] = field(default_factory=dict)
+    budget: MemoryBudget = field(default_factory=MemoryBudget)  # RAM allowed for activations (--max-memory)
 
     def groups(self) -> list[list[str]]:
         return self.spec.groups(self.layer)
@@ -228,9 +231,13 @@ class LayerContext:
         return self.collect((), names)[1]
 
     @torch.no_grad()
-    def outputs(self) -> list[torch.Tensor]:
-        """The layer's outputs on every batch, on the CPU: the next layer's inputs."""
-        return [self._run(b).to("cpu") for b in range(len(self.inputs.hidden))]
+    def outputs(self) -> TensorStore:
+        """The layer's outputs on every batch, on the CPU (or disk beyond the budget): the next
+        layer's inputs."""
+        out = TensorStore(self.budget)
+        for b in range(len(self.inputs.hidden)):
+            out.append(self._run(b))
+        return out
 
 
 def walk_layers(
@@ -243,14 +250,17 @@ def walk_layers(
     device: torch.device | str,
     desc: str = "layers",
     progress: bool = True,
+    budget: MemoryBudget | None = None,
 ) -> list[float]:
     """Call ``visit`` on every layer in order, on ``device``; returns the seconds spent per layer.
 
     Each layer is fed the outputs of the layers before it as they are after their visit
     (compressed, or dense when the visits only read statistics). Without ``input_ids`` the layers
-    get no inputs (data-free methods) and nothing is run.
+    get no inputs (data-free methods) and nothing is run. Activations beyond ``budget`` go to disk.
     """
     device = torch.device(device)
+    own_budget = budget is None
+    budget = MemoryBudget() if budget is None else budget
     path, layers = spec.find_layers(model)
     calibrate = input_ids is not None
     was_training = model.training
@@ -260,7 +270,8 @@ def walk_layers(
     try:
         if calibrate:
             _place_outside_layers(model, path, device)
-            hidden, args, kwargs, masks = capture(model, layers, input_ids, attention_mask, batch_size, device)
+            hidden, args, kwargs, masks = capture(model, layers, input_ids, attention_mask, batch_size, device,
+                                                  TensorStore(budget))
         bar = tqdm(range(len(layers)), desc=desc, unit="layer", disable=not progress)
         for i in bar:
             t0 = time.perf_counter()
@@ -268,10 +279,12 @@ def walk_layers(
             layer.to(device)
             if calibrate:
                 inputs = LayerInputs(hidden, args[i], kwargs[i], masks)
-            ctx = LayerContext(i, f"{path}.{i}", layer, spec, inputs, device)
+            ctx = LayerContext(i, f"{path}.{i}", layer, spec, inputs, device, budget=budget)
             visit(ctx)
-            if calibrate and i + 1 < len(layers):
-                hidden = ctx.outputs()
+            if calibrate:
+                nxt = ctx.outputs() if i + 1 < len(layers) else None
+                hidden.clear()
+                hidden = nxt
             if device.type != "cpu":
                 layer.to("cpu")
             seconds.append(time.perf_counter() - t0)
@@ -281,6 +294,8 @@ def walk_layers(
         if device.type != "cpu":
             model.to("cpu")
         model.train(was_training)
+        if own_budget:
+            budget.cleanup()
     return seconds
 
 
@@ -294,6 +309,7 @@ def run_sequential(
     batch_size: int,
     device: torch.device | str,
     progress: bool = True,
+    budget: MemoryBudget | None = None,
 ) -> tuple[dict[str, dict], dict[str, dict], list[float]]:
     """Compress ``model`` in place, layer by layer.
 
@@ -314,7 +330,7 @@ def run_sequential(
     if not method.needs_calibration:
         input_ids = attention_mask = None
     seconds = walk_layers(model, spec, visit, input_ids, attention_mask, batch_size, device,
-                          type(method).__name__, progress)
+                          type(method).__name__, progress, budget)
     return modules, guards, seconds
 
 
@@ -332,6 +348,7 @@ class PlanContext:
     batch_size: int
     device: torch.device | str
     progress: bool = True
+    budget: MemoryBudget | None = None
 
     def walk_dense(self, visit: Callable[[LayerContext], None]) -> None:
         """Call ``visit`` on every layer of the still-dense model, each fed the dense outputs of the
@@ -345,7 +362,7 @@ class PlanContext:
 
         data = self.calibration()
         walk_layers(self.model, self.spec, guarded, data.input_ids, data.attention_mask, self.batch_size,
-                    self.device, "statistics", self.progress)
+                    self.device, "statistics", self.progress, self.budget)
 
 
 def _place_outside_layers(model: nn.Module, layers_path: str, device: torch.device) -> None:
