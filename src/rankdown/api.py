@@ -107,12 +107,15 @@ def compress(
     nsamples: int = 128,
     seqlen: int = 2048,
     progress: bool = True,
+    source: Any = None,
 ) -> CompressionReport:
     """Compress ``model`` in place to ``config.ratio`` fewer parameters and report what changed.
 
     calibration: a :class:`rankdown.calib.CalibrationData`, or a source name/path
     (``wikitext2``, ``c4``, ``ptb``, ``reference``, a .txt or .jsonl file) sampled into
     ``nsamples`` windows of ``seqlen`` tokens with ``config.seed``; unused by data-free methods.
+    ``source``: the :class:`rankdown.stream.StreamedModel` whose skeleton ``model`` is, when the
+    layers are read from disk one at a time (see :func:`rankdown.stream.compress_folder`).
     """
     config.validate()
     method = method_class(config.method)(config)
@@ -133,14 +136,15 @@ def compress(
         return loaded[0]
 
     with MemoryBudget(parse_bytes(config.max_memory)) as budget:
-        context = PlanContext(model, spec, load_calibration, config.batch_size, config.device, progress, budget)
+        context = PlanContext(model, spec, load_calibration, config.batch_size, config.device, progress, budget,
+                              source)
         ranks = method.plan(targets, params_before, config.ratio, multiple, context)
 
         data = load_calibration() if method.needs_calibration else None
         modules, guards, layer_seconds = run_sequential(
             model, spec, method, ranks,
             None if data is None else data.input_ids, None if data is None else data.attention_mask,
-            config.batch_size, config.device, progress, budget,
+            config.batch_size, config.device, progress, budget, source,
         )
     if budget.spilled:
         log.info("%.1f MB of activations went to disk (max_memory=%s)", budget.spilled / 1e6, config.max_memory)

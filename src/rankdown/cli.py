@@ -105,17 +105,55 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         from rankdown.io import OutputExistsError
 
         raise OutputExistsError(f"{args.out} exists and is not empty: choose another --out or pass --overwrite")
-    model, tokenizer = load_model(args.model, args.dtype)
-    report = rankdown.compress(model, tokenizer, config, args.calib, nsamples=args.nsamples,
-                               seqlen=args.seqlen, progress=not args.quiet)
-    out = None
-    if args.out:
-        out = str(rankdown.save(model, tokenizer, args.out, report, overwrite=args.overwrite))
-    result = {**report.summary(), "out": out}
+    if _streaming(args):
+        from rankdown.stream import compress_folder
+
+        report, saved = compress_folder(args.model, args.out, config, args.calib, nsamples=args.nsamples,
+                                        seqlen=args.seqlen, dtype=_torch_dtype(args.dtype), overwrite=args.overwrite,
+                                        progress=not args.quiet)
+        out = str(saved)
+    else:
+        model, tokenizer = load_model(args.model, args.dtype)
+        report = rankdown.compress(model, tokenizer, config, args.calib, nsamples=args.nsamples,
+                                   seqlen=args.seqlen, progress=not args.quiet)
+        out = None
+        if args.out:
+            out = str(rankdown.save(model, tokenizer, args.out, report, overwrite=args.overwrite))
+    result = {**report.summary(), "out": out, "streamed": _streaming(args)}
     print(table([result], ["method", "ratio_requested", "params_before", "params_after", "ratio_achieved", "seconds"]))
     if out:
         print(f"saved to {out}")
     return result
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def _streaming(args: argparse.Namespace) -> bool:
+    """Whether to read the model layer by layer from its files (see rankdown/stream.py).
+
+    Default: yes for a local folder of safetensors weights saved to --out, unless the family's
+    checkpoints cannot be mapped one layer at a time (fused experts); --stream insists, --no-stream
+    loads the whole model.
+    """
+    if getattr(args, "_streaming", None) is not None:
+        return args._streaming
+    from rankdown.config import ConfigError
+    from rankdown.stream import can_stream, streamable_family
+
+    want = args.stream
+    possible = args.model not in (None, REFERENCE) and can_stream(args.model)
+    if want and not possible:
+        raise ConfigError("--stream reads a local model folder with safetensors weights; "
+                          f"{args.model or REFERENCE!r} is not one (drop --stream)")
+    if want and not args.out:
+        raise ConfigError("--stream writes the model as it goes: give --out FOLDER")
+    decided = bool(possible and args.out and want is not False and (want or streamable_family(args.model)))
+    args._streaming = decided
+    return decided
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
@@ -279,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
     p.add_argument("--out", default=None, help="folder to save the compressed model to")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--stream", dest="stream", action="store_true", default=None,
+                   help="read the model one layer at a time from its safetensors files and write the result "
+                        "shard by shard (default when MODEL is such a folder and --out is given)")
+    p.add_argument("--no-stream", dest="stream", action="store_false",
+                   help="load the whole model into memory instead")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     common(p)
     p.set_defaults(func=cmd_compress)

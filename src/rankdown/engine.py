@@ -251,12 +251,16 @@ def walk_layers(
     desc: str = "layers",
     progress: bool = True,
     budget: MemoryBudget | None = None,
+    source: Any = None,
+    write: bool = False,
 ) -> list[float]:
     """Call ``visit`` on every layer in order, on ``device``; returns the seconds spent per layer.
 
     Each layer is fed the outputs of the layers before it as they are after their visit
     (compressed, or dense when the visits only read statistics). Without ``input_ids`` the layers
     get no inputs (data-free methods) and nothing is run. Activations beyond ``budget`` go to disk.
+    ``source`` (a :class:`rankdown.stream.StreamedModel`) reads each layer before its visit and
+    takes it back after (writing it out when ``write``): then only one layer is ever in memory.
     """
     device = torch.device(device)
     own_budget = budget is None
@@ -276,6 +280,8 @@ def walk_layers(
         for i in bar:
             t0 = time.perf_counter()
             layer = layers[i]
+            if source is not None:
+                source.load(i, layer)
             layer.to(device)
             if calibrate:
                 inputs = LayerInputs(hidden, args[i], kwargs[i], masks)
@@ -285,13 +291,15 @@ def walk_layers(
                 nxt = ctx.outputs() if i + 1 < len(layers) else None
                 hidden.clear()
                 hidden = nxt
-            if device.type != "cpu":
+            if source is not None:
+                source.release(i, layer, write)
+            elif device.type != "cpu":
                 layer.to("cpu")
             seconds.append(time.perf_counter() - t0)
             bar.set_postfix(layer=i, replaced=len(ctx.replaced), s=f"{seconds[-1]:.1f}")
             log.info("%s: layer %d, %d modules replaced in %.2fs", desc, i, len(ctx.replaced), seconds[-1])
     finally:
-        if device.type != "cpu":
+        if device.type != "cpu" and source is None:
             model.to("cpu")
         model.train(was_training)
         if own_budget:
@@ -310,6 +318,7 @@ def run_sequential(
     device: torch.device | str,
     progress: bool = True,
     budget: MemoryBudget | None = None,
+    source: Any = None,
 ) -> tuple[dict[str, dict], dict[str, dict], list[float]]:
     """Compress ``model`` in place, layer by layer.
 
@@ -330,7 +339,7 @@ def run_sequential(
     if not method.needs_calibration:
         input_ids = attention_mask = None
     seconds = walk_layers(model, spec, visit, input_ids, attention_mask, batch_size, device,
-                          type(method).__name__, progress, budget)
+                          type(method).__name__, progress, budget, source, write=True)
     return modules, guards, seconds
 
 
@@ -349,6 +358,7 @@ class PlanContext:
     device: torch.device | str
     progress: bool = True
     budget: MemoryBudget | None = None
+    source: Any = None  # a StreamedModel when the model is read layer by layer
 
     def walk_dense(self, visit: Callable[[LayerContext], None]) -> None:
         """Call ``visit`` on every layer of the still-dense model, each fed the dense outputs of the
@@ -362,7 +372,7 @@ class PlanContext:
 
         data = self.calibration()
         walk_layers(self.model, self.spec, guarded, data.input_ids, data.attention_mask, self.batch_size,
-                    self.device, "statistics", self.progress, self.budget)
+                    self.device, "statistics", self.progress, self.budget, self.source)
 
 
 def _place_outside_layers(model: nn.Module, layers_path: str, device: torch.device) -> None:

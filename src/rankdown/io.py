@@ -153,14 +153,21 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 
 def _write(
-    model: nn.Module, tokenizer: Any, tmp: Path, record: dict, structure: dict, max_shard_size: int | str
+    model: nn.Module, tokenizer: Any, tmp: Path, record: dict, structure: dict, max_shard_size: int | str,
+    weights: Any = None,
 ) -> None:
     stock = _stock_class(type(model))
     config_cls = _stock_class(type(model.config))
     base_type = config_cls.model_type
     wrapper = _wrapper_name(stock.__name__)
 
-    model.save_pretrained(tmp, max_shard_size=max_shard_size, save_original_format=False)
+    if weights is None:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size, save_original_format=False)
+    else:  # the weights are elsewhere (streamed to shards layer by layer): the rest as save_pretrained does
+        weights(tmp)
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
 
@@ -198,13 +205,15 @@ def save(
     *,
     max_shard_size: int | str = "5GB",
     extra_files: dict[str, Any] | None = None,
+    weights: Any = None,
 ) -> Path:
     """Write ``model`` (a transformers model with rankdown modules) as a self-contained HF folder.
 
     ``record`` (method, config, seed, ...) and ``structure`` go to config.json under ``rankdown``.
     The folder appears complete or not at all: it is written next to ``out_dir`` and renamed into
-    place last. ``extra_files`` (file name -> JSON value) are written into the folder too. Returns
-    the folder's path.
+    place last. ``extra_files`` (file name -> JSON value) are written into the folder too.
+    ``weights(folder)``, when given, writes the weight files instead of ``save_pretrained`` (the
+    streaming path, whose model is a skeleton). Returns the folder's path.
     """
     extra_files = dict(extra_files or {})
     for name in extra_files:
@@ -227,7 +236,7 @@ def save(
         shutil.rmtree(stale, ignore_errors=True)
     try:
         tmp.mkdir()
-        _write(model, tokenizer, tmp, record, structure, max_shard_size)
+        _write(model, tokenizer, tmp, record, structure, max_shard_size, weights)
         for name, value in extra_files.items():
             (tmp / name).write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
         _check_out_dir(out_dir, overwrite)  # it may have appeared meanwhile

@@ -1,0 +1,316 @@
+"""Compressing a model bigger than memory: one decoder layer in RAM at a time.
+
+The model is built as a skeleton on the meta device (no memory); only the tensors outside the
+layers that the calibration pass needs (the input embeddings) are read. The engine then asks for
+layer ``i`` (:meth:`StreamedModel.load`: its tensors are read one by one from the safetensors
+files, opening the file for each so the memory map never grows to the whole file), compresses it,
+and gives it back (:meth:`StreamedModel.release`): on the compressing pass its new tensors go to a
+shard file of their own, then the layer returns to the meta device. The tensors outside the layers
+are never compressed; they are copied from the input files into the last shard. With
+``--max-memory`` the calibration activations go to disk too (see spill.py), so the peak is about
+one layer, its statistics, and the activations allowed in RAM.
+
+The folder written is the same as :func:`rankdown.io.save` writes for the model compressed in
+memory (tested: same logits), and appears complete or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rankdown.io import ModelFolderError
+
+log = logging.getLogger(__name__)
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+class FolderWeights:
+    """Where each tensor of a safetensors model folder lives; reads one tensor at a time."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        self.path = Path(path)
+        if (self.path / INDEX).is_file():
+            try:
+                index = json.loads((self.path / INDEX).read_text(encoding="utf-8"))
+                self.files = {k: self.path / f for k, f in index["weight_map"].items()}
+            except (json.JSONDecodeError, KeyError, AttributeError) as e:
+                raise ModelFolderError(f"{self.path / INDEX} is not a valid safetensors index ({e!r})") from e
+        elif (self.path / SINGLE).is_file():
+            with safe_open(self.path / SINGLE, "pt") as f:
+                self.files = {k: self.path / SINGLE for k in f.keys()}
+        else:
+            raise ModelFolderError(
+                f"{self.path} holds no {SINGLE} or {INDEX}: streaming reads safetensors weights only "
+                "(convert .bin checkpoints with save_pretrained, or compress without --stream)"
+            )
+        for file in sorted(set(self.files.values())):
+            if not file.is_file():
+                raise ModelFolderError(f"{file.name} is listed in {INDEX} but missing from {self.path}: "
+                                       "the download is incomplete; fetch the model again")
+            try:
+                with safe_open(file, "pt"):
+                    pass
+            except (SafetensorError, OSError) as e:
+                raise ModelFolderError(f"{file} is not a readable safetensors file ({e}); the folder is "
+                                       "corrupt; fetch the model again") from e
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A copy of tensor ``name`` (in ``dtype``), the file's map closed again."""
+        from safetensors import safe_open
+
+        with safe_open(self.files[name], "pt") as f:
+            t = f.get_tensor(name)
+            t = t.to(dtype or t.dtype, copy=True)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ModelFolderError(f"{name} in {self.files[name].name} holds NaN or Inf values: the weights are "
+                                   "corrupt (or overflowed when converted); fix the model before compressing")
+        return t
+
+
+def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Put ``value`` in place of parameter or buffer ``name`` (dotted, relative to ``module``)."""
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if leaf in owner._parameters:
+        old = owner._parameters[leaf]
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad if old is not None else False)
+    else:
+        owner._buffers[leaf] = value
+
+
+class StreamedModel:
+    """A model skeleton whose layers are read from (and written to) files one at a time.
+
+    ``work``: the folder the compressed layers' shards go to (``layer-00003.safetensors``).
+    """
+
+    def __init__(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32, work: Path | None = None) -> None:
+        from accelerate import init_empty_weights
+
+        from rankdown import io
+        from rankdown.arch import spec_for
+
+        self.path = Path(path).expanduser().absolute()
+        self.weights = FolderWeights(self.path)
+        self.dtype = dtype
+        self.work = work
+        cfg = io._read_config(self.path)
+        record = cfg.get("rankdown")
+        with init_empty_weights(include_buffers=False):  # buffers (rotary frequencies) stay real
+            if record is None:
+                import transformers
+
+                config = transformers.AutoConfig.from_pretrained(self.path)
+                archs = getattr(config, "architectures", None) or []
+                cls = getattr(transformers, archs[0], None) if archs else None
+                if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+                    cls = transformers.AutoModelForCausalLM
+                    model = cls.from_config(config, dtype=dtype)
+                else:
+                    model = cls._from_config(config, dtype=dtype)
+            else:
+                stock, config = io._base_config(self.path, cfg, record)
+                model = io._wrapper_class(stock)._from_config(config, dtype=dtype)
+        self.model = model.eval()
+        if hasattr(self.model, "tie_weights"):
+            self.model.tie_weights()
+        self.spec = spec_for(self.model)
+        if self.spec.experts is not None:
+            raise ModelFolderError(
+                f"{self.spec.family} stores its experts fused in the model but per expert in checkpoints: "
+                "streaming cannot map them yet; compress it in memory (--no-stream)"
+            )
+        self.layers_path, self.layers = self.spec.find_layers(self.model)
+        names = dict(self.model.named_parameters(remove_duplicate=False))
+        first: dict[int, str] = {}  # a tied tensor is saved under the name met first (as save_pretrained does)
+        self.tied = {n for n, p in names.items() if first.setdefault(id(p), n) != n}
+        state = [n for n in self.model.state_dict(keep_vars=True) if n not in self.tied]
+        persistent = {n for n in state if n in names or self._persistent_buffer(n)}
+        missing = sorted(n for n in persistent if n not in self.weights)
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise ModelFolderError(
+                f"{self.path} lacks tensors the model needs ({', '.join(missing[:3])}{more}), or names them "
+                "differently (an older checkpoint layout): streaming needs the names transformers uses; "
+                "compress in memory (--no-stream), which converts them"
+            )
+        self.outside = [n for n in persistent if not n.startswith(self.layers_path + ".")]
+        self._load_outside()
+
+    def _persistent_buffer(self, name: str) -> bool:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = self.model.get_submodule(owner_name)
+        return leaf in owner._buffers and leaf not in owner._non_persistent_buffers_set
+
+    def _load_outside(self) -> None:
+        """Read what the calibration pass runs before layer 0; the output head stays on meta."""
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        head_params = {id(p) for p in head.parameters()} if head is not None else set()
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        for name in self.outside:
+            p = params.get(name)
+            if p is not None and id(p) in head_params and name not in self._input_side():
+                continue
+            _set(self.model, name, self.weights.read(name, self.dtype if p is not None and p.is_floating_point() else None))
+        if hasattr(self.model, "tie_weights"):
+            self.model.tie_weights()
+
+    def _input_side(self) -> set[str]:
+        emb = self.model.get_input_embeddings()
+        return {n for n, p in self.model.named_parameters(remove_duplicate=False)
+                if any(p is q for q in emb.parameters())}
+
+    # -- the engine's layer source --------------------------------------------------------------
+    def load(self, i: int, layer: nn.Module) -> None:
+        prefix = f"{self.layers_path}.{i}."
+        for name, t in layer.state_dict(keep_vars=True).items():
+            full = prefix + name
+            if full not in self.weights:
+                if t.device.type == "meta":
+                    raise ModelFolderError(f"{full} is missing from {self.path}")
+                continue  # a non-persistent buffer built at init
+            _set(layer, name, self.weights.read(full, self.dtype if t.is_floating_point() else None))
+
+    def release(self, i: int, layer: nn.Module, write: bool) -> None:
+        if write:
+            self._write_layer(i, layer)
+        layer.to("meta")
+
+    def _write_layer(self, i: int, layer: nn.Module) -> None:
+        from safetensors.torch import save_file
+
+        assert self.work is not None
+        prefix = f"{self.layers_path}.{i}."
+        tensors = {prefix + n: t.detach().contiguous() for n, t in layer.state_dict().items()
+                   if self._persistent_in_layer(layer, n)}
+        tmp = self.work / f".layer-{i:05d}.tmp"
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, self.work / f"layer-{i:05d}.safetensors")
+
+    @staticmethod
+    def _persistent_in_layer(layer: nn.Module, name: str) -> bool:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = layer.get_submodule(owner_name) if owner_name else layer
+        return leaf not in owner._non_persistent_buffers_set
+
+    # -- writing the folder ---------------------------------------------------------------------
+    def write_weights(self, folder: Path) -> None:
+        """Move the layer shards into ``folder``, add the tensors outside the layers, write the index."""
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        n = len(self.layers)
+        total = n + 1
+        weight_map: dict[str, str] = {}
+        size = 0
+        for i in range(n):
+            src = self.work / f"layer-{i:05d}.safetensors"
+            if not src.is_file():
+                raise RuntimeError(f"layer {i} was never written to {self.work}")
+            name = f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+            shutil.copyfile(src, folder / name)
+            with safe_open(folder / name, "pt") as f:
+                for k in f.keys():
+                    weight_map[k] = name
+                    sl = f.get_slice(k)
+                    size += _nbytes(sl.get_shape(), sl.get_dtype())
+        rest = {k: self.weights.read(k, self.dtype if self._floating(k) else None) for k in self.outside}
+        name = f"model-{total:05d}-of-{total:05d}.safetensors"
+        save_file(rest, folder / name, metadata={"format": "pt"})
+        for k, t in rest.items():
+            weight_map[k] = name
+            size += t.numel() * t.element_size()
+        del rest
+        index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
+        (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+    def _floating(self, name: str) -> bool:
+        t = self.model.get_parameter(name) if name in dict(self.model.named_parameters()) else self.model.get_buffer(name)
+        return t.is_floating_point()
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _nbytes(shape: list[int], dtype: str) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * _DTYPE_BYTES.get(dtype, 4)
+
+
+def can_stream(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a local folder with safetensors weights (the condition for streaming)."""
+    p = Path(path).expanduser()
+    return p.is_dir() and ((p / SINGLE).is_file() or (p / INDEX).is_file())
+
+
+def streamable_family(path: str | os.PathLike) -> bool:
+    """Whether the family in folder ``path`` can be streamed (not one with fused experts)."""
+    from rankdown import io
+    from rankdown.arch import FAMILIES
+
+    cfg = io._read_config(Path(path).expanduser())
+    record = cfg.get("rankdown") or {}
+    model_type = record.get("base_model_type") or cfg.get("model_type")
+    spec = next((s for s in FAMILIES if model_type in s.model_types), None)
+    return spec is None or spec.experts is None
+
+
+def compress_folder(
+    path: str | os.PathLike,
+    out: str | os.PathLike,
+    config: Any,
+    calibration: Any,
+    *,
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> tuple[Any, Path]:
+    """Compress the model in folder ``path`` into folder ``out`` holding one layer at a time.
+
+    Same arguments and same result as loading the model, :func:`rankdown.compress` and
+    :func:`rankdown.save`. Returns (report, out path).
+    """
+    from rankdown import io
+    from rankdown.api import compress
+
+    config.validate()
+    out = Path(out).expanduser().absolute()
+    io._check_out_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.parent / f".{out.name}.rankdown-layers-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        streamed = StreamedModel(path, dtype, work)
+        tokenizer = io.load_tokenizer(streamed.path) if _has_tokenizer(streamed.path) else None
+        report = compress(streamed.model, tokenizer, config, calibration, nsamples=nsamples, seqlen=seqlen,
+                          progress=progress, source=streamed)
+        streamed.model.config.dtype = str(dtype).split(".")[1]
+        saved = io.save(streamed.model, tokenizer, out, record=report.record(), structure=report.structure,
+                        overwrite=overwrite, extra_files=report.artifacts, weights=streamed.write_weights)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return report, saved
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))

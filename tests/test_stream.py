@@ -1,0 +1,117 @@
+"""Streaming: a model read one layer at a time from its files gives the model compressed in memory."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import rankdown
+from rankdown import io
+from rankdown.reference import reference_dir
+from rankdown.stream import StreamedModel, compress_folder
+from tests.test_cli import last_json, rankdown as cli
+from tests.tiny import outputs, tiny_ids, tiny_model
+
+IDS = tiny_ids(8, 32)
+
+
+def _folder(tmp_path: Path, family: str, shard: str | None = None) -> Path:
+    path = tmp_path / family
+    tiny_model(family).save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
+    return path
+
+
+@pytest.mark.parametrize("family,method,shard,mem", [
+    ("llama", "rom", "100KB", None),  # sharded input; ROM's global allocation reads every layer twice
+    ("llama-tied", "svd-llm", None, "0"),  # tied embeddings; every activation on disk
+    ("qwen2", "rom", None, None),  # q/k/v biases
+    ("opt", "svd-llm", "100KB", None),  # biases, learned positions, another layer list
+])
+def test_streamed_equals_in_memory(tmp_path, family, method, shard, mem):
+    src = _folder(tmp_path, family, shard)
+    config = rankdown.make_config(method, ratio=0.3, batch_size=2, max_memory=mem)
+    model = tiny_model(family)
+    report = rankdown.compress(model, None, config, IDS, progress=False)
+    rankdown.save(model, None, tmp_path / "memory", report)
+    streamed, out = compress_folder(src, tmp_path / "streamed", config, IDS, progress=False)
+    assert streamed.params_after == report.params_after and streamed.structure == report.structure
+    a, b = io.load(tmp_path / "memory"), io.load(out)
+    assert torch.equal(outputs(a, IDS), outputs(b, IDS))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([family, "memory", "streamed"])  # no work folder left
+
+
+def test_only_one_layer_is_materialised_at_a_time(tmp_path):
+    src = _folder(tmp_path, "llama")
+    streamed = StreamedModel(src)
+    real = lambda: sorted({n.split(".")[2] for n, p in streamed.model.named_parameters()
+                           if n.startswith("model.layers.") and p.device.type != "meta"})
+    assert real() == []
+    assert streamed.model.lm_head.weight.device.type == "meta"  # the output head is never needed
+    streamed.load(1, streamed.layers[1])
+    assert real() == ["1"]
+    streamed.release(1, streamed.layers[1], write=False)
+    assert real() == []
+
+
+def test_reference_folder_through_the_cli(tmp_path):
+    """`rankdown compress FOLDER --out` streams by default and gives the in-memory model."""
+    common = ["--method", "rom", "--ratio", "0.3", "--calib", "reference", "--seqlen", "128", "--nsamples", "8",
+              "-q", "--json"]
+    res = last_json(cli("compress", str(reference_dir()), *common, "--out", str(tmp_path / "s")))
+    assert res["streamed"] is True
+    mem = last_json(cli("compress", str(reference_dir()), *common, "--no-stream", "--out", str(tmp_path / "m")))
+    assert mem["streamed"] is False and mem["params_after"] == res["params_after"]
+    ids = torch.randint(0, 4096, (2, 48), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(outputs(io.load(tmp_path / "s"), ids), outputs(io.load(tmp_path / "m"), ids))
+
+
+def _broken(tmp_path: Path, how: str) -> Path:
+    src = _folder(tmp_path, "llama", "100KB")
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    shard = src / sorted(set(index["weight_map"].values()))[-1]
+    if how == "missing shard":
+        shard.unlink()
+    elif how == "corrupt shard":
+        shard.write_bytes(shard.read_bytes()[:50])
+    elif how == "nan weight":
+        tensors = load_file(shard)
+        name = next(iter(tensors))
+        tensors[name][0, 0] = float("nan")
+        save_file(tensors, shard, metadata={"format": "pt"})
+    return src
+
+
+@pytest.mark.parametrize("how,message", [
+    ("missing shard", "missing from"), ("corrupt shard", "not a readable safetensors file"),
+    ("nan weight", "NaN or Inf"),
+])
+def test_broken_folders_are_refused_and_nothing_is_written(tmp_path, how, message):
+    src = _broken(tmp_path, how)
+    before = {p.name: p.stat().st_mtime_ns for p in src.iterdir()}
+    proc = cli("compress", str(src), "--method", "svd", "--ratio", "0.3", "--out", str(tmp_path / "out"), "-q",
+               check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert {p.name: p.stat().st_mtime_ns for p in src.iterdir()} == before  # input untouched
+    assert sorted(os.listdir(tmp_path)) == ["llama"]  # no output, no work folder
+
+
+def test_stream_flag_errors(tmp_path):
+    proc = cli("compress", "--method", "svd", "--ratio", "0.3", "--stream", "--out", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2 and "--stream reads a local model folder" in proc.stderr
+    src = _folder(tmp_path, "llama")
+    proc = cli("compress", str(src), "--method", "svd", "--ratio", "0.3", "--stream", check=False)
+    assert proc.returncode == 2 and "give --out" in proc.stderr
+
+
+def test_fused_experts_fall_back_to_memory(tmp_path):
+    src = _folder(tmp_path, "mixtral")
+    res = last_json(cli("compress", str(src), "--method", "svd", "--ratio", "0.2", "--out", str(tmp_path / "o"),
+                        "-q", "--json"))
+    assert res["streamed"] is False and (tmp_path / "o" / "config.json").is_file()
