@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,8 +16,8 @@ from safetensors.torch import load_file, save_file
 import rankdown
 from rankdown import io
 from rankdown.reference import reference_dir
-from rankdown.stream import StreamedModel, compress_folder
-from tests.test_cli import last_json, rankdown as cli
+from rankdown.stream import StreamedModel, compress_folder, partial_folder
+from tests.test_cli import ENV, last_json, rankdown as cli
 from tests.tiny import outputs, tiny_ids, tiny_model
 
 IDS = tiny_ids(8, 32)
@@ -51,7 +54,11 @@ def test_only_one_layer_is_materialised_at_a_time(tmp_path):
     real = lambda: sorted({n.split(".")[2] for n, p in streamed.model.named_parameters()
                            if n.startswith("model.layers.") and p.device.type != "meta"})
     assert real() == []
-    assert streamed.model.lm_head.weight.device.type == "meta"  # the output head is never needed
+    streamed.load_outside()  # for the calibration pass: the input embeddings, never the output head
+    assert streamed.model.model.embed_tokens.weight.device.type == "cpu"
+    assert streamed.model.lm_head.weight.device.type == "meta"
+    streamed.drop_outside()
+    assert all(p.device.type == "meta" for p in streamed.model.parameters())
     streamed.load(1, streamed.layers[1])
     assert real() == ["1"]
     streamed.release(1, streamed.layers[1], write=False)
@@ -115,3 +122,52 @@ def test_fused_experts_fall_back_to_memory(tmp_path):
     res = last_json(cli("compress", str(src), "--method", "svd", "--ratio", "0.2", "--out", str(tmp_path / "o"),
                         "-q", "--json"))
     assert res["streamed"] is False and (tmp_path / "o" / "config.json").is_file()
+
+
+def _resume_cmd(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "rankdown.cli", "compress", str(reference_dir()), "--method", "rom", "--ratio", "0.3",
+            "--calib", "reference", "--seqlen", "128", "--nsamples", "8", "--out", str(out), "-q", "--json", *extra]
+
+
+def test_a_killed_run_resumes_and_gives_the_same_model(tmp_path):
+    out = tmp_path / "out"
+    state = partial_folder(out) / "state.json"
+    proc = subprocess.Popen(_resume_cmd(out), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # kill it once two layers are written
+        try:
+            if len(json.loads(state.read_text())["layers"]) >= 2:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    done = len(json.loads(state.read_text())["layers"])
+    assert 2 <= done < 6 and not out.exists(), "the run was not killed mid-way"
+
+    cmd = _resume_cmd(out)
+    cmd[cmd.index("--ratio") + 1] = "0.4"
+    other = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+    assert other.returncode == 2 and "method.ratio: 0.3 then, 0.4 now" in other.stderr, other.stderr
+    assert state.is_file()  # the refused run left the partial one alone
+
+    resumed = subprocess.run(_resume_cmd(out), env=ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming: {done} layers" in resumed.stdout
+    assert not partial_folder(out).exists()
+    whole = subprocess.run(_resume_cmd(tmp_path / "whole"), env=ENV, capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr
+    assert last_json(resumed)["params_after"] == last_json(whole)["params_after"]
+    ids = torch.randint(0, 4096, (2, 48), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(outputs(io.load(out), ids), outputs(io.load(tmp_path / "whole"), ids))
+
+
+def test_restart_discards_a_partial_run(tmp_path):
+    out = tmp_path / "out"
+    work = partial_folder(out)
+    work.mkdir()
+    (work / "state.json").write_text(json.dumps({"fingerprint": {"method.ratio": 0.5}, "ranks": None, "layers": {}}))
+    res = subprocess.run(_resume_cmd(out, "--restart"), env=ENV, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert not work.exists() and (out / "config.json").is_file()

@@ -138,7 +138,11 @@ def compress(
     with MemoryBudget(parse_bytes(config.max_memory)) as budget:
         context = PlanContext(model, spec, load_calibration, config.batch_size, config.device, progress, budget,
                               source)
-        ranks = method.plan(targets, params_before, config.ratio, multiple, context)
+        ranks = source.saved_ranks() if source is not None else None  # a resumed run keeps its plan
+        if ranks is None:
+            ranks = method.plan(targets, params_before, config.ratio, multiple, context)
+            if source is not None:
+                source.keep_ranks(ranks)
 
         data = load_calibration() if method.needs_calibration else None
         modules, guards, layer_seconds = run_sequential(

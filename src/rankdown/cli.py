@@ -110,7 +110,7 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
 
         report, saved = compress_folder(args.model, args.out, config, args.calib, nsamples=args.nsamples,
                                         seqlen=args.seqlen, dtype=_torch_dtype(args.dtype), overwrite=args.overwrite,
-                                        progress=not args.quiet)
+                                        progress=not args.quiet, resume=not args.restart)
         out = str(saved)
     else:
         model, tokenizer = load_model(args.model, args.dtype)
@@ -322,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "shard by shard (default when MODEL is such a folder and --out is given)")
     p.add_argument("--no-stream", dest="stream", action="store_false",
                    help="load the whole model into memory instead")
+    p.add_argument("--restart", action="store_true",
+                   help="discard the finished layers a killed streaming run left beside --out instead of "
+                        "resuming from them")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     common(p)
     p.set_defaults(func=cmd_compress)

@@ -273,9 +273,13 @@ def walk_layers(
     seconds: list[float] = []
     try:
         if calibrate:
+            if source is not None:
+                source.load_outside()
             _place_outside_layers(model, path, device)
             hidden, args, kwargs, masks = capture(model, layers, input_ids, attention_mask, batch_size, device,
                                                   TensorStore(budget))
+            if source is not None:
+                source.drop_outside()
         bar = tqdm(range(len(layers)), desc=desc, unit="layer", disable=not progress)
         for i in bar:
             t0 = time.perf_counter()
@@ -292,7 +296,7 @@ def walk_layers(
                 hidden.clear()
                 hidden = nxt
             if source is not None:
-                source.release(i, layer, write)
+                source.release(i, layer, write, ctx, time.perf_counter() - t0)
             elif device.type != "cpu":
                 layer.to("cpu")
             seconds.append(time.perf_counter() - t0)
@@ -329,6 +333,11 @@ def run_sequential(
     guards: dict[str, dict] = {}
 
     def visit(ctx: LayerContext) -> None:
+        done = None if source is None else source.finished(ctx.index)
+        if done is not None:  # compressed by an earlier, interrupted run (resume): only its records
+            modules.update(done["modules"])
+            guards.update(done["guards"])
+            return
         n = len(ctx.prefix) + 1
         layer_ranks = {k[n:]: r for k, r in ranks.items() if k.startswith(ctx.prefix + ".")}
         if layer_ranks:

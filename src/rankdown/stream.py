@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rankdown.config import ConfigError
 from rankdown.io import ModelFolderError
 
 log = logging.getLogger(__name__)
@@ -69,17 +70,37 @@ class FolderWeights:
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
-    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """A copy of tensor ``name`` (in ``dtype``), the file's map closed again."""
+    def read(self, name: str, dtype: torch.dtype | None = None, block_bytes: int = 16 * 2**20) -> torch.Tensor:
+        """A copy of tensor ``name`` (in ``dtype``); NaN or Inf refused.
+
+        Read in row blocks of about ``block_bytes``, the file opened afresh for each: the pages of a
+        memory map stay resident until it is closed, so this keeps the peak at the result plus one
+        block instead of the result plus the whole tensor in the file.
+        """
         from safetensors import safe_open
 
-        with safe_open(self.files[name], "pt") as f:
-            t = f.get_tensor(name)
-            t = t.to(dtype or t.dtype, copy=True)
+        file = self.files[name]
+        with safe_open(file, "pt") as f:
+            sl = f.get_slice(name)
+            shape, first = sl.get_shape(), (sl[0:1] if sl.get_shape() else f.get_tensor(name).clone())
+        out = torch.empty(shape, dtype=dtype or first.dtype)
+        if not shape:
+            out.copy_(first)
+            self._check(name, first)
+            return out
+        step = max(1, block_bytes // max(1, first.numel() * first.element_size()))
+        for a in range(0, shape[0], step):
+            with safe_open(file, "pt") as f:
+                blk = f.get_slice(name)[a : a + step]
+            self._check(name, blk)
+            out[a : a + step].copy_(blk)
+            del blk
+        return out
+
+    def _check(self, name: str, t: torch.Tensor) -> None:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ModelFolderError(f"{name} in {self.files[name].name} holds NaN or Inf values: the weights are "
                                    "corrupt (or overflowed when converted); fix the model before compressing")
-        return t
 
 
 def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -99,7 +120,10 @@ class StreamedModel:
     ``work``: the folder the compressed layers' shards go to (``layer-00003.safetensors``).
     """
 
-    def __init__(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32, work: Path | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike, dtype: torch.dtype = torch.float32, work: Path | None = None,
+        state: "RunState | None" = None,
+    ) -> None:
         from accelerate import init_empty_weights
 
         from rankdown import io
@@ -109,6 +133,7 @@ class StreamedModel:
         self.weights = FolderWeights(self.path)
         self.dtype = dtype
         self.work = work
+        self.state = state  # what a killed run finished already (resume), and where to record progress
         cfg = io._read_config(self.path)
         record = cfg.get("rankdown")
         with init_empty_weights(include_buffers=False):  # buffers (rotary frequencies) stay real
@@ -150,15 +175,15 @@ class StreamedModel:
                 "compress in memory (--no-stream), which converts them"
             )
         self.outside = [n for n in persistent if not n.startswith(self.layers_path + ".")]
-        self._load_outside()
 
     def _persistent_buffer(self, name: str) -> bool:
         owner_name, _, leaf = name.rpartition(".")
         owner = self.model.get_submodule(owner_name)
         return leaf in owner._buffers and leaf not in owner._non_persistent_buffers_set
 
-    def _load_outside(self) -> None:
-        """Read what the calibration pass runs before layer 0; the output head stays on meta."""
+    def load_outside(self) -> None:
+        """Read what the calibration pass runs before layer 0 (the engine calls this before it
+        captures the layers' inputs, :meth:`drop_outside` after); the output head stays on meta."""
         head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
         head_params = {id(p) for p in head.parameters()} if head is not None else set()
         params = dict(self.model.named_parameters(remove_duplicate=False))
@@ -170,14 +195,54 @@ class StreamedModel:
         if hasattr(self.model, "tie_weights"):
             self.model.tie_weights()
 
+    def drop_outside(self) -> None:
+        """Send the tensors outside the layers back to the meta device (they are copied from the
+        input files when the folder is written)."""
+        for name, mod in self.model.named_modules():
+            if name == self.layers_path or name.startswith(self.layers_path + "."):
+                continue
+            for key, p in list(mod._parameters.items()):
+                if p is not None and p.device.type != "meta":
+                    mod._parameters[key] = nn.Parameter(p.data.to("meta"), requires_grad=p.requires_grad)
+            for key in [k for k, b in mod._buffers.items() if b is not None and k not in mod._non_persistent_buffers_set]:
+                mod._buffers[key] = mod._buffers[key].to("meta")
+        if hasattr(self.model, "tie_weights"):
+            self.model.tie_weights()
+
     def _input_side(self) -> set[str]:
         emb = self.model.get_input_embeddings()
         return {n for n, p in self.model.named_parameters(remove_duplicate=False)
                 if any(p is q for q in emb.parameters())}
 
     # -- the engine's layer source --------------------------------------------------------------
+    def finished(self, i: int) -> dict | None:
+        """The records of layer ``i`` when an earlier run compressed and wrote it already."""
+        return None if self.state is None else self.state.layers.get(str(i))
+
+    def saved_ranks(self) -> dict[str, int] | None:
+        return None if self.state is None else self.state.ranks
+
+    def keep_ranks(self, ranks: dict[str, int]) -> None:
+        if self.state is not None:
+            self.state.ranks = dict(ranks)
+            self.state.save()
+
     def load(self, i: int, layer: nn.Module) -> None:
         prefix = f"{self.layers_path}.{i}."
+        done = self.finished(i)
+        if done is not None:  # the compressed layer, as the killed run wrote it
+            from safetensors.torch import load_file
+
+            from rankdown.nn.portable import build_module
+
+            for full, spec in done["modules"].items():
+                name = full[len(prefix):]
+                layer.set_submodule(name, build_module(spec, layer.get_submodule(name)))
+            tensors = load_file(self.work / f"layer-{i:05d}.safetensors")
+            for name in layer.state_dict(keep_vars=True):
+                if prefix + name in tensors:
+                    _set(layer, name, tensors[prefix + name])
+            return
         for name, t in layer.state_dict(keep_vars=True).items():
             full = prefix + name
             if full not in self.weights:
@@ -186,9 +251,14 @@ class StreamedModel:
                 continue  # a non-persistent buffer built at init
             _set(layer, name, self.weights.read(full, self.dtype if t.is_floating_point() else None))
 
-    def release(self, i: int, layer: nn.Module, write: bool) -> None:
-        if write:
+    def release(self, i: int, layer: nn.Module, write: bool, ctx: Any = None, seconds: float = 0.0) -> None:
+        if write and self.finished(i) is None:
             self._write_layer(i, layer)
+            if self.state is not None and ctx is not None:  # after the shard: a kill in between redoes the layer
+                self.state.layers[str(i)] = {
+                    "modules": {f"{ctx.prefix}.{k}": v for k, v in ctx.replaced.items()},
+                    "guards": {f"{ctx.prefix}.{k}": v for k, v in ctx.guards.items()}, "seconds": seconds}
+                self.state.save()
         layer.to("meta")
 
     def _write_layer(self, i: int, layer: nn.Module) -> None:
@@ -272,6 +342,62 @@ def streamable_family(path: str | os.PathLike) -> bool:
     return spec is None or spec.experts is None
 
 
+class ResumeMismatchError(ConfigError):
+    """A partial run of other settings sits where this run would write."""
+
+
+class RunState:
+    """What a streaming run has finished, in ``WORK/state.json`` (rewritten atomically)."""
+
+    def __init__(self, work: Path, fingerprint: dict, ranks: dict | None = None, layers: dict | None = None):
+        self.work, self.fingerprint = work, fingerprint
+        self.ranks, self.layers = ranks, dict(layers or {})
+
+    @classmethod
+    def read(cls, work: Path) -> "RunState | None":
+        try:
+            d = json.loads((work / "state.json").read_text(encoding="utf-8"))
+            return cls(work, d["fingerprint"], d.get("ranks"), d.get("layers"))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            return None
+
+    def save(self) -> None:
+        tmp = self.work / "state.json.tmp"
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "ranks": self.ranks, "layers": self.layers}),
+                       encoding="utf-8")
+        os.replace(tmp, self.work / "state.json")
+
+
+def _fingerprint(path: Path, config: Any, calibration: Any, nsamples: int, seqlen: int, dtype: torch.dtype) -> dict:
+    """Every setting that changes the result (not --max-memory, which only moves activations)."""
+    import hashlib
+
+    import rankdown
+
+    if isinstance(calibration, torch.Tensor):
+        calib = "tensor:" + hashlib.sha1(calibration.cpu().numpy().tobytes()).hexdigest()
+    elif hasattr(calibration, "input_ids"):
+        calib = "tokens:" + hashlib.sha1(calibration.input_ids.cpu().numpy().tobytes()).hexdigest()
+    else:
+        calib = str(calibration)
+    files = sorted(set(FolderWeights(path).files.values()))
+    settings = {k: v for k, v in config.to_dict().items() if k != "max_memory"}
+    return {"model": str(path), "model_files": {f.name: f.stat().st_size for f in files},
+            **{f"method.{k}": v for k, v in settings.items()}, "calibration": calib, "nsamples": nsamples,
+            "seqlen": seqlen, "dtype": str(dtype).split(".")[1], "rankdown": rankdown.__version__}
+
+
+def _differences(then: dict, now: dict) -> str:
+    keys = sorted(set(then) | set(now), key=str)
+    diffs = [f"{k}: {then.get(k)!r} then, {now.get(k)!r} now" for k in keys if then.get(k) != now.get(k)]
+    return "; ".join(diffs[:4]) + (f" (and {len(diffs) - 4} more)" if len(diffs) > 4 else "")
+
+
+def partial_folder(out: Path) -> Path:
+    """Where a streaming run into ``out`` keeps its finished layers until the folder is written."""
+    return out.parent / f".{out.name}.rankdown-partial"
+
+
 def compress_folder(
     path: str | os.PathLike,
     out: str | os.PathLike,
@@ -283,32 +409,58 @@ def compress_folder(
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
     progress: bool = True,
+    resume: bool = True,
 ) -> tuple[Any, Path]:
     """Compress the model in folder ``path`` into folder ``out`` holding one layer at a time.
 
     Same arguments and same result as loading the model, :func:`rankdown.compress` and
     :func:`rankdown.save`. Returns (report, out path).
+
+    Resumable: finished layers are kept beside ``out`` (``.OUT.rankdown-partial``) until the folder
+    is written; the same call after a crash or a kill continues after the last finished layer and
+    gives the same model. A partial run of other settings is refused (:class:`ResumeMismatchError`
+    names what differs); ``resume=False`` discards it.
     """
     from rankdown import io
     from rankdown.api import compress
+    from rankdown.methods import method_class
 
     config.validate()
+    path = Path(path).expanduser().absolute()
     out = Path(out).expanduser().absolute()
     io._check_out_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = out.parent / f".{out.name}.rankdown-layers-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
+    work = partial_folder(out)
+    fingerprint = _fingerprint(path, config, calibration, nsamples, seqlen, dtype)
+    resumable = getattr(method_class(config.method), "resumable", True)
+    state = RunState.read(work) if resume and resumable else None
+    if state is not None and state.fingerprint != fingerprint:
+        raise ResumeMismatchError(
+            f"{work} holds a partial run with other settings ({_differences(state.fingerprint, fingerprint)}); "
+            "repeat the first command to resume it, or pass --restart to discard it")
+    if state is not None and (state.layers or state.ranks):
+        log.warning("resuming the partial run in %s: %d layers done", work, len(state.layers))
+        print(f"resuming: {len(state.layers)} layers were finished by an earlier run ({work})", flush=True)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        state = RunState(work, fingerprint)
+        state.save()
+    ok = False
     try:
-        streamed = StreamedModel(path, dtype, work)
+        streamed = StreamedModel(path, dtype, work, state if resumable else None)
         tokenizer = io.load_tokenizer(streamed.path) if _has_tokenizer(streamed.path) else None
         report = compress(streamed.model, tokenizer, config, calibration, nsamples=nsamples, seqlen=seqlen,
                           progress=progress, source=streamed)
         streamed.model.config.dtype = str(dtype).split(".")[1]
         saved = io.save(streamed.model, tokenizer, out, record=report.record(), structure=report.structure,
                         overwrite=overwrite, extra_files=report.artifacts, weights=streamed.write_weights)
+        ok = True
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if ok or not state.layers:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            log.warning("%d finished layers kept in %s: run the same command again to resume", len(state.layers), work)
     return report, saved
 
 

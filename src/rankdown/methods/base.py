@@ -62,6 +62,9 @@ class Method:
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     needs_calibration: ClassVar[bool] = True
     needs_gram: ClassVar[bool] = True  # whether factorize() reads the (in, in) input correlation
+    # whether a killed streaming run can continue after its last finished layer: true when nothing
+    # but the layer's own inputs carries over from one layer to the next
+    resumable: ClassVar[bool] = True
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
