@@ -76,6 +76,9 @@ def test_inspect_prints_ranks_and_provenance(compressed):
         (["compress", "nobody/no-such-model-xyz", "--method", "svd", "--ratio", "0.2", "-q"], "could not load"),
         (["eval", "reference", "--ppl", "reference-heldout", "--seqlen", "100000000"], "lower --seqlen"),
         (["inspect", "/no/such/dir"], "not a model folder"),
+        (["compress", "--method", "svd-llm", "--ratio", "0.1", "--nsamples", "1", "--seqlen", "16", "-q"],
+         "fewer than the rank"),
+        (["compress", "--method", "svd", "--ratio", "0.2", "--out", f"{__file__}/out", "-q"], "cannot write"),
     ],
 )
 def test_bad_input_gives_one_clear_error(args, words):
@@ -83,6 +86,22 @@ def test_bad_input_gives_one_clear_error(args, words):
     assert proc.returncode == 2
     assert words in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_full_disk_is_one_clear_error_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from rankdown import cli, io
+
+    def full(*a, **k):
+        (a[2] / "model.safetensors").write_bytes(b"half")  # the save had begun
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io, "_write", full)
+    rc = cli.main(["compress", "--method", "svd", "--ratio", "0.2", "--out", str(tmp_path / "out"), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "No space left on device" in err[0] and "free some space" in err[0]
+    assert os.listdir(tmp_path) == []
 
 
 def test_existing_output_folder_is_refused_and_kept(compressed, tmp_path):

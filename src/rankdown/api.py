@@ -145,6 +145,8 @@ def compress(
                 source.keep_ranks(ranks)
 
         data = load_calibration() if method.needs_calibration else None
+        if data is not None:
+            _check_enough_tokens(data, ranks)
         modules, guards, layer_seconds = run_sequential(
             model, spec, method, ranks,
             None if data is None else data.input_ids, None if data is None else data.attention_mask,
@@ -162,6 +164,18 @@ def compress(
     log.info("%s: %d -> %d parameters (%.4f removed) in %.1fs", config.method, report.params_before,
              report.params_after, report.ratio_achieved, report.seconds)
     return report
+
+
+def _check_enough_tokens(data: Any, ranks: dict[str, Any]) -> None:
+    """Refuse a calibration set with fewer tokens than the largest rank asked: its statistics
+    cannot tell that many directions apart, and the factors would be arbitrary beyond its size."""
+    tokens = int(data.attention_mask.sum())
+    asked = [(r, p) for p, r in ranks.items() if isinstance(r, int)]
+    if asked and tokens < max(asked)[0]:
+        rank, path = max(asked)
+        raise ConfigError(
+            f"the calibration set has {tokens} tokens, fewer than the rank {rank} asked for {path}: its statistics "
+            "cannot determine that many directions; give more calibration (--nsamples, --seqlen) or a higher --ratio")
 
 
 def _calibration(tokenizer: Any, calibration: Any, nsamples: int, seqlen: int, seed: int):

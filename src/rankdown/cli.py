@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import sys
@@ -105,6 +106,10 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         from rankdown.io import OutputExistsError
 
         raise OutputExistsError(f"{args.out} exists and is not empty: choose another --out or pass --overwrite")
+    if args.out:
+        from rankdown.io import check_writable
+
+        check_writable(args.out)
     if _streaming(args):
         from rankdown.stream import compress_folder
 
@@ -389,6 +394,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+_DISK_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.ENOTDIR, errno.EPERM}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -400,6 +408,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = args.func(args)
     except _user_errors() as e:
         print(f"rankdown {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full, read-only or unwritable disk: the data is fine, the place is not
+        if e.errno not in _DISK_ERRNOS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"rankdown {args.command}: error: cannot write{where}: {e.strerror or e}; free some space or "
+              "choose a writable --out (nothing incomplete was left behind)", file=sys.stderr)
         return 2
     if getattr(args, "json", False):
         print(json.dumps(result, default=str))

@@ -143,6 +143,19 @@ def _modeling_source(stock_cls: type, wrapper: str) -> str:
     return _PORTABLE.read_text(encoding="utf-8").rstrip("\n") + "\n" + footer
 
 
+def check_writable(out_dir: str | os.PathLike) -> None:
+    """Fail before any work when ``out_dir`` cannot be created or written (its nearest existing
+    ancestor is a file, or not writable)."""
+    import errno
+
+    p = Path(out_dir).expanduser().absolute()
+    anc = p if p.exists() else next(a for a in p.parents if a.exists())
+    if not anc.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{anc} is a file, so {p} cannot be created", str(p))
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, f"{anc} is not writable", str(p))
+
+
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputExistsError(f"{out_dir} exists and is a file, not a folder; choose another --out")
@@ -228,6 +241,7 @@ def save(
             raise TypeError(f"{name} must hold only JSON values (str, int, float, bool, None, list, dict): {e}") from e
     out_dir = Path(out_dir).expanduser().absolute()
     _check_out_dir(out_dir, overwrite)
+    check_writable(out_dir)
     _check_structure(model, structure)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
