@@ -18,6 +18,7 @@ from rankdown.config import ConfigError, MethodConfig
 from rankdown.engine import PlanContext, run_sequential
 from rankdown.methods import method_class
 from rankdown.spill import MemoryBudget, parse_bytes
+from rankdown.stats_cache import StatsCache
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def compress(
 
     with MemoryBudget(parse_bytes(config.max_memory)) as budget:
         context = PlanContext(model, spec, load_calibration, config.batch_size, config.device, progress, budget,
-                              source)
+                              source, StatsCache(config.stats_cache) if config.stats_cache else None)
         ranks = source.saved_ranks() if source is not None else None  # a resumed run keeps its plan
         if ranks is None:
             ranks = method.plan(targets, params_before, config.ratio, multiple, context)

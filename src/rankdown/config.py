@@ -38,6 +38,10 @@ class MethodConfig:
         None, "calibration activations kept in RAM, e.g. 8GB; beyond it they go to temporary files "
         "(default: no limit; 0 puts them all on disk)"
     )
+    stats_cache: str | None = _f(
+        None, "folder keeping statistics of the dense model between runs (ROM's global allocation): another "
+        "ratio or allocation of the same model and calibration skips that pass"
+    )
 
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:

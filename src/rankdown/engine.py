@@ -368,6 +368,22 @@ class PlanContext:
     progress: bool = True
     budget: MemoryBudget | None = None
     source: Any = None  # a StreamedModel when the model is read layer by layer
+    stats_cache: Any = None  # a rankdown.stats_cache.StatsCache (--stats-cache)
+
+    def cached(self, kind: str, settings: dict, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """``compute()`` (a dict of tensors from a statistics pass), or the same from the statistics
+        cache when a run of the same model, calibration and ``settings`` stored it."""
+        if self.stats_cache is None:
+            return compute()
+        from rankdown.stats_cache import model_digest, tensor_digest
+
+        data = self.calibration()
+        params = next(self.model.parameters())
+        key = {"kind": kind, "settings": settings,
+               "model": self.source.digest() if self.source is not None else model_digest(self.model),
+               "calibration": tensor_digest(data.input_ids) + tensor_digest(data.attention_mask),
+               "batch_size": self.batch_size, "dtype": str(params.dtype), "device": torch.device(self.device).type}
+        return self.stats_cache.get_or_compute(key, compute)
 
     def walk_dense(self, visit: Callable[[LayerContext], None]) -> None:
         """Call ``visit`` on every layer of the still-dense model, each fed the dense outputs of the

@@ -103,6 +103,17 @@ class FolderWeights:
                                    "corrupt (or overflowed when converted); fix the model before compressing")
 
 
+def _trim() -> None:
+    """Give freed heap memory back to the system (glibc keeps it otherwise: measured here, +40 MB
+    of resident memory per 176 MB layer read and dropped, 1.3 GB over 32 layers)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
     """Put ``value`` in place of parameter or buffer ``name`` (dotted, relative to ``module``)."""
     owner_name, _, leaf = name.rpartition(".")
@@ -208,11 +219,21 @@ class StreamedModel:
                 mod._buffers[key] = mod._buffers[key].to("meta")
         if hasattr(self.model, "tie_weights"):
             self.model.tie_weights()
+        _trim()
 
     def _input_side(self) -> set[str]:
         emb = self.model.get_input_embeddings()
         return {n for n, p in self.model.named_parameters(remove_duplicate=False)
                 if any(p is q for q in emb.parameters())}
+
+    def digest(self) -> str:
+        """A fingerprint of the input folder's weights (names, sizes, dates of its files) and the dtype."""
+        import hashlib
+
+        files = sorted(set(self.weights.files.values()))
+        text = json.dumps([str(self.path), str(self.dtype)] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns]
+                                                              for f in files])
+        return hashlib.sha1(text.encode()).hexdigest()
 
     # -- the engine's layer source --------------------------------------------------------------
     def finished(self, i: int) -> dict | None:
@@ -260,6 +281,7 @@ class StreamedModel:
                     "guards": {f"{ctx.prefix}.{k}": v for k, v in ctx.guards.items()}, "seconds": seconds}
                 self.state.save()
         layer.to("meta")
+        _trim()
 
     def _write_layer(self, i: int, layer: nn.Module) -> None:
         from safetensors.torch import save_file
@@ -369,7 +391,7 @@ class RunState:
 
 
 def _fingerprint(path: Path, config: Any, calibration: Any, nsamples: int, seqlen: int, dtype: torch.dtype) -> dict:
-    """Every setting that changes the result (not --max-memory, which only moves activations)."""
+    """Every setting that changes the result (not --max-memory or --stats-cache, which only move data)."""
     import hashlib
 
     import rankdown
@@ -381,7 +403,7 @@ def _fingerprint(path: Path, config: Any, calibration: Any, nsamples: int, seqle
     else:
         calib = str(calibration)
     files = sorted(set(FolderWeights(path).files.values()))
-    settings = {k: v for k, v in config.to_dict().items() if k != "max_memory"}
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("max_memory", "stats_cache")}
     return {"model": str(path), "model_files": {f.name: f.stat().st_size for f in files},
             **{f"method.{k}": v for k, v in settings.items()}, "calibration": calib, "nsamples": nsamples,
             "seqlen": seqlen, "dtype": str(dtype).split(".")[1], "rankdown": rankdown.__version__}

@@ -162,7 +162,12 @@ class ROM(Method):
 
     def spectra(self, targets: list[Target], context: "PlanContext") -> dict[str, torch.Tensor]:
         """Path -> eigenvalues (descending, CPU) of every target's output statistics on the dense
-        model, one layer at a time; only one layer's statistics matrices are alive at once."""
+        model, one layer at a time; only one layer's statistics matrices are alive at once.
+        Kept in the statistics cache (``--stats-cache``) when there is one."""
+        settings = {"center": self.config.center, "targets": [t.path for t in targets]}
+        return context.cached("rom-spectra", settings, lambda: self._spectra(targets, context))
+
+    def _spectra(self, targets: list[Target], context: "PlanContext") -> dict[str, torch.Tensor]:
         spectra: dict[str, torch.Tensor] = {}
 
         def visit(ctx: "LayerContext") -> None:
