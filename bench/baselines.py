@@ -6,6 +6,10 @@ A method is NAME or NAME:key=value:key=value (settings of its config, e.g. rom:c
 
 Prints a markdown table and writes bench/results/baselines.json. Every figure comes from this one
 run on this machine: compare rows with each other, not with another machine's.
+
+The general tool is ``rankdown bench`` (rankdown/benchmark.py: any model, degeneration, tasks,
+speed, plots); this script keeps the layout of baselines.json and adds the compress time measured
+against one dense forward over the calibration tokens.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 
 import rankdown
 from rankdown.allocate import count_params
+from rankdown.benchmark import parse_method
 from rankdown.calib import calibration_data
 from rankdown.eval.perplexity import perplexity
 
@@ -31,16 +36,6 @@ def forward_seconds(model, input_ids: torch.Tensor, batch_size: int = 8) -> floa
     for batch in input_ids.split(batch_size):
         model(input_ids=batch, use_cache=False)
     return time.perf_counter() - t0
-
-
-def parse_method(spec: str) -> tuple[str, dict]:
-    """``rom:allocation=uniform:center=false`` -> ("rom", {"allocation": "uniform", "center": False})."""
-    name, *pairs = spec.split(":")
-    settings = {}
-    for pair in pairs:
-        key, value = pair.split("=", 1)
-        settings[key] = json.loads(value) if value in ("true", "false") or value[:1].isdigit() else value
-    return name, settings
 
 
 def main() -> None:

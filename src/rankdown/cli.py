@@ -1,4 +1,4 @@
-"""Command line: rankdown compress | eval | generate | inspect | demo."""
+"""Command line: rankdown compress | eval | bench | generate | inspect | demo."""
 
 from __future__ import annotations
 
@@ -164,16 +164,26 @@ def _streaming(args: argparse.Namespace) -> bool:
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from rankdown.config import ConfigError
 
-    if args.ppl is None and args.fidelity is None:
-        raise ConfigError("nothing to evaluate: pass --ppl SOURCE (perplexity) and/or "
-                          "--fidelity ORIGINAL --texts FILE (agreement with the original model)")
+    if args.ppl is None and args.fidelity is None and args.tasks is None and not args.speed:
+        raise ConfigError("nothing to evaluate: pass --ppl SOURCE (perplexity), --fidelity ORIGINAL --texts FILE "
+                          "(agreement with the original model), --tasks NAMES (lm-evaluation-harness accuracy) "
+                          "and/or --speed (throughput and memory)")
     if (args.fidelity is None) != (args.texts is None):
         raise ConfigError("--fidelity ORIGINAL and --texts FILE go together: pass both "
                           "(FILE holds passages separated by blank lines)")
+    if args.baseline is not None and not args.speed:
+        raise ConfigError("--baseline MODEL is the dense model --speed compares against: add --speed")
+    if (args.include_path is not None or args.limit is not None) and args.tasks is None:
+        raise ConfigError("--include-path and --limit are settings of --tasks: add --tasks NAMES")
+    manager = None
+    if args.tasks is not None:  # unknown task names fail before the model is loaded
+        from rankdown.eval.tasks import task_manager
+
+        manager = task_manager(args.tasks, args.include_path)
     model, tokenizer = load_model(args.model, args.dtype)
-    if tokenizer is None:
-        raise FileNotFoundError(f"{args.model} has no tokenizer files; "
-                                f"{'perplexity' if args.ppl else 'fidelity'} needs one")
+    needs = [n for n, on in (("perplexity", args.ppl), ("fidelity", args.fidelity), ("--tasks", args.tasks)) if on]
+    if tokenizer is None and needs:
+        raise FileNotFoundError(f"{args.model} has no tokenizer files; {needs[0]} needs one")
     result: dict[str, Any] = {"model": args.model}
     if args.ppl is not None:
         from rankdown.eval.perplexity import perplexity
@@ -189,7 +199,68 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
             result["fidelity"] = fid
         else:
             result.update(fid)
+    if args.tasks is not None:
+        result["tasks"] = _eval_tasks(args, model, tokenizer, manager)
+    if args.speed:
+        result["speed"] = _eval_speed(args, model)
     return result
+
+
+def _eval_tasks(args: argparse.Namespace, model: Any, tokenizer: Any, manager: Any) -> dict[str, Any]:
+    from rankdown.eval.tasks import evaluate_tasks
+
+    if args.device:
+        model.to(args.device)
+    res = evaluate_tasks(model, tokenizer, args.tasks, include_path=args.include_path, limit=args.limit,
+                         batch_size=_or(args.batch_size, 8), num_fewshot=args.num_fewshot, manager=manager)
+    rows = [{"task": t, **{k: v for k, v in m.items() if k in ("acc", "acc_norm", "samples")}} for t, m in res.items()]
+    print(table(rows, ["task", "acc", "acc_norm", "samples"]))
+    return res
+
+
+def _eval_speed(args: argparse.Namespace, model: Any) -> list[dict[str, Any]]:
+    from rankdown.eval.speed import compare_speed
+
+    models = {"model": model}
+    if args.baseline is not None:
+        baseline, _ = load_model(args.baseline, args.dtype)
+        models = {"baseline": baseline, "model": model}
+    runs, rows = [], []
+    for b in _int_list(args.batch_sizes, "--batch-sizes"):
+        for length in _int_list(args.lengths, "--lengths"):
+            res = compare_speed(models, batch_size=b, prompt_len=length, new_tokens=args.new_tokens,
+                                repeats=args.repeats, device=args.device or "cpu")
+            runs.append(res)
+            for name, f in res["models"].items():
+                row = {"model": args.baseline if name == "baseline" else args.model, "batch": b, "prompt": length,
+                       "prefill_tok_s": f["prefill_tok_s"], "decode_tok_s": f["decode_tok_s"],
+                       "ms_per_token": f["latency_ms_per_token"], "peak_mem_MB": f["peak_mem_bytes"] / 2**20,
+                       "model_MB": f["model_bytes"] / 2**20}
+                if args.baseline is not None:
+                    r = res["ratios"][name]
+                    row.update(prefill_x=r["prefill_speedup"], decode_x=r["decode_speedup"],
+                               latency_x=r["latency_ratio"], model_mem_x=r["model_bytes_ratio"])
+                rows.append(row)
+    cols = ["model", "batch", "prompt", "prefill_tok_s", "decode_tok_s", "ms_per_token", "peak_mem_MB", "model_MB"]
+    if args.baseline is not None:
+        cols += ["prefill_x", "decode_x", "latency_x", "model_mem_x"]
+    kind = runs[0]["models"]["model"]["peak_mem_kind"]
+    print(f"speed: {args.new_tokens} greedy decode steps after the prompt, median of {args.repeats} runs"
+          f"{', models alternating' if args.baseline else ''}; peak_mem = {kind.replace('_', ' ')}")
+    print(table(rows, cols))
+    return runs
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    from rankdown.config import ConfigError
+
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} takes whole numbers separated by commas, e.g. 1,8; got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"{flag} takes whole numbers >= 1 separated by commas, e.g. 1,8; got {text!r}")
+    return values
 
 
 def _eval_fidelity(args: argparse.Namespace, model: Any, tokenizer: Any) -> dict[str, Any]:
@@ -277,6 +348,35 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     return {"rows": rows}
 
 
+def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
+    from rankdown.benchmark import BenchSettings, run_bench
+
+    settings = BenchSettings(
+        model=args.model or REFERENCE, methods=[m.strip() for m in (args.methods or "").split(",") if m.strip()],
+        ratios=_float_list(args.ratios, "--ratios"), ppl=args.ppl, seqlen=args.seqlen, max_windows=args.max_windows,
+        calib=args.calib, nsamples=args.nsamples, seed=args.seed, dtype=args.dtype, device=args.device,
+        degeneration_tokens=args.degeneration_tokens,
+        tasks=[t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None,
+        include_path=args.include_path, limit=args.limit, speed=args.speed, speed_batch_size=args.speed_batch_size,
+        speed_prompt_len=args.speed_prompt_len, speed_new_tokens=args.speed_new_tokens,
+        speed_repeats=args.repeats)
+    results = run_bench(settings, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    print((Path(args.out) / "results.md").read_text())
+    print(f"wrote {', '.join(results['files'])} to {args.out}")
+    if "ppl_vs_ratio.png" not in results["files"]:
+        print("no plots: matplotlib is not installed (pip install 'rankdown[eval]')")
+    return results
+
+
+def _float_list(text: str, flag: str) -> list[float]:
+    from rankdown.config import ConfigError
+
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} takes numbers separated by commas, e.g. 0.1,0.2; got {text!r}") from None
+
+
 # ----------------------------------------------------------------------------- parser
 def _add_method_flags(p: argparse.ArgumentParser) -> None:
     seen: set[str] = set()
@@ -334,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_compress)
 
-    p = sub.add_parser("eval", help="evaluate a model (perplexity; fidelity to its original)")
+    p = sub.add_parser("eval", help="evaluate a model (perplexity; fidelity to its original; "
+                                          "lm-eval tasks; speed)")
     p.add_argument("model", help="hub id, local folder, or 'reference'")
     p.add_argument("--ppl", default=None, help="wikitext2 | c4 | ptb | reference-heldout | FILE.txt")
     p.add_argument("--fidelity", default=None, metavar="ORIGINAL",
@@ -347,9 +448,53 @@ def build_parser() -> argparse.ArgumentParser:
                         "per passage (default 512)")
     p.add_argument("--batch-size", type=int, default=None, help="windows / passages per forward (default 1 / 8)")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--tasks", default=None, metavar="NAMES",
+                   help="lm-evaluation-harness tasks, comma-separated (e.g. arc_easy,arc_challenge,piqa,winogrande,"
+                        "hellaswag,boolq,openbookqa; hub tasks need network or the HF datasets cache)")
+    p.add_argument("--include-path", default=None, metavar="DIR", help="folder of local task YAML files (--tasks)")
+    p.add_argument("--limit", type=float, default=None,
+                   help="examples per task (--tasks): a count, or a fraction < 1")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per task (--tasks; default 0)")
+    p.add_argument("--speed", action="store_true",
+                   help="prefill and decode tokens/s, latency per token and peak memory")
+    p.add_argument("--baseline", default=None, metavar="MODEL",
+                   help="with --speed: the dense model, measured in the same run (alternating); ratios printed")
+    p.add_argument("--batch-sizes", default="1", help="with --speed: batch sizes, comma-separated (default 1)")
+    p.add_argument("--lengths", default="512", help="with --speed: prompt lengths, comma-separated (default 512)")
+    p.add_argument("--new-tokens", type=int, default=64, help="with --speed: decode steps (default 64)")
+    p.add_argument("--repeats", type=int, default=3, help="with --speed: measured runs, median kept (default 3)")
     p.add_argument("--device", default=None)
     common(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="compress with each method at each ratio and evaluate every result")
+    p.add_argument("model", nargs="?", default=None, help="hub id or local folder (default: the reference model)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated method specs, NAME or NAME:key=value:... (e.g. rom:allocation=uniform); "
+                        f"default: all ({','.join(METHODS)})")
+    p.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5", help="fractions of parameters to remove")
+    p.add_argument("--out", required=True, help="folder for results.json, results.md and the plots")
+    p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    p.add_argument("--ppl", default=None, help="perplexity text (default: reference-heldout / wikitext2)")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per window (default 2048; 256 for the reference)")
+    p.add_argument("--max-windows", type=int, default=None, help="perplexity on the first N windows only")
+    p.add_argument("--calib", default=None, help="calibration source (default: reference / wikitext2)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--degeneration-tokens", type=int, default=64,
+                   help="greedy tokens generated per prompt for the repeated-n-gram measure (0: skip)")
+    p.add_argument("--tasks", default=None, metavar="NAMES", help="lm-evaluation-harness tasks, comma-separated")
+    p.add_argument("--include-path", default=None, metavar="DIR", help="folder of local task YAML files")
+    p.add_argument("--limit", type=float, default=None, help="examples per task")
+    p.add_argument("--speed", action="store_true", help="measure speed-up vs the dense model (same run, alternating)")
+    p.add_argument("--speed-batch-size", type=int, default=1)
+    p.add_argument("--speed-prompt-len", type=int, default=256)
+    p.add_argument("--speed-new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3, help="speed runs per model, median kept")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    common(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("generate", help="continue a prompt (greedy, or sampled with --sample)")
     p.add_argument("model", help="hub id, local folder, or 'reference'")

@@ -1,0 +1,320 @@
+"""Benchmark a grid of methods x ratios on one model: perplexity, degeneration, tasks and speed.
+
+:func:`run_bench` loads the model once, evaluates the dense model once, samples the calibration
+windows once (every cell compresses from the same :class:`~rankdown.calib.CalibrationData`; the
+per-layer statistics cannot be shared, since each method's later layers see its own earlier
+ones), then for each cell compresses a fresh copy of the dense model with :func:`rankdown.compress`
+and evaluates it. A cell that raises is recorded with its error; the grid goes on. It writes
+``results.json`` (every figure, the settings and the library versions), ``results.md`` (tables:
+rows methods, columns ratios) and ``ppl_vs_ratio.png`` / ``speedup_vs_ratio.png`` into one folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rankdown.config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+REFERENCE = "reference"
+# greedy continuations of these prompts give the degeneration measure (fraction of repeated 4-grams)
+CODE_PROMPTS = ("def __init__(self", "import os\nimport sys\n\n", "class Parser:\n    \"\"\"",
+                "    for i in range(", "if __name__ == ")
+TEXT_PROMPTS = ("The history of the city begins", "In mathematics, a group is", "She opened the door and",
+                "The main advantage of this method is", "According to the report,")
+
+
+@dataclass
+class BenchSettings:
+    """Everything a grid run depends on; stored in results.json."""
+
+    model: str = REFERENCE
+    methods: list[str] = field(default_factory=list)  # NAME or NAME:key=value:key=value
+    ratios: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5])
+    ppl: str | None = None  # evaluation text (default reference-heldout / wikitext2)
+    seqlen: int | None = None  # default 256 for the reference, else 2048
+    max_windows: int | None = None  # perplexity on the first N windows only
+    calib: str | None = None  # default reference / wikitext2
+    nsamples: int = 128
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+    degeneration_tokens: int = 64  # 0 skips the degeneration measure
+    prompts: list[str] | None = None
+    tasks: list[str] | None = None
+    include_path: str | None = None
+    limit: float | None = None
+    speed: bool = False
+    speed_batch_size: int = 1
+    speed_prompt_len: int = 256
+    speed_new_tokens: int = 32
+    speed_repeats: int = 3
+
+    def resolve(self) -> "BenchSettings":
+        """A copy with the model-dependent defaults filled in."""
+        ref = self.model in (None, REFERENCE)
+        s = copy.deepcopy(self)
+        s.model = s.model or REFERENCE
+        s.ppl = s.ppl or ("reference-heldout" if ref else "wikitext2")
+        s.calib = s.calib or (REFERENCE if ref else "wikitext2")
+        s.seqlen = s.seqlen or (256 if ref else 2048)
+        s.prompts = list(s.prompts or (CODE_PROMPTS if ref else TEXT_PROMPTS))
+        if not s.methods:
+            from rankdown.methods import METHODS
+
+            s.methods = list(METHODS)
+        return s
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """``rom:allocation=uniform:center=false`` -> ``("rom", {"allocation": "uniform", "center": False})``."""
+    name, *pairs = spec.strip().split(":")
+    settings: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"method spec {spec!r}: {pair!r} is not key=value; write e.g. rom:allocation=uniform")
+        key, value = pair.split("=", 1)
+        try:
+            settings[key.strip().replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key.strip().replace("-", "_")] = value
+    return name, settings
+
+
+def _check(settings: BenchSettings) -> dict[tuple[str, float], Any]:
+    """Every cell's config, validated: unknown methods or settings fail before any work."""
+    from rankdown.methods import METHODS, make_config
+
+    if not settings.ratios:
+        raise ConfigError("no ratio given: pass --ratios, e.g. 0.1,0.2,0.3")
+    configs = {}
+    for spec in settings.methods:
+        name, extra = parse_method(spec)
+        if name not in METHODS:
+            raise ConfigError(f"unknown method {name!r} in --methods; choose from {', '.join(METHODS)}")
+        for ratio in settings.ratios:
+            cfg = make_config(name, **{"ratio": ratio, "seed": settings.seed, "device": settings.device, **extra})
+            cfg.validate()
+            configs[(spec, ratio)] = cfg
+    if settings.speed:
+        from rankdown.eval.speed import _check as check_speed
+
+        check_speed(settings.speed_batch_size, settings.speed_prompt_len, settings.speed_new_tokens,
+                    settings.speed_repeats)
+    return configs
+
+
+def degeneration(model: torch.nn.Module, tokenizer: Any, prompts: list[str], new_tokens: int) -> float:
+    """Mean fraction of repeated 4-grams in greedy continuations of ``prompts`` (0: none repeat)."""
+    from rankdown.eval.generate import generate_text
+
+    fractions = [generate_text(model, tokenizer, p, max_new_tokens=new_tokens).repetition for p in prompts]
+    return sum(fractions) / len(fractions)
+
+
+def _evaluate(model, tok, s: BenchSettings, manager: Any) -> dict[str, Any]:
+    """Perplexity, degeneration and tasks of one model (dense or compressed)."""
+    from rankdown.eval.perplexity import perplexity
+
+    res = perplexity(model, tok, s.ppl, seqlen=s.seqlen, max_windows=s.max_windows, device=s.device)
+    row: dict[str, Any] = {"ppl": res.ppl, "ppl_tokens": res.tokens, "eval_s": res.seconds}
+    if s.degeneration_tokens:
+        row["repetition"] = degeneration(model, tok, s.prompts, s.degeneration_tokens)
+    if s.tasks:
+        from rankdown.eval.tasks import evaluate_tasks
+
+        row["tasks"] = evaluate_tasks(model, tok, s.tasks, limit=s.limit, manager=manager)
+    return row
+
+
+def _speed(dense, model, s: BenchSettings) -> dict[str, Any]:
+    from rankdown.eval.speed import compare_speed
+
+    res = compare_speed({"dense": dense, "compressed": model}, batch_size=s.speed_batch_size,
+                        prompt_len=s.speed_prompt_len, new_tokens=s.speed_new_tokens, repeats=s.speed_repeats,
+                        device=s.device)
+    return {**res["ratios"]["compressed"], "compressed": res["models"]["compressed"], "dense": res["models"]["dense"]}
+
+
+def _versions(with_tasks: bool) -> dict[str, str]:
+    import importlib.metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("rankdown", "torch", "transformers") + (("lm_eval",) if with_tasks else ()):
+        try:
+            out[dist] = importlib.metadata.version(dist.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "unknown"
+    return out
+
+
+def run_bench(settings: BenchSettings, out: str | Path, *, overwrite: bool = False,
+              progress: bool = True) -> dict[str, Any]:
+    """Run the grid of ``settings`` and write its results into the folder ``out``; returns results.json's dict."""
+    from rankdown.allocate import count_params
+    from rankdown.calib import calibration_data
+    from rankdown.cli import load_model
+    from rankdown.methods import method_class
+
+    s = settings.resolve()
+    configs = _check(s)
+    out = Path(out)
+    if (out / "results.json").exists() and not overwrite:
+        raise FileExistsError(f"{out} already holds results.json: choose another --out or pass --overwrite")
+    manager = None
+    if s.tasks:
+        from rankdown.eval.tasks import task_manager
+
+        manager = task_manager(s.tasks, s.include_path)
+    dense, tok = load_model(s.model, s.dtype)
+    if tok is None:
+        raise FileNotFoundError(f"{s.model} has no tokenizer files; the benchmark needs one")
+    dense.to(s.device)
+    t0 = time.perf_counter()
+    needs_calib = any(method_class(c.method).needs_calibration for c in configs.values())
+    calib = calibration_data(tok, s.calib, nsamples=s.nsamples, seqlen=s.seqlen, seed=s.seed) if needs_calib else None
+    results: dict[str, Any] = {
+        "settings": asdict(s), "versions": _versions(bool(s.tasks)),
+        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, {s.device}",
+        "calibration": None if calib is None else {**calib.describe(), "seed": s.seed},
+        "dense": {"params": count_params(dense), **_evaluate(dense, tok, s, manager)}, "cells": [],
+    }
+    cells = list(configs.items())
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(cells), desc="bench", unit="cell")
+    try:
+        for (spec, ratio), cfg in cells:
+            if bar is not None:
+                bar.set_postfix_str(f"{spec} {ratio:g}")
+            results["cells"].append(_cell(dense, tok, spec, ratio, cfg, calib, s, manager, results["dense"]))
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    results["seconds"] = time.perf_counter() - t0
+    results["files"] = write_results(results, out)
+    return results
+
+
+def _cell(dense, tok, spec, ratio, cfg, calib, s: BenchSettings, manager, dense_row) -> dict[str, Any]:
+    import rankdown
+
+    cell: dict[str, Any] = {"method": spec, "ratio": ratio}
+    try:
+        model = copy.deepcopy(dense)
+        rep = rankdown.compress(model, tok, cfg, calib, nsamples=s.nsamples, seqlen=s.seqlen, progress=False)
+        cell.update(ratio_achieved=rep.ratio_achieved, params=rep.params_after, compress_s=rep.seconds)
+        cell.update(_evaluate(model, tok, s, manager))
+        cell["ppl_change"] = cell["ppl"] / dense_row["ppl"] - 1
+        if s.speed:
+            cell["speed"] = _speed(dense, model, s)
+    except Exception as e:  # one failing cell must not lose the rest of the grid
+        logger.warning("bench cell %s at %g failed: %s: %s", spec, ratio, type(e).__name__, e)
+        cell["error"] = f"{type(e).__name__}: {e}"
+    return cell
+
+
+# ----------------------------------------------------------------------------- report
+def _grid(results: dict[str, Any], value) -> list[str]:
+    """Markdown rows: one per method, one column per ratio, ``value(cell)`` in each cell."""
+    ratios = results["settings"]["ratios"]
+    lines = ["| method | " + " | ".join(f"{r:g}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
+    for spec in results["settings"]["methods"]:
+        by_ratio = {c["ratio"]: c for c in results["cells"] if c["method"] == spec}
+        cells = []
+        for r in ratios:
+            c = by_ratio.get(r)
+            cells.append("" if c is None else ("error" if "error" in c else value(c)))
+        lines.append(f"| {spec} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The tables of results.md: perplexity, degeneration, tasks, speed-up; then the errors."""
+    s, dense = results["settings"], results["dense"]
+    out = [f"# rankdown bench: {s['model']}", "",
+           f"Ratio = fraction of parameters removed. Perplexity on {s['ppl']} ({dense['ppl_tokens']:,} tokens, "
+           f"seqlen {s['seqlen']}); calibration {s['calib']}, {s['nsamples']} windows, seed {s['seed']}. "
+           f"Dense model: {dense['params']:,} parameters, perplexity {dense['ppl']:.3f}.", "",
+           "## Perplexity", "", *_grid(results, lambda c: f"{c['ppl']:.3f}")]
+    if "repetition" in dense:
+        out += ["", f"## Degeneration (repeated 4-grams in greedy continuations; dense {dense['repetition']:.3f})", "",
+                *_grid(results, lambda c: f"{c['repetition']:.3f}")]
+    for task in dense.get("tasks", {}):
+        metric = "acc_norm" if dense["tasks"][task].get("acc_norm") is not None else "acc"
+        out += ["", f"## {task} ({metric}; dense {dense['tasks'][task][metric]:.4f})", "",
+                *_grid(results, lambda c, t=task, m=metric: f"{c['tasks'][t][m]:.4f}")]
+    if s["speed"]:
+        out += ["", f"## Speed-up vs dense, decode / prefill (batch {s['speed_batch_size']}, prompt "
+                f"{s['speed_prompt_len']}, {s['speed_new_tokens']} new tokens; measured alternating)", "",
+                *_grid(results, lambda c: f"{c['speed']['decode_speedup']:.2f}x / {c['speed']['prefill_speedup']:.2f}x")]
+    errors = [c for c in results["cells"] if "error" in c]
+    if errors:
+        out += ["", "## Errors", ""] + [f"- {c['method']} at {c['ratio']:g}: {c['error']}" for c in errors]
+    return "\n".join(out) + "\n"
+
+
+def _plots(results: dict[str, Any], out: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no plots (pip install 'rankdown[eval]')")
+        return []
+    s, files = results["settings"], []
+    series = {spec: [c for c in results["cells"] if c["method"] == spec and "error" not in c] for spec in s["methods"]}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for spec, cells in series.items():
+        ax.plot([c["ratio"] for c in cells], [c["ppl"] for c in cells], marker="o", label=spec)
+    ax.axhline(results["dense"]["ppl"], color="grey", linestyle="--", label="dense")
+    ax.set(xlabel="ratio (fraction of parameters removed)", ylabel=f"perplexity ({s['ppl']})", title=s["model"])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "ppl_vs_ratio.png", dpi=100)
+    plt.close(fig)
+    files.append("ppl_vs_ratio.png")
+    if s["speed"]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i, (spec, cells) in enumerate(series.items()):
+            color = f"C{i}"
+            ratios = [c["ratio"] for c in cells]
+            ax.plot(ratios, [c["speed"]["decode_speedup"] for c in cells], marker="o", color=color,
+                    label=f"{spec} decode")
+            ax.plot(ratios, [c["speed"]["prefill_speedup"] for c in cells], marker="s", linestyle=":", color=color,
+                    label=f"{spec} prefill")
+        ax.axhline(1.0, color="grey", linestyle="--")
+        ax.set(xlabel="ratio (fraction of parameters removed)", ylabel="speed-up vs dense", title=s["model"])
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        fig.savefig(out / "speedup_vs_ratio.png", dpi=100)
+        plt.close(fig)
+        files.append("speedup_vs_ratio.png")
+    return files
+
+
+def write_results(results: dict[str, Any], out: str | Path) -> list[str]:
+    """Write results.json, results.md and the plots into ``out``; returns the file names."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(markdown(results))
+    files = ["results.json", "results.md", *_plots(results, out)]
+    clean = json.loads(json.dumps({**results, "files": files}, default=str),
+                       parse_constant=lambda c: None)  # NaN/inf -> null: strict JSON
+    (out / "results.json").write_text(json.dumps(clean, indent=1))
+    return files

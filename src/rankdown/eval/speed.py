@@ -1,0 +1,269 @@
+"""Inference speed and memory of a causal LM: prefill and decode throughput, per-token latency.
+
+One measurement feeds a batch of ``batch_size`` synthetic prompts of ``prompt_len`` token ids
+(seeded, drawn uniformly from the vocabulary) through the model once (the *prefill*, which fills
+the model's own KV cache), then runs ``new_tokens`` greedy *decode* steps, each feeding the argmax
+token of every row and the cache back in (no early stop: the count is fixed). Reported are
+
+* ``prefill_tok_s``: ``batch_size * prompt_len / prefill seconds``;
+* ``decode_tok_s``: ``batch_size * new_tokens / decode seconds``;
+* ``latency_ms_per_token``: decode milliseconds per step (one new token for each row);
+* ``peak_mem_bytes``: on CPU the largest resident set size (RSS) of the whole process sampled
+  every few milliseconds during the measured runs (so it includes everything else the process
+  holds, e.g. other models); on CUDA ``torch.cuda.max_memory_allocated`` since a reset before
+  the measured runs (again device-wide). ``peak_extra_bytes`` is that peak minus the level just
+  before the measured runs (activations and cache; on CPU the allocator often reuses memory freed
+  by the warm-up, so it can be near 0), ``model_bytes`` the model's parameters and buffers.
+
+Every run is repeated ``repeats`` times after one warm-up run; times are medians. Figures
+depend on the machine and its load: compare models measured in the same run
+(:func:`compare_speed` alternates them), not figures from different runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import threading
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from rankdown.arch import UnsupportedModelError
+from rankdown.config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+FIGURES = ("prefill_tok_s", "decode_tok_s", "latency_ms_per_token", "peak_mem_bytes")
+
+
+# ----------------------------------------------------------------------------- memory
+def _current_rss() -> int:
+    """Resident set size of this process in bytes (psutil, else /proc/self/statm, else ru_maxrss)."""
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except ImportError:  # pragma: no cover - psutil comes with accelerate
+        pass
+    try:  # pragma: no cover
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # pragma: no cover - not Linux: the lifetime peak is the best there is
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class _PeakMemory:
+    """Context manager: the peak memory during its body (``.peak``) and the level at entry (``.start``)."""
+
+    def __init__(self, device: torch.device, interval_s: float = 0.002) -> None:
+        self.device, self.interval_s = device, interval_s
+        self.start = self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "_PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = self.peak = int(torch.cuda.memory_allocated(self.device))
+            return self
+        self.start = self.peak = _current_rss()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, _current_rss())
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = max(self.peak, int(torch.cuda.max_memory_allocated(self.device)))
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak = max(self.peak, _current_rss())
+
+
+# ----------------------------------------------------------------------------- one run
+def _check(batch_size: int, prompt_len: int, new_tokens: int, repeats: int) -> None:
+    for name, value in (("batch_size", batch_size), ("prompt_len", prompt_len), ("new_tokens", new_tokens),
+                        ("repeats", repeats)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
+
+
+def _vocab_size(model: nn.Module) -> int:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and hasattr(emb, "num_embeddings"):
+        return int(emb.num_embeddings)
+    return int(model.config.vocab_size)
+
+
+def _model_bytes(model: nn.Module) -> int:
+    tensors = list(model.parameters()) + list(model.buffers())
+    seen: set[int] = set()
+    total = 0
+    for t in tensors:  # tied weights count once
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _run_once(model: nn.Module, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, float, torch.Tensor]:
+    """(prefill seconds, decode seconds, tokens) of one prompt batch ``input_ids`` (b, L) and
+    ``new_tokens`` greedy steps with the model's own KV cache; tokens: (b, new_tokens + 1), the
+    prefill's argmax and every decode step's."""
+    device = input_ids.device
+    b, length = input_ids.shape
+    mask = torch.ones((b, length + new_tokens), dtype=torch.long, device=device)
+    _sync(device)
+    t0 = time.perf_counter()
+    out = model(input_ids=input_ids, attention_mask=mask[:, :length], use_cache=True)
+    cache = getattr(out, "past_key_values", None)
+    if cache is None or getattr(out, "logits", None) is None:
+        raise UnsupportedModelError(f"{type(model).__name__} returned no logits or no KV cache: speed is "
+                                    "measured on causal LMs that decode with a cache")
+    token = out.logits[:, -1, :].argmax(-1, keepdim=True)  # (b, 1)
+    tokens = [token]
+    _sync(device)
+    t1 = time.perf_counter()
+    for step in range(new_tokens):
+        out = model(input_ids=token, attention_mask=mask[:, : length + step + 1], past_key_values=cache,
+                    use_cache=True)
+        cache = out.past_key_values
+        token = out.logits[:, -1, :].argmax(-1, keepdim=True)
+        tokens.append(token)
+    _sync(device)
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, torch.cat(tokens, dim=1)
+
+
+# ----------------------------------------------------------------------------- public
+def compare_speed(
+    models: dict[str, nn.Module],
+    *,
+    batch_size: int = 1,
+    prompt_len: int = 512,
+    new_tokens: int = 64,
+    repeats: int = 3,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Measure several models in one run, alternating them in every repeat (so drifts of the
+    machine's speed hit each alike). The first model is the baseline.
+
+    Returns ``{"settings": {...}, "models": {name: figures}, "ratios": {name: ratios}}``: figures
+    as in :func:`speed`; ratios of each model against the first: ``prefill_speedup`` and
+    ``decode_speedup`` (tok/s ÷ baseline tok/s), ``latency_ratio`` (ms ÷ baseline ms),
+    ``model_bytes_ratio`` and ``peak_mem_ratio`` (process/device-wide peaks: with every model
+    loaded at once, compare ``model_bytes_ratio``). Each model is moved to ``device`` and left
+    there, in eval mode during the measurement and restored afterwards. All models must accept the
+    same token ids (same vocabulary size, or the smallest is used).
+    """
+    _check(batch_size, prompt_len, new_tokens, repeats)
+    if not models:
+        raise ConfigError("no model to measure: give at least one")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device} was asked for but CUDA is not available; use --device cpu")
+    vocab = min(_vocab_size(m) for m in models.values())
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab, (batch_size, prompt_len), generator=generator).to(device)
+    for name, model in models.items():
+        can_generate = getattr(model, "can_generate", None)
+        if not callable(can_generate) or not can_generate():
+            raise UnsupportedModelError(f"{name} ({type(model).__name__}) has no language-model head: speed is "
+                                        "measured on causal LMs that decode with a KV cache")
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if isinstance(limit, int) and prompt_len + new_tokens > limit:
+            logger.warning("%s: prompt_len + new_tokens = %d exceeds max_position_embeddings %d",
+                           name, prompt_len + new_tokens, limit)
+    modes = {name: m.training for name, m in models.items()}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
+    peaks: dict[str, list[tuple[int, int]]] = {name: [] for name in models}
+    try:
+        for m in models.values():
+            m.to(device).eval()
+        with torch.no_grad():
+            for name, m in models.items():  # warm-up: kernels, allocator, caches
+                _run_once(m, input_ids, new_tokens)
+            for _ in range(repeats):
+                for name, m in models.items():
+                    with _PeakMemory(device) as mem:
+                        times[name].append(_run_once(m, input_ids, new_tokens)[:2])
+                    peaks[name].append((mem.peak, mem.peak - mem.start))
+    finally:
+        for name, m in models.items():
+            m.train(modes[name])
+    figures: dict[str, dict[str, Any]] = {}
+    for name, m in models.items():
+        prefill = statistics.median(t[0] for t in times[name])
+        decode = statistics.median(t[1] for t in times[name])
+        figures[name] = {
+            "prefill_tok_s": batch_size * prompt_len / prefill,
+            "decode_tok_s": batch_size * new_tokens / decode,
+            "latency_ms_per_token": 1000.0 * decode / new_tokens,
+            "prefill_ms": 1000.0 * prefill,
+            "decode_ms": 1000.0 * decode,
+            "peak_mem_bytes": max(p[0] for p in peaks[name]),
+            "peak_extra_bytes": max(p[1] for p in peaks[name]),
+            "peak_mem_kind": "cuda_max_allocated" if device.type == "cuda" else "process_rss",
+            "model_bytes": _model_bytes(m),
+        }
+    base = figures[next(iter(models))]
+    ratios = {
+        name: {
+            "prefill_speedup": f["prefill_tok_s"] / base["prefill_tok_s"],
+            "decode_speedup": f["decode_tok_s"] / base["decode_tok_s"],
+            "latency_ratio": f["latency_ms_per_token"] / base["latency_ms_per_token"],
+            "model_bytes_ratio": f["model_bytes"] / base["model_bytes"],
+            "peak_mem_ratio": f["peak_mem_bytes"] / base["peak_mem_bytes"],
+        }
+        for name, f in figures.items()
+    }
+    settings = {"batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
+                "device": str(device), "seed": seed, "threads": torch.get_num_threads()}
+    for name, f in figures.items():
+        logger.info("speed %s (b=%d, L=%d, +%d): prefill %.0f tok/s, decode %.0f tok/s, %.2f ms/token",
+                    name, batch_size, prompt_len, new_tokens, f["prefill_tok_s"], f["decode_tok_s"],
+                    f["latency_ms_per_token"])
+    return {"settings": settings, "models": figures, "ratios": ratios}
+
+
+def speed(
+    model: nn.Module,
+    *,
+    batch_size: int = 1,
+    prompt_len: int = 512,
+    new_tokens: int = 64,
+    repeats: int = 3,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Speed and memory of one causal LM (see the module docstring for what each figure means).
+
+    Returns a dict with ``prefill_tok_s``, ``decode_tok_s``, ``latency_ms_per_token``,
+    ``peak_mem_bytes`` (plus ``prefill_ms``, ``decode_ms``, ``peak_extra_bytes``,
+    ``peak_mem_kind``, ``model_bytes``) and the settings (``batch_size``, ``prompt_len``,
+    ``new_tokens``, ``repeats``, ``device``, ``seed``, ``threads``). The model is moved to
+    ``device`` and left there.
+    """
+    res = compare_speed({"model": model}, batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens,
+                        repeats=repeats, device=device, seed=seed)
+    return {**res["models"]["model"], **res["settings"]}

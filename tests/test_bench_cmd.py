@@ -1,0 +1,102 @@
+"""`rankdown bench`: a small grid on the reference model, its files, a failing cell, user errors."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from test_cli import ENV, last_json
+
+from rankdown.benchmark import BenchSettings, parse_method, run_bench
+from rankdown.config import ConfigError
+
+
+def rankdown(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess on one thread (as conftest runs the tests): two threads on a busy
+    machine can make the small models here many times slower."""
+    proc = subprocess.run([sys.executable, "-m", "rankdown.cli", *args], capture_output=True, text=True,
+                          env={**ENV, "OMP_NUM_THREADS": "1"}, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"rankdown {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+FAILING = "rom:allocation=last-k:last_k=1"  # one layer cannot give up 40% of the whole model
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "grid"
+    proc = rankdown("bench", "--methods", f"svd,{FAILING}", "--ratios", "0.1,0.4", "--nsamples", "4", "--seqlen", "128",
+                    "--max-windows", "4", "--degeneration-tokens", "12", "--speed", "--speed-prompt-len", "16",
+                    "--speed-new-tokens", "4", "--repeats", "1", "--out", str(out), "--json")
+    return out, last_json(proc), proc.stdout
+
+
+def test_bench_files_and_rows(grid):
+    out, res, stdout = grid
+    assert sorted(p.name for p in out.iterdir()) == ["ppl_vs_ratio.png", "results.json", "results.md",
+                                                     "speedup_vs_ratio.png"]
+    for png in ("ppl_vs_ratio.png", "speedup_vs_ratio.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["settings"]["methods"] == ["svd", FAILING] and saved["settings"]["ratios"] == [0.1, 0.4]
+    assert {"torch", "transformers", "rankdown"} <= set(saved["versions"])
+    assert [(c["method"], c["ratio"]) for c in saved["cells"]] == [
+        ("svd", 0.1), ("svd", 0.4), (FAILING, 0.1), (FAILING, 0.4)]
+    assert saved["calibration"]["nsamples"] == 4 and saved["dense"]["ppl_tokens"] == 4 * 127
+    svd = {c["ratio"]: c for c in saved["cells"] if c["method"] == "svd"}
+    for r, c in svd.items():
+        assert "error" not in c and abs(c["ratio_achieved"] - r) < 0.01
+        assert c["ppl"] > saved["dense"]["ppl"] and c["ppl_change"] == pytest.approx(c["ppl"] / saved["dense"]["ppl"] - 1)
+        assert 0.0 <= c["repetition"] <= 1.0
+        sp = c["speed"]
+        assert all(math.isfinite(sp[k]) and sp[k] > 0 for k in ("prefill_speedup", "decode_speedup", "latency_ratio"))
+        assert sp["decode_speedup"] == pytest.approx(sp["compressed"]["decode_tok_s"] / sp["dense"]["decode_tok_s"])
+        assert sp["model_bytes_ratio"] == pytest.approx(c["params"] / saved["dense"]["params"], rel=1e-3)
+    assert svd[0.4]["ppl"] > svd[0.1]["ppl"]  # removing more costs more
+    md = (out / "results.md").read_text()
+    assert md in stdout
+    ppl_table = md.split("## Perplexity")[1].split("##")[0]
+    assert "| method | 0.1 | 0.4 |" in ppl_table
+    assert f"| svd | {svd[0.1]['ppl']:.3f} | {svd[0.4]['ppl']:.3f} |" in ppl_table
+    assert res["dense"]["ppl"] == pytest.approx(saved["dense"]["ppl"])
+
+
+def test_failing_cell_is_recorded(grid):
+    out, _, _ = grid
+    saved = json.loads((out / "results.json").read_text())
+    failed = next(c for c in saved["cells"] if c["method"] == FAILING and c["ratio"] == 0.4)
+    assert "ConfigError" in failed["error"] and "last 1 layers" in failed["error"] and "ppl" not in failed
+    md = (out / "results.md").read_text()
+    row = next(line for line in md.split("## Perplexity")[1].splitlines() if line.startswith(f"| {FAILING} |"))
+    assert row.rstrip().endswith("| error |")
+    assert f"- {FAILING} at 0.4: ConfigError" in md
+
+
+def test_parse_method():
+    assert parse_method("rom:allocation=uniform:center=false:last_k=2") == (
+        "rom", {"allocation": "uniform", "center": False, "last_k": 2})
+    assert parse_method("svd") == ("svd", {})
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_method("rom:uniform")
+
+
+def test_user_errors_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match="unknown method 'nosuch'.*svd"):
+        run_bench(BenchSettings(methods=["svd", "nosuch"], ratios=[0.2]), tmp_path / "a")
+    with pytest.raises(ConfigError, match="unknown rom setting"):
+        run_bench(BenchSettings(methods=["rom:colour=red"], ratios=[0.2]), tmp_path / "b")
+    with pytest.raises(ConfigError, match="ratio 1.5 is out of range"):
+        run_bench(BenchSettings(methods=["svd"], ratios=[1.5]), tmp_path / "c")
+    assert not any(tmp_path.iterdir())  # nothing written
+    proc = rankdown("bench", "--methods", "svd,nosuch", "--out", str(tmp_path / "d"), check=False)
+    assert proc.returncode == 2 and "unknown method 'nosuch'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_default_methods_are_the_registry():
+    from rankdown.methods import METHODS
+
+    assert BenchSettings().resolve().methods == list(METHODS)
