@@ -21,7 +21,7 @@ test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) bench/baselines.py
+	$(VENV)/bin/rankdown bench --ratios 0.1,0.2,0.3,0.4,0.5 --speed --out bench/results/reference --overwrite
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
