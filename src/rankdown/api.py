@@ -133,7 +133,8 @@ def compress(
 
     def load_calibration() -> Any:
         if not loaded:
-            loaded.append(_calibration(tokenizer, calibration, nsamples, seqlen, config.seed))
+            loaded.append(_calibration(tokenizer, calibration, nsamples, seqlen, config.seed,
+                                       getattr(config, "calib_tokens", None)))  # Lillama's token budget
         return loaded[0]
 
     with MemoryBudget(parse_bytes(config.max_memory)) as budget:
@@ -179,7 +180,7 @@ def _check_enough_tokens(data: Any, ranks: dict[str, Any]) -> None:
             "cannot determine that many directions; give more calibration (--nsamples, --seqlen) or a higher --ratio")
 
 
-def _calibration(tokenizer: Any, calibration: Any, nsamples: int, seqlen: int, seed: int):
+def _calibration(tokenizer: Any, calibration: Any, nsamples: int, seqlen: int, seed: int, tokens: int | None = None):
     if calibration is None:
         raise ConfigError("this method needs calibration data: pass calibration='wikitext2' or a .txt/.jsonl path")
     from rankdown.calib import CalibrationData, calibration_data
@@ -190,4 +191,4 @@ def _calibration(tokenizer: Any, calibration: Any, nsamples: int, seqlen: int, s
         return calibration
     if tokenizer is None:
         raise ConfigError("a tokenizer is needed to turn the calibration text into tokens")
-    return calibration_data(tokenizer, str(calibration), nsamples=nsamples, seqlen=seqlen, seed=seed)
+    return calibration_data(tokenizer, str(calibration), nsamples=nsamples, seqlen=seqlen, seed=seed, tokens=tokens)

@@ -134,3 +134,49 @@ class ROMConfig(MethodConfig):
                 raise ConfigError(f"last_k is only used by --allocation last-k, not {self.allocation!r}")
             if self.last_k < 1:
                 raise ConfigError(f"last_k must be >= 1, got {self.last_k}")
+
+
+LILLAMA_STRATEGIES = ("bottom", "top", "uniform")
+LILLAMA_INITS = ("svd", "rom")
+LILLAMA_LOSSES = ("teacher+student", "teacher", "student")
+
+
+@dataclass
+class LillamaConfig(MethodConfig):
+    """Lillama (Sy, Cerisara, Illina 2025): SVD-initialised low-rank factors trained so each decoder
+    layer's output matches the original's, gradients kept local to the layer."""
+
+    method: ClassVar[str] = "lillama"
+    strategy: str = _f(
+        "bottom",
+        "rank allocation: bottom (the paper's: matrices set to --min-rank from the first layer until the budget "
+        "is met, later layers dense), top (the same from the last layer), uniform (one kept fraction everywhere)",
+    )
+    min_rank: int | None = _f(None, "bottom/top: the rank a compressed matrix gets (default hidden_size/4)")
+    init: str = _f("svd", "initial factors: svd (the paper's plain weight SVD) or rom (ROM's activation-aware, "
+                   "uncentered factors)")
+    loss: str = _f("teacher+student", "which inputs the layer is trained on: teacher (the dense model's), student "
+                   "(the compressed layers' before it) or teacher+student (both losses summed)")
+    lr: float = _f(1e-3, "AdamW learning rate of the factors (the paper's 8.6e-5 is for bf16 billion-parameter models)")
+    epochs: int = _f(1, "passes over the calibration tokens per layer; the best of the initial and every "
+                     "epoch's factors is kept")
+    calib_tokens: int | None = _f(None, "calibration token budget: ceil(N/seqlen) windows of a text, or chat/JSONL "
+                                  "records until N real tokens (default: --nsamples windows)")
+
+    def validate(self) -> None:
+        super().validate()
+        for name, value, allowed in (("strategy", self.strategy, LILLAMA_STRATEGIES),
+                                     ("init", self.init, LILLAMA_INITS), ("loss", self.loss, LILLAMA_LOSSES)):
+            if value not in allowed:
+                raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(allowed)}")
+        if self.min_rank is not None:
+            if self.strategy == "uniform":
+                raise ConfigError("min_rank is used by --strategy bottom or top, not uniform")
+            if self.min_rank < 1:
+                raise ConfigError(f"min_rank must be >= 1, got {self.min_rank}")
+        if not self.lr > 0.0:
+            raise ConfigError(f"lr must be > 0, got {self.lr} (e.g. --lr 1e-3)")
+        if self.epochs < 0:
+            raise ConfigError(f"epochs must be >= 0 (0 keeps the initial factors), got {self.epochs}")
+        if self.calib_tokens is not None and self.calib_tokens < 1:
+            raise ConfigError(f"calib_tokens must be >= 1, got {self.calib_tokens}")

@@ -117,14 +117,23 @@ def pad_id(tokenizer: Any) -> int:
 
 
 def calibration_data(tokenizer: Any, source: str, nsamples: int = 128, seqlen: int = 2048,
-                     seed: int = 0) -> CalibrationData:
+                     seed: int = 0, tokens: int | None = None) -> CalibrationData:
     """``nsamples`` calibration samples of ``seqlen`` tokens from ``source``, reproducible by ``seed``.
 
     Text sources: windows at random offsets in ``[0, ntokens - seqlen]`` of the tokenized whole
     text (windows may overlap). Record sources: ``nsamples`` records drawn without replacement
     (all of them, with a warning, when there are fewer), truncated to ``seqlen`` and right-padded
     with :func:`pad_id`. Returns input_ids and attention_mask of shape (nsamples, seqlen).
+
+    ``tokens``: a token budget that replaces ``nsamples``: ``ceil(tokens / seqlen)`` windows of a
+    text; records drawn in the same seeded order until their real (truncated) tokens reach it.
     """
+    if tokens is not None:
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+            raise CalibrationError(f"tokens must be a whole number >= 1, got {tokens!r}; "
+                                   "pass e.g. --calib-tokens 1000000")
+        if not is_record_source(source):
+            nsamples = -(-tokens // seqlen)
     if isinstance(nsamples, bool) or not isinstance(nsamples, int) or nsamples < 1:
         raise CalibrationError(f"nsamples must be a whole number >= 1, got {nsamples!r}; "
                                "pass e.g. --nsamples 128")
@@ -133,7 +142,7 @@ def calibration_data(tokenizer: Any, source: str, nsamples: int = 128, seqlen: i
                                f"got {seqlen!r}; pass e.g. --seqlen 2048")
     generator = torch.Generator().manual_seed(seed)
     if is_record_source(source):
-        return _record_samples(tokenizer, source, nsamples, seqlen, seed, generator)
+        return _record_samples(tokenizer, source, nsamples, seqlen, seed, generator, tokens)
 
     ids = tokenize_text(tokenizer, source_text(tokenizer, source))
     ntokens = ids.numel()
@@ -150,20 +159,30 @@ def calibration_data(tokenizer: Any, source: str, nsamples: int = 128, seqlen: i
 
 
 def _record_samples(tokenizer: Any, source: str, nsamples: int, seqlen: int, seed: int,
-                    generator: torch.Generator) -> CalibrationData:
+                    generator: torch.Generator, tokens: int | None = None) -> CalibrationData:
     records = load_records(source)
-    if len(records) < nsamples:
-        logger.warning("calibration: %s has %d records, fewer than nsamples=%d; using all of them",
-                       source, len(records), nsamples)
-    chosen = torch.randperm(len(records), generator=generator)[:nsamples].tolist()
-    fill = pad_id(tokenizer)
-    input_ids = torch.full((len(chosen), seqlen), fill, dtype=torch.long)
-    attention_mask = torch.zeros((len(chosen), seqlen), dtype=torch.long)
-    for row, index in enumerate(chosen):
+    order = torch.randperm(len(records), generator=generator).tolist()
+    rows: list[tuple[int, list[int]]] = []
+    count = 0
+    for index in order:
+        if (count >= tokens) if tokens is not None else (len(rows) >= nsamples):
+            break
         ids = record_ids(tokenizer, records[index])[:seqlen]
         if not ids:
             raise CalibrationError(f"record {index + 1} of {source} tokenizes to no tokens; "
                                    "remove it or give it some text")
+        rows.append((index, ids))
+        count += len(ids)
+    if tokens is not None and count < tokens:
+        logger.warning("calibration: %s holds %d tokens (seqlen %d), fewer than the budget of %d; using all of it",
+                       source, count, seqlen, tokens)
+    elif tokens is None and len(records) < nsamples:
+        logger.warning("calibration: %s has %d records, fewer than nsamples=%d; using all of them",
+                       source, len(records), nsamples)
+    fill = pad_id(tokenizer)
+    input_ids = torch.full((len(rows), seqlen), fill, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), seqlen), dtype=torch.long)
+    for row, (_, ids) in enumerate(rows):
         input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, : len(ids)] = 1
     data = CalibrationData(input_ids, attention_mask, source, seed)

@@ -1,0 +1,276 @@
+"""Lillama: low-rank feature distillation (Sy, Cerisara, Illina 2025). METHODS.md §4.
+
+Weights are not low-rank but activations are: each linear starts as a low-rank factorisation (the
+weight's SVD, or ROM's activation-aware factors) and the factors of one decoder layer are then
+trained so that the layer's output matches the dense layer's output ``y`` on the calibration
+tokens. Gradients never leave the layer: its inputs are cached activations.
+
+Two inputs per layer (the engine only knows the second):
+- teacher input: the dense model's hidden states entering the layer. The method carries them from
+  layer to layer: the dense layer's outputs on them are computed before the layer is replaced, kept
+  in a :class:`~rankdown.spill.TensorStore` (RAM within ``--max-memory``, disk beyond), used as the
+  distillation target ``y`` and handed to the next layer as its teacher input. Only one layer's
+  dense weights ever exist beside the student's, and only while ``y`` is computed.
+- student input: the outputs of the compressed layers before it (``ctx.inputs.hidden``).
+The loss per token is ``mean_d |a − y| − log σ(cos(a, y))``, padding left out; ``teacher+student``
+sums the losses of both paths.
+
+**(choice)** Best checkpoint: the loss over all calibration batches is measured with the initial
+factors and after every epoch, and the factors with the lowest one are kept, so distillation never
+leaves a layer worse than its initialisation on the calibration data.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from rankdown.allocate import Target, uniform_ranks
+from rankdown.config import ConfigError, LillamaConfig, ROMConfig
+from rankdown.methods.base import Method, install_factors
+from rankdown.methods.linalg import svd_factors
+from rankdown.methods.rom import ROM
+from rankdown.nn.portable import LowRankLinear
+from rankdown.spill import TensorStore
+
+if TYPE_CHECKING:
+    from rankdown.engine import LayerContext, PlanContext
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- math
+def token_loss(a: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over real tokens of ``mean_d |a − y| − log σ(cos(a, y))``.
+
+    a, y: (b, L, d); mask: (b, L) bool of real tokens, or None when all are real -> scalar.
+    """
+    per = (a - y).abs().mean(-1) - F.logsigmoid(F.cosine_similarity(a, y, dim=-1))
+    if mask is None:
+        return per.mean()
+    m = mask.to(per.dtype)
+    return (per * m).sum() / m.sum().clamp_min(1.0)
+
+
+def edge_ranks(
+    targets: list[Target], total_params: int, ratio: float, min_rank: int, step: int, from_top: bool = False
+) -> dict[str, int]:
+    """Lillama's bottom/top allocation: walk the targets from the first layer (or the last), setting
+    each to ``min_rank`` until ``ratio`` of ``total_params`` is removed; the matrix that would pass
+    the budget takes the rank in ``min_rank + k·step`` (or stays dense) that lands nearest to it.
+    Targets whose ``min_rank`` would not save parameters stay dense. Raises a :class:`ConfigError`
+    when the ratio cannot be met to ±0.01.
+    """
+    need = ratio * total_params
+    layers = sorted({t.layer for t in targets}, reverse=from_top)
+    order = [t for layer in layers for t in targets if t.layer == layer]  # group order inside a layer
+    ranks: dict[str, int] = {}
+    removed = 0
+    for t in order:
+        if removed >= need:
+            break
+        if min_rank > t.cap():
+            continue
+        save = t.dense - t.cost(min_rank)
+        if removed + save <= need:
+            ranks[t.path] = min_rank
+            removed += save
+            continue
+        options = [(need - removed, None)] + [
+            (abs(need - removed - (t.dense - t.cost(r))), r) for r in range(min_rank, t.cap() + 1, step)]
+        _, r = min(options, key=lambda o: o[0])
+        if r is not None:
+            ranks[t.path] = r
+            removed += t.dense - t.cost(r)
+        break
+    achieved = removed / total_params
+    if abs(achieved - ratio) > 0.01:
+        most = sum(t.dense - t.cost(min_rank) for t in targets if min_rank <= t.cap()) / total_params
+        raise ConfigError(
+            f"ratio {ratio} cannot be met with every matrix at min_rank {min_rank} (that removes at most "
+            f"{most:.3f}); lower --min-rank, use --strategy uniform, or a ratio up to {int(most * 100) / 100}")
+    return ranks
+
+
+# ----------------------------------------------------------------------------- method
+class Lillama(Method):
+    """Lillama (METHODS.md §4): ``strategy`` bottom (default), top or uniform; ``init`` svd or rom."""
+
+    resumable = False  # the teacher's activations carry over from layer to layer
+
+    config_class = LillamaConfig
+    config: LillamaConfig
+
+    def __init__(self, config: LillamaConfig) -> None:
+        super().__init__(config)
+        self._progress = True
+        self._last_layer: int | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._teacher: TensorStore | None = None  # dense outputs of layer _teacher_of = next teacher input
+        self._teacher_of: int | None = None
+        self._curves: dict[str, dict[str, Any]] = {}
+
+    # ------------------------------------------------------------------ allocation
+    def plan(
+        self, targets: list[Target], total_params: int, ratio: float, multiple: int,
+        context: "PlanContext | None" = None,
+    ) -> dict[str, int]:
+        self._reset()
+        self._progress = True if context is None else context.progress
+        cfg = self.config
+        if cfg.strategy == "uniform":
+            ranks = uniform_ranks(targets, total_params, ratio, multiple)
+        else:
+            hidden = _hidden_size(context.model if context is not None else None, targets)
+            step = max(1, hidden // 16)
+            min_rank = cfg.min_rank or max(step, hidden // 4)
+            ranks = edge_ranks(targets, total_params, ratio, min_rank, step, from_top=cfg.strategy == "top")
+        chosen = [t.layer for t in targets if t.path in ranks]
+        self._last_layer = max(chosen) if chosen else None
+        log.info("lillama %s allocation: %d of %d matrices compressed, in layers %s", cfg.strategy, len(ranks),
+                 len(targets), sorted(set(chosen)))
+        return ranks
+
+    # ------------------------------------------------------------------ one layer
+    def compress_layer(self, ctx: "LayerContext", ranks: dict[str, int]) -> None:
+        t0 = time.perf_counter()
+        student = ctx.inputs.hidden
+        if self._teacher is not None and self._teacher_of == ctx.index - 1:
+            teacher_in = self._teacher
+        else:
+            if self._teacher is not None:  # a dense layer in between: its teacher outputs were never computed
+                log.warning("lillama: layer %d follows an uncompressed layer; its teacher input is the student's",
+                            ctx.index)
+                self._teacher.clear()
+            teacher_in = student
+        target = self._dense_outputs(ctx, teacher_in)  # before any module is replaced
+        self._init_factors(ctx, ranks)
+        self._curves[ctx.prefix] = self._distill(ctx, teacher_in, target)
+        self._curves[ctx.prefix]["seconds"] = time.perf_counter() - t0
+        if teacher_in is not student:
+            teacher_in.clear()
+        if self._last_layer is not None and ctx.index >= self._last_layer:
+            target.clear()  # no later layer is compressed: its teacher input is not needed
+            self._teacher, self._teacher_of = None, None
+        else:
+            self._teacher, self._teacher_of = target, ctx.index
+
+    @torch.no_grad()
+    def _dense_outputs(self, ctx: "LayerContext", hidden: Any) -> TensorStore:
+        out = TensorStore(ctx.budget)
+        for b in range(len(hidden)):
+            out.append(_call(ctx, hidden[b], b, None))
+        return out
+
+    def _init_factors(self, ctx: "LayerContext", ranks: dict[str, int]) -> None:
+        if self.config.init == "rom":  # uncentered: no bias is added, so the counts equal the svd init's
+            ROM(ROMConfig(ratio=self.config.ratio, center=False, allocation="uniform")).compress_layer(ctx, ranks)
+            return
+        for name, r in ranks.items():
+            W = ctx.module(name).weight.detach().to(ctx.device, torch.float64)
+            A, B = svd_factors(W, r)
+            install_factors(ctx, name, A, B)
+
+    def _distill(self, ctx: "LayerContext", teacher_in: Any, target: TensorStore) -> dict[str, Any]:
+        """Train the layer's low-rank factors on the calibration batches; returns the loss curves."""
+        cfg = self.config
+        layer = ctx.layer
+        factors = [p for m in layer.modules() if isinstance(m, LowRankLinear) for p in (m.A.weight, m.B.weight)]
+        dtype = next(layer.parameters()).dtype
+        grad_flags = {p: p.requires_grad for p in layer.parameters()}
+        same = teacher_in is ctx.inputs.hidden  # teacher and student paths see the same inputs
+        paths = {"teacher+student": ["teacher", "student"], "teacher": ["teacher"], "student": ["student"]}[cfg.loss]
+        feeds = [ctx.inputs.hidden if p == "student" else teacher_in for p in paths]
+        if same:
+            feeds = feeds[:1]
+        weight = len(paths) / len(feeds)  # one pass counts for both paths when they coincide
+
+        def loss_of(b: int) -> torch.Tensor:
+            y = target[b].to(ctx.device, torch.float32)
+            mask = ctx.inputs.masks[b]
+            mask = None if mask is None else mask.to(ctx.device)
+            return weight * sum(token_loss(_call(ctx, feed[b], b, torch.float32), y, mask) for feed in feeds)
+
+        @torch.no_grad()
+        def full_loss() -> float:
+            return sum(float(loss_of(b)) for b in range(len(target))) / max(1, len(target))
+
+        curve: dict[str, Any] = {"train": [], "eval": [], "best_epoch": 0, "lr": cfg.lr}
+        try:
+            layer.float()
+            for p in layer.parameters():
+                p.requires_grad_(False)
+            for p in factors:
+                p.requires_grad_(True)
+            best = full_loss()
+            curve["eval"].append(best)
+            best_state = [p.detach().clone() for p in factors]
+            if cfg.epochs and factors:
+                opt = torch.optim.AdamW(factors, lr=cfg.lr)
+                gen = torch.Generator().manual_seed(cfg.seed * 100_003 + ctx.index)
+                bar = tqdm(total=cfg.epochs * len(target), desc=f"lillama {ctx.prefix}", unit="batch",
+                           leave=False, disable=not self._progress)
+                with torch.enable_grad(), bar:
+                    for epoch in range(1, cfg.epochs + 1):
+                        for b in torch.randperm(len(target), generator=gen).tolist():
+                            loss = loss_of(b)
+                            opt.zero_grad(set_to_none=True)
+                            loss.backward()
+                            opt.step()
+                            curve["train"].append(loss.item())
+                            bar.update(1)
+                            bar.set_postfix(layer=ctx.index, epoch=epoch, loss=f"{curve['train'][-1]:.4f}")
+                        value = full_loss()
+                        curve["eval"].append(value)
+                        log.info("lillama %s epoch %d: loss %.5f (initial %.5f)", ctx.prefix, epoch, value,
+                                 curve["eval"][0])
+                        if value < best:
+                            best, curve["best_epoch"] = value, epoch
+                            best_state = [p.detach().clone() for p in factors]
+                with torch.no_grad():
+                    for p, s in zip(factors, best_state):
+                        p.copy_(s)
+        finally:
+            for p, flag in grad_flags.items():
+                p.requires_grad_(flag)
+                p.grad = None
+            layer.to(dtype)
+        return curve
+
+    def artifacts(self) -> dict[str, Any]:
+        return {"lillama_losses.json": self._curves} if self._curves else {}
+
+
+# ----------------------------------------------------------------------------- helpers
+def _cast(obj: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
+    """``obj`` with every tensor moved to ``device`` and every floating one cast to ``dtype``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, dtype) if dtype is not None and obj.is_floating_point() else obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_cast(o, device, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _cast(v, device, dtype) for k, v in obj.items()}
+    return obj
+
+
+def _call(ctx: "LayerContext", hidden: torch.Tensor, b: int, dtype: torch.dtype | None) -> torch.Tensor:
+    """The layer's output on ``hidden`` (b, L, d) with batch ``b``'s other arguments, in ``dtype``."""
+    out = ctx.layer(_cast(hidden, ctx.device, dtype), *_cast(ctx.inputs.args[b], ctx.device, dtype),
+                    **_cast(ctx.inputs.kwargs[b], ctx.device, dtype))
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _hidden_size(model: Any, targets: list[Target]) -> int:
+    cfg = getattr(model, "config", None)
+    size = int(getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model", None) or 0)
+    if size:
+        return size
+    return Counter(t.in_features for t in targets).most_common(1)[0][0]  # the residual width, most often
