@@ -49,26 +49,36 @@ def output_moments(W: torch.Tensor, stats: InputStats, space: str) -> tuple[torc
 
 
 def output_eig(
-    W: torch.Tensor, second: torch.Tensor, mean: torch.Tensor, space: str, center: bool, vectors: bool = True
+    W: torch.Tensor, second: torch.Tensor, mean: torch.Tensor, space: str, center: bool, vectors: bool | int = True
 ) -> tuple[torch.Tensor, torch.Tensor | None, Guard | None]:
     """Leading eigen-pairs of the outputs' covariance ``Σ = E[zzᵀ] − E[z]E[z]ᵀ`` (center) or ``E[zzᵀ]``.
 
     W: (out, in); second: (d, d), mean: (d,) as :func:`output_moments` returns them.
     Space "out": eigendecomposition of the (out, out) matrix. Space "in" (``out > in``): with
-    ``Σ_in = Q Λ Qᵀ``, ``Σ_out = W Σ_in Wᵀ = M Mᵀ`` for ``M = W Q Λ^½`` (out, in), whose SVD
-    ``U S`` gives the eigenvectors ``U`` and eigenvalues ``S²`` (the other ``out − in`` are 0).
-    Returns eigenvalues (k,) descending and non-negative, eigenvectors (out, k) (None unless
-    ``vectors``), and any clamping guard; k = out in space "out", in otherwise.
+    ``Σ_in = Q Λ Qᵀ`` and ``M = W Q Λ^½`` (out, in), ``Σ_out = M Mᵀ`` shares its non-zero
+    eigenvalues with the (in, in) matrix ``Mᵀ M = Λ^½ Qᵀ (WᵀW) Q Λ^½ = P S² Pᵀ``, and its leading
+    eigenvectors are ``M P / S`` (orthonormalised by a QR, which also completes them where S is 0):
+    nothing of size (out, in) beyond W itself is formed (the SVD of M would need several).
+    ``vectors``: False, True (all), or the number of leading eigenvectors wanted.
+    Returns eigenvalues (k,) descending and non-negative, eigenvectors (out, ≤k) or None, and any
+    clamping guard; k = out in space "out", in otherwise.
     """
     S = second - torch.outer(mean, mean) if center else second
     if space == "out":
-        return guarded_eigh(S, vectors)
+        evals, V, guard = guarded_eigh(S, bool(vectors))
+        if V is not None and vectors is not True:
+            V = V[:, : int(vectors)]
+        return evals, V, guard
     lam, Q, guard = guarded_eigh(S, vectors=True)
-    M = W @ (Q * lam.sqrt()[None, :])
+    R = Q * lam.sqrt()[None, :]  # (in, in): M = W R
+    G = R.T @ (W.T @ W) @ R
+    s2, P, g2 = guarded_eigh((G + G.T) / 2, vectors=bool(vectors))
+    guard = guard or g2
     if not vectors:
-        return torch.linalg.svdvals(M).square(), None, guard
-    U, s, _ = torch.linalg.svd(M, full_matrices=False)
-    return s.square(), U, guard
+        return s2, None, guard
+    k = s2.numel() if vectors is True else min(int(vectors), s2.numel())
+    U, _ = torch.linalg.qr(W @ (R @ P[:, :k]))
+    return s2, U, guard
 
 
 def rom_factors(
@@ -118,7 +128,7 @@ class ROM(Method):
         return found
 
     def _eig(
-        self, ctx: "LayerContext", name: str, stats: InputStats, space: str, vectors: bool
+        self, ctx: "LayerContext", name: str, stats: InputStats, space: str, vectors: bool | int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, Guard | None]:
         """W (out, in), eigenvalues, eigenvectors, output mean μ = E[W x] (out,), guard."""
         W = ctx.module(name).weight.detach().to(ctx.device, torch.float64)
@@ -135,7 +145,7 @@ class ROM(Method):
             moments = self._moments(ctx, names)
             for name in names:
                 linear = ctx.module(name)
-                W, _, V, mu, guard = self._eig(ctx, name, *moments.pop(name), vectors=True)
+                W, _, V, mu, guard = self._eig(ctx, name, *moments.pop(name), vectors=ranks[name])
                 b = None if linear.bias is None else linear.bias.detach().to(ctx.device, torch.float64)
                 A, B, bias = rom_factors(W, b, V[:, : ranks[name]], mu, self.config.center)
                 install_factors(ctx, name, A, B, bias, guard)
