@@ -5,11 +5,16 @@ import torch
 
 from rankdown.allocate import count_params
 from rankdown.api import compress
+from rankdown.arch import UnsupportedModelError
 from rankdown.methods import METHODS, make_config
 from rankdown.nn import LowRankLinear
 from tiny import FAMILIES, outputs, tiny_ids, tiny_model
 
 IDS = tiny_ids(8, 32)
+
+
+# modegpt rebuilds attention and MLP with smaller dimensions (no LowRankLinear); families it refuses
+MODEGPT_UNSUPPORTED = {"phi3", "gemma2", "mixtral", "bert"}
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -18,6 +23,10 @@ def test_every_method_on_every_family(family, method):
     model = tiny_model(family)
     before = outputs(model, IDS)
     n_before = count_params(model)
+    if method == "modegpt" and family in MODEGPT_UNSUPPORTED:
+        with pytest.raises(UnsupportedModelError, match="modegpt does not support"):
+            compress(model, None, make_config(method, ratio=0.25, batch_size=4), IDS, progress=False)
+        return
     report = compress(model, None, make_config(method, ratio=0.25, batch_size=4), IDS, progress=False)
     after = outputs(model, IDS)
     assert report.params_before == n_before
@@ -27,6 +36,9 @@ def test_every_method_on_every_family(family, method):
     rel = ((after - before).pow(2).mean() / before.pow(2).mean()).item()
     assert rel < 1.0, f"relative output error {rel:.3f}"
     replaced = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    if method == "modegpt":  # smaller dense modules instead (tests/test_modegpt.py)
+        assert report.modules and not replaced
+        return
     assert len(replaced) == len(report.modules) > 0
     for path, rec in report.modules.items():
         mod = model.get_submodule(path)

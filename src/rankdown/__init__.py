@@ -18,7 +18,7 @@ except PackageNotFoundError:  # running from a source tree
 
 from rankdown.api import CompressionReport, compress
 from rankdown.config import (
-    ASVDConfig, ConfigError, LillamaConfig, MethodConfig, ROMConfig, SVDConfig, SVDLLMConfig,
+    ASVDConfig, ConfigError, LillamaConfig, MethodConfig, ModeGPTConfig, ROMConfig, SVDConfig, SVDLLMConfig,
 )
 from rankdown.methods import make_config, method_names
 from rankdown.reference import load_reference
@@ -48,6 +48,6 @@ def load_tokenizer(path):
 
 
 __all__ = [
-    "ASVDConfig", "CompressionReport", "ConfigError", "LillamaConfig", "MethodConfig", "ROMConfig", "SVDConfig", "SVDLLMConfig",
+    "ASVDConfig", "CompressionReport", "ConfigError", "LillamaConfig", "MethodConfig", "ModeGPTConfig", "ROMConfig", "SVDConfig", "SVDLLMConfig",
     "compress", "load", "load_reference", "load_tokenizer", "make_config", "method_names", "save", "__version__",
 ]

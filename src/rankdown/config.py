@@ -180,3 +180,34 @@ class LillamaConfig(MethodConfig):
             raise ConfigError(f"epochs must be >= 0 (0 keeps the initial factors), got {self.epochs}")
         if self.calib_tokens is not None and self.calib_tokens < 1:
             raise ConfigError(f"calib_tokens must be >= 1, got {self.calib_tokens}")
+
+
+MODEGPT_ALLOCATIONS = ("block-influence", "uniform")
+
+
+@dataclass
+class ModeGPTConfig(MethodConfig):
+    """MoDeGPT (Lin et al. 2025): matrix pairs share a smaller inner dimension (MLP width, q/k and v head sizes)."""
+
+    method: ClassVar[str] = "modegpt"
+    allocation: str = _f(
+        "block-influence",
+        "layer sparsity: block-influence (layers that change their input less lose more; one extra statistics "
+        "pass over the dense model) or uniform (every layer loses the same fraction)",
+    )
+    epsilon: float = _f(0.1, "block-influence temperature ε of softmax(-s/ε): smaller concentrates sparsity more")
+    cap: float = _f(0.9, "largest fraction of a module's inner dimension one layer may lose, in (0, 1)")
+    ridge: float = _f(1e-2, "Nyström ridge λ of the MLP, as a fraction of the mean diagonal of its correlation")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.allocation not in MODEGPT_ALLOCATIONS:
+            raise ConfigError(
+                f"unknown allocation {self.allocation!r}; choose one of: {', '.join(MODEGPT_ALLOCATIONS)}"
+            )
+        if not self.epsilon > 0.0:
+            raise ConfigError(f"epsilon must be > 0, got {self.epsilon}")
+        if not 0.0 < self.cap < 1.0:
+            raise ConfigError(f"cap must be in (0, 1), got {self.cap}")
+        if not self.ridge > 0.0:
+            raise ConfigError(f"ridge must be > 0 (it keeps the Nyström inverse finite), got {self.ridge}")

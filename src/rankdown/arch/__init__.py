@@ -37,6 +37,8 @@ class ArchSpec:
     causal: bool = True
     experts: str | None = None  # fused experts module inside a layer (unfused before compressing)
     exclude: tuple[str, ...] = field(default=())  # linears never compressed (routers)
+    attention: str | None = None  # the attention module inside a layer (replaced whole by structured methods)
+    qk_norm: bool = False  # queries and keys are RMS-normalised over the head dimension (Qwen3)
 
     @property
     def fused_qkv(self) -> bool:
@@ -90,14 +92,14 @@ class ArchSpec:
 _LLAMA_LIKE = dict(
     layers=("model.layers",),
     q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
-    mlp_in=("mlp.gate_proj", "mlp.up_proj"), mlp_out="mlp.down_proj",
+    mlp_in=("mlp.gate_proj", "mlp.up_proj"), mlp_out="mlp.down_proj", attention="self_attn",
 )
 
 FAMILIES: tuple[ArchSpec, ...] = (
     ArchSpec("llama", ("llama",), **_LLAMA_LIKE),
     ArchSpec("mistral", ("mistral",), **_LLAMA_LIKE),
     ArchSpec("qwen2", ("qwen2",), **_LLAMA_LIKE),
-    ArchSpec("qwen3", ("qwen3",), **_LLAMA_LIKE),
+    ArchSpec("qwen3", ("qwen3",), **_LLAMA_LIKE, qk_norm=True),
     ArchSpec("gemma2", ("gemma2",), **_LLAMA_LIKE),
     ArchSpec(
         "phi3", ("phi3",), layers=("model.layers",),
@@ -112,7 +114,7 @@ FAMILIES: tuple[ArchSpec, ...] = (
     ArchSpec(
         "opt", ("opt",), layers=("model.decoder.layers",),
         q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.out_proj",
-        mlp_in=("fc1",), mlp_out="fc2", rope=False, gated_mlp=False,
+        mlp_in=("fc1",), mlp_out="fc2", rope=False, gated_mlp=False, attention="self_attn",
     ),
     ArchSpec(
         "bert", ("bert", "roberta", "xlm-roberta"),

@@ -6,11 +6,12 @@ from rankdown.config import ConfigError, MethodConfig
 from rankdown.methods.asvd import ASVD
 from rankdown.methods.base import Method
 from rankdown.methods.lillama import Lillama
+from rankdown.methods.modegpt import ModeGPT
 from rankdown.methods.rom import ROM
 from rankdown.methods.svd import SVD
 from rankdown.methods.svd_llm import SVDLLM
 
-METHODS: dict[str, type[Method]] = {cls.config_class.method: cls for cls in (SVD, ASVD, SVDLLM, ROM, Lillama)}
+METHODS: dict[str, type[Method]] = {cls.config_class.method: cls for cls in (SVD, ASVD, SVDLLM, ROM, Lillama, ModeGPT)}
 
 
 def method_names() -> list[str]:

@@ -1,5 +1,5 @@
 """Modules of compressed models."""
 
-from rankdown.nn.portable import LowRankLinear, UnfusedExperts, apply_structure
+from rankdown.nn.portable import LowRankLinear, ReducedAttention, ReducedLinear, UnfusedExperts, apply_structure
 
-__all__ = ["LowRankLinear", "UnfusedExperts", "apply_structure"]
+__all__ = ["LowRankLinear", "ReducedAttention", "ReducedLinear", "UnfusedExperts", "apply_structure"]

@@ -11,6 +11,10 @@ under ``rankdown.structure``::
     {"unfused_experts": ["model.layers.0.mlp.experts", ...],
      "modules": {"model.layers.0.self_attn.q_proj":
                      {"type": "lowrank", "in": 4096, "out": 4096, "rank": 1024, "bias": false}}}
+
+Module types: ``lowrank`` (:class:`LowRankLinear`), ``linear`` (:class:`ReducedLinear`, a plain
+linear of reduced size) and ``attention`` (:class:`ReducedAttention`, a whole attention module
+with reduced query/key and value head sizes; MoDeGPT).
 """
 
 from __future__ import annotations
@@ -122,6 +126,133 @@ class UnfusedExperts(nn.Module):
         return out
 
 
+class ReducedLinear(nn.Linear):
+    """An ordinary ``nn.Linear`` of reduced size (an MLP of smaller width); it only adds its record."""
+
+    def spec(self) -> dict:
+        return {"type": "linear", "in": self.in_features, "out": self.out_features, "bias": self.bias is not None}
+
+
+class HeadRMSNorm(nn.Module):
+    """RMS norm over the last dimension (a head), as Qwen3's q/k norms: ``w * x / rms(x)`` in float32."""
+
+    def __init__(self, dim: int, eps: float, device=None, dtype=None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class ReducedAttention(nn.Module):
+    """Self-attention whose query/key head size ``qk_dim`` and value head size ``v_dim`` are reduced.
+
+    Projections (names as in the original module): q (hidden -> heads*qk_dim), k (hidden ->
+    kv_heads*qk_dim), v (hidden -> kv_heads*v_dim), o (heads*v_dim -> hidden). With RoPE, kv head
+    ``g`` (and the query heads that read it) keeps the rotary pairs ``rope[g]`` (indices ``i <
+    head_dim/2``; the kept dimensions are ordered ``[i..., i + head_dim/2 ...]``), so the rotary
+    cos/sin that the model computes for the original ``head_dim`` are gathered at
+    ``rope[g] + [0, head_dim/2]`` and rotated with the usual half-rotation. The scale stays the
+    original one. Works inside the stock decoder layer: masks as the model builds them (None for
+    causal, boolean or additive 4-D), a KV cache through ``past_key_values.update``.
+    """
+
+    def __init__(self, spec: dict, device=None, dtype=None) -> None:
+        super().__init__()
+        self.hidden, self.heads, self.kv_heads = spec["hidden"], spec["heads"], spec["kv_heads"]
+        self.head_dim, self.qk_dim, self.v_dim = spec["head_dim"], spec["qk_dim"], spec["v_dim"]
+        self.scaling, self.layer_idx, self.is_causal = spec["scale"], spec["layer_idx"], spec.get("causal", True)
+        self.rope = spec.get("rope")  # list (kv_heads) of kept pair indices, or None without RoPE
+        self.names = dict(spec["names"])
+        self.num_key_value_groups = self.heads // self.kv_heads
+        bias = spec["bias"]
+        kw = dict(device=device, dtype=dtype)
+        shapes = {"q": (self.hidden, self.heads * self.qk_dim), "k": (self.hidden, self.kv_heads * self.qk_dim),
+                  "v": (self.hidden, self.kv_heads * self.v_dim), "o": (self.heads * self.v_dim, self.hidden)}
+        for role, (i, o) in shapes.items():
+            self.add_module(self.names[role], nn.Linear(i, o, bias=bias[role], **kw))
+        eps = spec.get("qk_norm_eps")
+        self.q_norm = HeadRMSNorm(self.qk_dim, eps, **kw) if eps is not None else None
+        self.k_norm = HeadRMSNorm(self.qk_dim, eps, **kw) if eps is not None else None
+        self._spec = dict(spec)
+        self._index: dict = {}  # device -> (kv_heads, qk_dim) long tensor of kept rotary dimensions
+
+    def spec(self) -> dict:
+        return dict(self._spec)
+
+    def _rope_index(self, device: torch.device) -> torch.Tensor:
+        idx = self._index.get(device)
+        if idx is None:
+            pairs = torch.tensor(self.rope, dtype=torch.long, device=device)  # (kv_heads, qk_dim / 2)
+            idx = self._index[device] = torch.cat([pairs, pairs + self.head_dim // 2], dim=-1)
+        return idx
+
+    def _rotary(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q: (b, heads, L, qk), k: (b, kv_heads, L, qk); cos, sin: (b, L, head_dim) of the original size."""
+        idx = self._rope_index(cos.device)
+        cos = cos[..., idx].permute(0, 2, 1, 3)  # (b, kv_heads, L, qk)
+        sin = sin[..., idx].permute(0, 2, 1, 3)
+        b, _, L, d = q.shape
+        q = q.view(b, self.kv_heads, self.num_key_value_groups, L, d)
+        q = q * cos[:, :, None] + _rotate_half(q) * sin[:, :, None]
+        k = k * cos + _rotate_half(k) * sin
+        return q.view(b, self.heads, L, d), k
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        b, L, _ = hidden_states.shape
+        proj = self._modules
+        q = proj[self.names["q"]](hidden_states).view(b, L, self.heads, self.qk_dim)
+        k = proj[self.names["k"]](hidden_states).view(b, L, self.kv_heads, self.qk_dim)
+        v = proj[self.names["v"]](hidden_states).view(b, L, self.kv_heads, self.v_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        if self.rope is not None:
+            if position_embeddings is None:
+                raise ValueError("this attention uses rotary embeddings: the layer must pass position_embeddings")
+            q, k = self._rotary(q, k, *position_embeddings)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        q_len, kv_len = q.shape[2], k.shape[2]
+        mask, causal = attention_mask, False
+        if mask is None:
+            causal = self.is_causal and q_len > 1
+            if causal and kv_len > q_len:  # a cached prefix without a mask: causal aligned bottom-right
+                mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - q_len)
+                causal = False
+        else:
+            if mask.dim() == 4 and mask.shape[-1] > kv_len:
+                mask = mask[..., :kv_len]
+            if mask.dtype != torch.bool and mask.dtype != q.dtype:
+                mask = mask.to(q.dtype)
+        out = nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, scale=self.scaling,
+            enable_gqa=self.heads != self.kv_heads,
+        )
+        out = out.transpose(1, 2).reshape(b, q_len, self.heads * self.v_dim)
+        return proj[self.names["o"]](out), None
+
+    def extra_repr(self) -> str:
+        return (f"heads={self.heads}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, qk_dim={self.qk_dim}, "
+                f"v_dim={self.v_dim}, rope={self.rope is not None}")
+
+
 def _act_of(model: nn.Module) -> str:
     return getattr(model.config, "hidden_act", None) or getattr(model.config, "hidden_activation", "silu")
 
@@ -141,6 +272,10 @@ def build_module(spec: dict, like: nn.Module) -> nn.Module:
         return LowRankLinear(
             spec["in"], spec["out"], spec["rank"], bias=spec["bias"], device=p.device, dtype=p.dtype
         )
+    if kind == "linear":
+        return ReducedLinear(spec["in"], spec["out"], bias=spec["bias"], device=p.device, dtype=p.dtype)
+    if kind == "attention":
+        return ReducedAttention(spec, device=p.device, dtype=p.dtype)
     raise ValueError(f"unknown compressed module type {kind!r}; this folder needs a newer rankdown")
 
 

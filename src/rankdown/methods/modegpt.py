@@ -1,0 +1,348 @@
+"""MoDeGPT: modular decomposition (Lin et al., ICLR 2025). METHODS.md §3.
+
+Pairs of matrices that meet in one inner dimension are compressed together, so that dimension
+shrinks and no matrix is added: the compressed model is the same architecture, narrower.
+
+- Type I, MLP (Nyström): keep the intermediate channels of top ridge leverage score of
+  ``C_σ = Σ h hᵀ`` (the input of ``down``); gate/up (fc1) keep those rows, down is re-fitted.
+- Type II, query–key (CR): per kv head, keep the query/key dimensions (RoPE pairs) of top
+  ``‖C_q^½[:, j]‖·‖C_k^½[:, j]‖``, summed over the query heads of the group.
+- Type III, value–output (SVD): per kv head, the rank-``r`` value–output product whitened by the
+  attention input's correlation.
+
+The attention becomes a :class:`~rankdown.nn.portable.ReducedAttention` (query/key head size
+``d_qk``, value head size ``d_v``), the MLP linears :class:`~rankdown.nn.portable.ReducedLinear`.
+Layer sparsities come from block influence (``1 − mean cos(x, y)`` of a layer's input and output).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from rankdown.allocate import Target
+from rankdown.arch import ArchSpec, UnsupportedModelError
+from rankdown.config import ConfigError, ModeGPTConfig
+from rankdown.methods.base import Method
+from rankdown.methods.linalg import Guard, guarded_cholesky, guarded_eigh
+from rankdown.methods.modegpt_alloc import LayerShape, block_influence_sparsity, solve_sparsity
+from rankdown.nn.portable import ReducedAttention, ReducedLinear
+
+if TYPE_CHECKING:
+    from rankdown.engine import LayerContext, PlanContext
+
+log = logging.getLogger(__name__)
+
+EIG_FLOOR = 1e-6  # eigenvalues of the attention input correlation floored at this fraction of the largest
+
+
+# ----------------------------------------------------------------------------- math
+def psd_sqrt(C: torch.Tensor, floor: float = EIG_FLOOR) -> tuple[torch.Tensor, torch.Tensor, Guard | None]:
+    """``C^½`` and ``C^{-½}`` (d, d) of a symmetric PSD ``C`` (d, d), eigenvalues floored at ``floor·max``.
+
+    The guard (value: the floor) is returned when some eigenvalue was below it.
+    """
+    evals, Q, _ = guarded_eigh(C)
+    top = float(evals[0]) if evals.numel() else 0.0
+    lo = floor * top if top > 0 else 1e-30
+    guard = Guard("eigenvalue_floor", lo) if bool((evals < lo).any()) else None
+    ev = evals.clamp_min(lo)
+    return (Q * ev.sqrt()) @ Q.T, (Q * ev.rsqrt()) @ Q.T, guard
+
+
+def ridge_leverage(C: torch.Tensor, lam: float) -> torch.Tensor:
+    """Ridge leverage scores ``diag(C (C + λI)⁻¹)`` (n,) of a PSD ``C`` (n, n), in [0, 1)."""
+    evals, Q, _ = guarded_eigh(C)
+    return (Q.square() * (evals / (evals + lam))[None, :]).sum(1)
+
+
+def nystrom_mlp(
+    W_down: torch.Tensor, C: torch.Tensor, k: int, ridge: float
+) -> tuple[torch.Tensor, torch.Tensor, Guard]:
+    """Type I: kept channels ``S`` (k,) ascending and the re-fitted down projection (d, k).
+
+    W_down: (d, n); C: (n, n) correlation of the intermediate activations. ``λ = ridge·mean diag(C)``;
+    ``W_down[:, all] C[:, S] (C[S, S] + λI)⁻¹`` is the ridge least-squares map from the kept channels
+    to the full output. Channels that never fire score 0 and go first.
+    """
+    scale = float(C.diagonal().mean())
+    lam = ridge * scale if scale > 0 else ridge
+    scores = ridge_leverage(C, lam)
+    S = torch.sort(torch.topk(scores, k).indices).values
+    L, guard = guarded_cholesky(C[S][:, S] + lam * torch.eye(k, dtype=C.dtype, device=C.device), start=0.0)
+    X = torch.cholesky_solve(C[S] @ W_down.T, L)  # (k, d) = (C_SS + λI)⁻¹ C[S, :] W_downᵀ
+    return S, X.T, Guard("nystrom_ridge", lam + guard.value)
+
+
+def out_diag(W: torch.Tensor, b: torch.Tensor | None, second: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """``diag E[(W x + b)(W x + b)ᵀ]`` (out,) from ``E[x xᵀ]`` (in, in) and ``E[x]`` (in,). W: (out, in)."""
+    d = ((W @ second) * W).sum(1)
+    if b is not None:
+        d = d + 2 * b * (W @ mean) + b.square()
+    return d.clamp_min(0)
+
+
+def qk_scores(dq: torch.Tensor, dk: torch.Tensor, rope: bool) -> torch.Tensor:
+    """Type II scores per kv head: (kv_heads, head_dim/2) pair scores with RoPE, (kv_heads, head_dim) without.
+
+    dq: (heads, head_dim), dk: (kv_heads, head_dim): diagonals of the per-head query/key
+    correlations; ``‖C^½[:, j]‖ = √C_jj``. A query head's scores are summed into its kv head's group.
+    """
+    H, hd = dq.shape
+    Hkv = dk.shape[0]
+    s = (dq.sqrt().view(Hkv, H // Hkv, hd) * dk.sqrt()[:, None, :]).sum(1)
+    return s[:, : hd // 2] + s[:, hd // 2 :] if rope else s
+
+
+def kept_dims(scores: torch.Tensor, keep: int, rope: bool, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``keep`` entries of each row of ``scores`` (kv_heads, m), ascending -> (kept (kv_heads, keep),
+    dimension indices within a head (kv_heads, 2·keep with RoPE, ordered ``[i..., i + head_dim/2...]``))."""
+    kept = torch.sort(torch.topk(scores, keep, dim=1).indices, dim=1).values
+    return kept, torch.cat([kept, kept + head_dim // 2], dim=1) if rope else kept
+
+
+def vo_factors(
+    C_half: torch.Tensor, C_ihalf: torch.Tensor, Wv: torch.Tensor, Wo: torch.Tensor, r: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Type III for one kv head: ``C^½ W_vᵀ = U Σ Vᵀ``; rank-``r`` SVD of ``Σ Vᵀ [W_o^1ᵀ … W_o^Gᵀ] ≈
+    U_r Σ_r V_rᵀ``; new ``W_v = (C^{-½} U U_r)ᵀ`` and new ``W_o^h`` = block ``h`` of ``(Σ_r V_rᵀ)ᵀ``.
+
+    C_half, C_ihalf: (d, d); Wv: (hd, d); Wo: (G, d, hd), the output columns of the G query heads
+    reading this kv head -> Wv_new (r, d), Wo_new (G, d, r). Minimises the whitened error of all
+    G heads' value–output products ``W_o^h W_v`` at once.
+    """
+    G, d, hd = Wo.shape
+    U, S, Vh = torch.linalg.svd(C_half @ Wv.T, full_matrices=False)  # (d, hd), (hd,), (hd, hd)
+    N = (S[:, None] * Vh) @ Wo.transpose(1, 2).permute(1, 0, 2).reshape(hd, G * d)  # (hd, G·d)
+    U2, S2, V2h = torch.linalg.svd(N, full_matrices=False)
+    Wv_new = (C_ihalf @ U @ U2[:, :r]).T
+    Wo_new = (S2[:r, None] * V2h[:r]).T.reshape(G, d, r)
+    return Wv_new, Wo_new
+
+
+# ----------------------------------------------------------------------------- model geometry
+@dataclass(frozen=True)
+class Geometry:
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+def geometry(config: Any, attn: nn.Module) -> Geometry:
+    H = config.num_attention_heads
+    Hkv = getattr(config, "num_key_value_heads", None) or H
+    hd = getattr(attn, "head_dim", None) or config.hidden_size // H
+    return Geometry(config.hidden_size, H, Hkv, hd)
+
+
+def check_supported(model: nn.Module, spec: ArchSpec) -> None:
+    """Raise :class:`UnsupportedModelError` (naming the reason and what works instead) where MoDeGPT cannot go."""
+    why = None
+    if not spec.causal:
+        why = "it is a bidirectional encoder; the reduced attention is written for causal decoders"
+    elif spec.fused_qkv or len(spec.mlp_in) == 1 and spec.gated_mlp:
+        why = "it fuses q/k/v into one qkv_proj and gate/up into one gate_up_proj (no per-role selection yet)"
+    elif spec.experts is not None:
+        why = "its MLP is a mixture of experts (per-expert Nyström is not implemented)"
+    elif getattr(model.config, "attn_logit_softcapping", None) is not None:
+        why = "it caps attention logits (softcapping), which the reduced attention (SDPA) cannot do"
+    elif spec.attention is None:
+        why = "its architecture entry names no attention module to rebuild"
+    if why:
+        raise UnsupportedModelError(
+            f"--method modegpt does not support {spec.family}: {why}. Use --method rom or svd-llm, which support it"
+        )
+    _, layers = spec.find_layers(model)
+    if any(isinstance(m, ReducedAttention) for m in layers.modules()):
+        raise ConfigError("this model was already compressed by modegpt; compress the original model to a larger "
+                          "ratio instead")
+
+
+# ----------------------------------------------------------------------------- method
+class ModeGPT(Method):
+    """MoDeGPT (METHODS.md §3). Ranks handed to :meth:`compress_layer` are kept inner sizes: the
+    query/key head size (q, k), the value head size (v, o) and the MLP width (gate, up, down)."""
+
+    config_class = ModeGPTConfig
+    config: ModeGPTConfig
+
+    def __init__(self, config: ModeGPTConfig) -> None:
+        super().__init__(config)
+        self._allocation: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ planning
+    def plan(
+        self, targets: list[Target], total_params: int, ratio: float, multiple: int,
+        context: "PlanContext | None" = None,
+    ) -> dict[str, int]:
+        if context is None:
+            raise ConfigError("modegpt plans on the model itself: call rankdown.compress()")
+        model, spec = context.model, context.spec
+        check_supported(model, spec)
+        path, layers = spec.find_layers(model)
+        geo = geometry(model.config, layers[0].get_submodule(spec.attention))
+        names = {t.path for t in targets}
+        shapes = [LayerShape.of(layer, f"{path}.{i}", i, spec, geo, names, multiple) for i, layer in enumerate(layers)]
+        shapes = [s for s in shapes if s.compressible]
+        if not shapes:
+            raise ConfigError("modegpt found no complete q/k, v/o or MLP pair to compress: check --exclude patterns")
+        weights = None
+        if self.config.allocation == "block-influence":
+            influence = self.block_influence(context, {s.index for s in shapes})
+            weights = block_influence_sparsity([influence[s.index] for s in shapes], self.config.epsilon)
+            self._allocation["block_influence"] = {str(s.index): influence[s.index] for s in shapes}
+        phis, size = solve_sparsity(shapes, weights, total_params, ratio, self.config.cap)
+        self._allocation.update(allocation=self.config.allocation, sparsity={str(s.index): p for s, p in zip(shapes, phis)},
+                                params_after=size)
+        ranks: dict[str, int] = {}
+        for s, phi in zip(shapes, phis):
+            ranks.update(s.ranks(1.0 - phi))
+        log.info("modegpt: layer sparsity %s", ", ".join(f"{p:.3f}" for p in phis))
+        return ranks
+
+    def block_influence(self, context: "PlanContext", wanted: set[int]) -> dict[int, float]:
+        """Layer index -> ``1 − mean_t cos(x_t, y_t)`` of the dense layer's input and output on real tokens."""
+        out: dict[int, float] = {}
+
+        def visit(ctx: "LayerContext") -> None:
+            if ctx.index not in wanted:
+                return
+            ys = ctx.outputs()
+            total, count = 0.0, 0
+            for b in range(len(ys)):
+                x, y = ctx.inputs.hidden[b], ys[b]
+                cos = nn.functional.cosine_similarity(x.to(torch.float64), y.to(torch.float64).to(x.device), dim=-1)
+                m = ctx.inputs.masks[b]
+                cos = cos if m is None else cos[m.to(cos.device)]
+                total, count = total + float(cos.sum()), count + cos.numel()
+            ys.clear()
+            out[ctx.index] = 1.0 - total / max(count, 1)
+
+        context.walk_dense(visit)
+        return out
+
+    def artifacts(self) -> dict[str, Any]:
+        return {"modegpt_allocation.json": self._allocation} if self._allocation else {}
+
+    # ------------------------------------------------------------------ compression
+    def compress_layer(self, ctx: "LayerContext", ranks: dict[str, int]) -> None:
+        spec = ctx.spec
+        if any(n in ranks for n in (spec.q, spec.k, spec.v, spec.o)):
+            stats = ctx.collect_inputs([spec.q])[spec.q]
+            self._attention(ctx, stats, ranks)
+        mlp = [*spec.mlp_in, spec.mlp_out]
+        if all(n in ranks for n in mlp):
+            stats = ctx.collect_inputs([spec.mlp_out])[spec.mlp_out]
+            self._mlp(ctx, stats.second_moment, ranks[spec.mlp_out])
+
+    def _attention(self, ctx: "LayerContext", stats, ranks: dict[str, int]) -> None:
+        spec = ctx.spec
+        attn = ctx.module(spec.attention)
+        geo = geometry(attn.config, attn)
+        H, Hkv, hd, d = geo.heads, geo.kv_heads, geo.head_dim, geo.hidden
+        G = H // Hkv
+        lin = {role: ctx.module(getattr(spec, role)) for role in "qkvo"}
+        W = {role: m.weight.detach().to(ctx.device, torch.float64) for role, m in lin.items()}
+        b = {role: None if m.bias is None else m.bias.detach().to(ctx.device, torch.float64) for role, m in lin.items()}
+        second, mean = stats.second_moment, stats.mean
+        rope = spec.rope
+        guards: list[Guard] = []
+
+        # Type II: query/key dimensions, the same count in every head, pairs with RoPE
+        if spec.q in ranks and spec.k in ranks:
+            d_qk = ranks[spec.q]
+            scores = qk_scores(out_diag(W["q"], b["q"], second, mean).view(H, hd),
+                               out_diag(W["k"], b["k"], second, mean).view(Hkv, hd), rope)
+            kept, dims = kept_dims(scores, d_qk // 2 if rope else d_qk, rope, hd)
+        else:
+            d_qk = hd
+            kept = torch.arange(hd // 2, device=ctx.device).expand(Hkv, -1)
+            dims = torch.arange(hd, device=ctx.device).expand(Hkv, -1)
+        off = torch.arange(Hkv, device=ctx.device)[:, None] * hd
+        k_rows = (dims + off).reshape(-1)
+        q_rows = (dims.repeat_interleave(G, 0) + torch.arange(H, device=ctx.device)[:, None] * hd).reshape(-1)
+        new = {"q": (W["q"][q_rows], None if b["q"] is None else b["q"][q_rows]),
+               "k": (W["k"][k_rows], None if b["k"] is None else b["k"][k_rows])}
+
+        # Type III: value/output per kv head, the value bias folded into the output bias (attention rows sum to 1)
+        if spec.v in ranks and spec.o in ranks:
+            r = ranks[spec.v]
+            bo = b["o"]
+            if b["v"] is not None:
+                bv_heads = b["v"].view(Hkv, hd).repeat_interleave(G, 0).reshape(-1)  # per query head
+                bo = (0 if bo is None else bo) + W["o"] @ bv_heads
+            C_half, C_ihalf, guard = psd_sqrt(second)
+            guards += [guard] if guard else []
+            Wv_new, Wo_new = [], torch.empty(d, H, r, dtype=torch.float64, device=ctx.device)
+            Wo_heads = W["o"].view(d, H, hd)
+            for g in range(Hkv):
+                v_g, o_g = vo_factors(C_half, C_ihalf, W["v"][g * hd:(g + 1) * hd],
+                                      Wo_heads[:, g * G:(g + 1) * G].permute(1, 0, 2), r)
+                Wv_new.append(v_g)
+                Wo_new[:, g * G:(g + 1) * G] = o_g.permute(1, 0, 2)
+            new["v"] = (torch.cat(Wv_new), None)
+            new["o"] = (Wo_new.reshape(d, H * r), bo)
+        else:
+            r = hd
+            new["v"], new["o"] = (W["v"], b["v"]), (W["o"], b["o"])
+
+        record = {
+            "type": "attention", "hidden": d, "heads": H, "kv_heads": Hkv, "head_dim": hd, "qk_dim": d_qk, "v_dim": r,
+            "scale": float(attn.scaling), "layer_idx": ctx.index if getattr(attn, "layer_idx", None) is None else int(attn.layer_idx),
+            "causal": True, "rope": kept.tolist() if rope else None,
+            "names": {role: getattr(spec, role)[len(spec.attention) + 1:] for role in "qkvo"},
+            "bias": {role: new[role][1] is not None for role in "qkvo"},
+            "qk_norm_eps": float(attn.q_norm.variance_epsilon) if spec.qk_norm else None,
+        }
+        w0 = lin["q"].weight
+        module = ReducedAttention(record, device=w0.device, dtype=w0.dtype)
+        with torch.no_grad():
+            for role in "qkvo":
+                weight, bias = new[role]
+                _check_finite(ctx, f"{spec.attention}.{role}", weight, bias)
+                target = module.get_submodule(record["names"][role])
+                target.weight.copy_(weight)
+                if bias is not None:
+                    target.bias.copy_(bias)
+            if spec.qk_norm:
+                module.q_norm.weight.copy_(attn.q_norm.weight)
+                module.k_norm.weight.copy_(attn.k_norm.weight)
+        ctx.replace(spec.attention, module)
+        if guards:
+            ctx.note(spec.attention, guards[0])
+
+    def _mlp(self, ctx: "LayerContext", C: torch.Tensor, k: int) -> None:
+        spec = ctx.spec
+        down = ctx.module(spec.mlp_out)
+        W_down = down.weight.detach().to(ctx.device, torch.float64)
+        S, W_new, guard = nystrom_mlp(W_down, C, k, self.config.ridge)
+        _check_finite(ctx, spec.mlp_out, W_new, None)
+        w0 = down.weight
+        with torch.no_grad():
+            for name in spec.mlp_in:
+                old = ctx.module(name)
+                new = ReducedLinear(old.in_features, k, bias=old.bias is not None, device=w0.device, dtype=w0.dtype)
+                new.weight.copy_(old.weight[S.to(old.weight.device)])
+                if old.bias is not None:
+                    new.bias.copy_(old.bias[S.to(old.weight.device)])
+                ctx.replace(name, new)
+            new = ReducedLinear(k, down.out_features, bias=down.bias is not None, device=w0.device, dtype=w0.dtype)
+            new.weight.copy_(W_new)
+            if down.bias is not None:
+                new.bias.copy_(down.bias)
+        ctx.replace(spec.mlp_out, new)
+        ctx.note(spec.mlp_out, guard)
+
+
+def _check_finite(ctx: "LayerContext", name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
+        raise FloatingPointError(f"{ctx.prefix}.{name}: the decomposition produced NaN/Inf")
+
+
+__all__ = ["ModeGPT", "check_supported", "kept_dims", "nystrom_mlp", "psd_sqrt", "qk_scores", "ridge_leverage",
+           "vo_factors"]

@@ -1,0 +1,197 @@
+"""MoDeGPT's budgets (METHODS.md §3, global allocation): layer sparsities -> kept inner sizes.
+
+A layer of sparsity ``φ`` keeps the fraction ``1 − φ`` of each compressed module's inner dimension:
+the MLP width (rounded to ``multiple``), the query/key head size (RoPE pairs) and the value head
+size. Layer sparsities are ``φ_l = L · φ_avg · w_l`` (``w = softmax(−s/ε)`` of the block influences
+``s``, or uniform), capped with the excess re-spread on the others; ``φ_avg`` is solved by bisection
+on the exact parameter count after rounding, so the asked ratio is met to ±0.01.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from rankdown.arch import ArchSpec
+from rankdown.config import ConfigError
+
+
+def _round(x: float, unit: int, lo: int, hi: int) -> int:
+    return int(min(hi, max(lo, round(x / unit) * unit)))
+
+
+def _numel(mod: nn.Module) -> int:
+    return sum(p.numel() for p in mod.parameters())
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What MoDeGPT can shrink in one decoder layer, and what it costs at a kept fraction."""
+
+    index: int
+    prefix: str
+    spec: ArchSpec
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    width: int  # MLP intermediate size
+    qk: bool  # Type II applies (q and k are targets, no q/k norm)
+    vo: bool  # Type III applies
+    mlp: bool  # Type I applies
+    bias: tuple[bool, bool, bool, bool]  # q, k, v, o
+    mlp_in_bias: bool
+    mlp_out_bias: bool
+    dense: dict[str, int]  # "qk", "vo", "mlp" -> parameters of those linears now
+    multiple: int
+
+    @classmethod
+    def of(cls, layer: nn.Module, prefix: str, index: int, spec: ArchSpec, geo: Any, targets: set[str],
+           multiple: int) -> "LayerShape":
+        def has(*names: str) -> bool:
+            return all(f"{prefix}.{n}" in targets for n in names)
+
+        mods = {role: layer.get_submodule(getattr(spec, role)) for role in "qkvo"}
+        mlp_names = [*spec.mlp_in, spec.mlp_out]
+        down = layer.get_submodule(spec.mlp_out)
+        return cls(
+            index, prefix, spec, geo.hidden, geo.heads, geo.kv_heads, geo.head_dim, down.in_features,
+            qk=has(spec.q, spec.k) and not spec.qk_norm, vo=has(spec.v, spec.o), mlp=has(*mlp_names),
+            bias=tuple(mods[r].bias is not None for r in "qkvo"),
+            mlp_in_bias=layer.get_submodule(spec.mlp_in[0]).bias is not None, mlp_out_bias=down.bias is not None,
+            dense={"qk": _numel(mods["q"]) + _numel(mods["k"]), "vo": _numel(mods["v"]) + _numel(mods["o"]),
+                   "mlp": sum(_numel(layer.get_submodule(n)) for n in mlp_names)},
+            multiple=multiple,
+        )
+
+    @property
+    def compressible(self) -> bool:
+        return self.qk or self.vo or self.mlp
+
+    def sizes(self, keep: float) -> dict[str, int]:
+        """Kept sizes at kept fraction ``keep``: "qk" (head size), "v" (value head size), "mlp" (width);
+        a part that is not compressed (or would keep everything) is left out."""
+        hd, unit = self.head_dim, self.multiple if self.head_dim >= 4 * self.multiple else 1
+        out = {}
+        if self.qk:
+            if self.spec.rope:
+                qk = 2 * _round(keep * hd / 2, max(1, unit // 2), 1, hd // 2)
+            else:
+                qk = _round(keep * hd, unit, 1, hd)
+            if qk < hd:
+                out["qk"] = qk
+        if self.vo:
+            r = _round(keep * hd, unit, 1, hd)
+            if r < hd:
+                out["v"] = r
+        if self.mlp:
+            k = _round(keep * self.width, self.multiple, min(self.multiple, self.width), self.width)
+            if k < self.width:
+                out["mlp"] = k
+        return out
+
+    def params(self, keep: float) -> int:
+        """Parameters of this layer's compressible linears at kept fraction ``keep``."""
+        s, d, H, Hkv = self.sizes(keep), self.hidden, self.heads, self.kv_heads
+        qb, kb, vb, ob = self.bias
+        n = self.dense["qk"] + self.dense["vo"] + self.dense["mlp"]
+        if "qk" in s:
+            q = s["qk"]
+            n += d * H * q + (H * q if qb else 0) + d * Hkv * q + (Hkv * q if kb else 0) - self.dense["qk"]
+        if "v" in s:  # the value bias is folded into the output bias
+            r = s["v"]
+            n += d * Hkv * r + H * r * d + (d if ob or vb else 0) - self.dense["vo"]
+        if "mlp" in s:
+            k, n_in = s["mlp"], len(self.spec.mlp_in)
+            n += n_in * (d * k + (k if self.mlp_in_bias else 0)) + k * d + (d if self.mlp_out_bias else 0)
+            n -= self.dense["mlp"]
+        return n
+
+    @property
+    def dense_params(self) -> int:
+        return self.dense["qk"] + self.dense["vo"] + self.dense["mlp"]
+
+    def ranks(self, keep: float) -> dict[str, int]:
+        """Full target path -> kept inner size, for the parts compressed at ``keep``."""
+        s, sp, p = self.sizes(keep), self.spec, self.prefix
+        out = {}
+        if "qk" in s:
+            out.update({f"{p}.{sp.q}": s["qk"], f"{p}.{sp.k}": s["qk"]})
+        if "v" in s:
+            out.update({f"{p}.{sp.v}": s["v"], f"{p}.{sp.o}": s["v"]})
+        if "mlp" in s:
+            out.update({f"{p}.{n}": s["mlp"] for n in (*sp.mlp_in, sp.mlp_out)})
+        return out
+
+
+def block_influence_sparsity(influence: list[float], epsilon: float) -> list[float]:
+    """``softmax(−s/ε)`` (sums to 1): the share of the sparsity each layer takes; low influence, more."""
+    s = torch.tensor(influence, dtype=torch.float64)
+    return torch.softmax(-s / epsilon, dim=0).tolist()
+
+
+def spread(phi: list[float], weights: list[float], cap: float) -> list[float]:
+    """``phi`` with every value above ``cap`` set to it and the excess re-spread on the others in
+    proportion to ``weights``, until none is above (or all are at the cap)."""
+    phi = list(phi)
+    for _ in range(len(phi)):
+        excess = sum(p - cap for p in phi if p > cap)
+        if excess <= 1e-15:
+            break
+        phi = [min(p, cap) for p in phi]
+        free = [i for i, p in enumerate(phi) if p < cap]
+        if not free:
+            break
+        wsum = sum(weights[i] for i in free)
+        for i in free:
+            phi[i] += excess * (weights[i] / wsum if wsum > 0 else 1.0 / len(free))
+    return [min(p, cap) for p in phi]
+
+
+def solve_sparsity(
+    shapes: list[LayerShape], weights: list[float] | None, total_params: int, ratio: float, cap: float
+) -> tuple[list[float], int]:
+    """Layer sparsities (one per shape) and the model's size after, meeting ``ratio`` to ±0.01.
+
+    weights: the block-influence shares (sum 1), or None for uniform. Raises :class:`ConfigError`
+    naming the reachable range when the ratio cannot be met.
+    """
+    L = len(shapes)
+    goal = total_params * (1.0 - ratio)
+
+    def phis(a: float) -> list[float]:
+        if weights is None:
+            return [min(a, cap)] * L
+        return spread([L * a * w for w in weights], weights, cap)
+
+    def size(ps: list[float]) -> int:
+        return total_params - sum(s.dense_params - s.params(1.0 - p) for s, p in zip(shapes, ps))
+
+    smallest = size(phis(cap))
+    if smallest > goal + 0.01 * total_params:
+        best = 1.0 - smallest / total_params
+        raise ConfigError(
+            f"ratio {ratio} cannot be reached by modegpt: with every layer at the sparsity cap {cap} it removes "
+            f"at most {best:.3f} of the parameters (embeddings stay whole); use --ratio in "
+            f"(0, {math.floor(best * 100) / 100}] or raise --cap"
+        )
+    lo, hi = 0.0, cap
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if size(phis(mid)) > goal:
+            lo = mid
+        else:
+            hi = mid
+    a = min((lo, hi), key=lambda x: abs(size(phis(x)) - goal))
+    ps = phis(a)
+    achieved = 1.0 - size(ps) / total_params
+    if abs(achieved - ratio) > 0.01:
+        raise ConfigError(
+            f"ratio {ratio} can only be approximated to {achieved:.4f} by modegpt with sizes rounded to multiples "
+            f"of {shapes[0].multiple}; pass --rank-multiple 1, or a ratio closer to {achieved:.2f}"
+        )
+    return ps, size(ps)
