@@ -469,6 +469,7 @@ def compress_folder(
         state = RunState(work, fingerprint)
         state.save()
     ok = False
+    keep = True  # an interruption or a full disk leaves finished layers to resume from; bad input does not
     try:
         streamed = StreamedModel(path, dtype, work, state if resumable else None)
         tokenizer = io.load_tokenizer(streamed.path) if _has_tokenizer(streamed.path) else None
@@ -478,8 +479,11 @@ def compress_folder(
         saved = io.save(streamed.model, tokenizer, out, record=report.record(), structure=report.structure,
                         overwrite=overwrite, extra_files=report.artifacts, weights=streamed.write_weights)
         ok = True
+    except (ModelFolderError, ConfigError):
+        keep = False  # the same command would fail the same way: nothing worth resuming
+        raise
     finally:
-        if ok or not state.layers:
+        if ok or not keep or not state.layers:
             shutil.rmtree(work, ignore_errors=True)
         else:
             log.warning("%d finished layers kept in %s: run the same command again to resume", len(state.layers), work)
