@@ -149,6 +149,7 @@ class ROM(Method):
                 b = None if linear.bias is None else linear.bias.detach().to(ctx.device, torch.float64)
                 A, B, bias = rom_factors(W, b, V[:, : ranks[name]], mu, self.config.center)
                 install_factors(ctx, name, A, B, bias, guard)
+                del W, V, A, B  # float64 working copies: not alive while the next linear's are made
 
     def plan(
         self, targets: list[Target], total_params: int, ratio: float, multiple: int,
