@@ -41,7 +41,7 @@ def load_model(name: str | None, dtype: str = "float32"):
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} has no config.json: give a Hugging Face model folder or hub id")
         model = io.load(path, dtype=torch_dtype)
-        tokenizer = io.load_tokenizer(path) if _has_tokenizer(path) else None
+        tokenizer = io.load_tokenizer(path) if io.has_tokenizer(path) else None
         return model, tokenizer
     try:
         config = AutoConfig.from_pretrained(name)
@@ -54,9 +54,6 @@ def load_model(name: str | None, dtype: str = "float32"):
             "Give a local model folder, or check the hub id and your network."
         ) from None
 
-
-def _has_tokenizer(path: Path) -> bool:
-    return any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
 
 # ----------------------------------------------------------------------------- printing

@@ -342,6 +342,12 @@ def _base_config(path: Path, cfg: dict, record: dict) -> tuple[type, Any]:
     return stock, config
 
 
+def has_tokenizer(path: str | os.PathLike) -> bool:
+    """Whether a model folder carries tokenizer files."""
+    p = Path(path)
+    return any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
 def load_tokenizer(path: str | os.PathLike) -> Any:
     """The tokenizer of a model folder, without running a rankdown folder's generated code.
 

@@ -472,7 +472,7 @@ def compress_folder(
     keep = True  # an interruption or a full disk leaves finished layers to resume from; bad input does not
     try:
         streamed = StreamedModel(path, dtype, work, state if resumable else None)
-        tokenizer = io.load_tokenizer(streamed.path) if _has_tokenizer(streamed.path) else None
+        tokenizer = io.load_tokenizer(streamed.path) if io.has_tokenizer(streamed.path) else None
         report = compress(streamed.model, tokenizer, config, calibration, nsamples=nsamples, seqlen=seqlen,
                           progress=progress, source=streamed)
         streamed.model.config.dtype = str(dtype).split(".")[1]
@@ -489,6 +489,3 @@ def compress_folder(
             log.warning("%d finished layers kept in %s: run the same command again to resume", len(state.layers), work)
     return report, saved
 
-
-def _has_tokenizer(path: Path) -> bool:
-    return any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
