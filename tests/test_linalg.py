@@ -44,11 +44,20 @@ def test_whitening_minimises_output_error_on_the_calibration_data():
         err_asvd = torch.linalg.matrix_norm(X @ (W - B3 @ A3).T)
         # SVD-LLM is the optimal rank-r map in the data norm: the best of the three, by a margin
         assert err_llm < 0.8 * err_svd and err_llm <= err_asvd
-        # ...and equals the Eckart-Young bound of W C^1/2 (up to the tiny ridge)
+        # ...and equals the Eckart-Young bound of W C^1/2, with no ridge needed
         L = torch.linalg.cholesky(C)
         bound = torch.linalg.svdvals(W @ L)[r:].norm() * X.shape[0] ** 0.5
-        assert torch.isclose(err_llm, bound, rtol=1e-4)
-        assert guard.value > 0
+        assert torch.isclose(err_llm, bound, rtol=1e-8)
+        assert guard is None
+        # the paper's route (whitening by Cholesky, SVD of W L) gives the same factors, side by side
+        U, S, Vh = torch.linalg.svd(W @ L, full_matrices=False)
+        B_paper = U[:, :r] * S[:r].sqrt()
+        A_paper = torch.linalg.solve_triangular(L, S[:r].sqrt()[:, None] * Vh[:r], upper=False, left=False)
+        signs = torch.sign((B * B_paper).sum(0))  # each singular pair is defined up to its sign
+        assert torch.allclose(B * signs, B_paper, atol=1e-8) and torch.allclose(A * signs[:, None], A_paper, atol=1e-8)
+        # the raw sum with its scale gives the same factors as the mean
+        A4, B4, _ = whitened_svd_factors(W, X.T @ X, r, 1.0 / X.shape[0])
+        assert torch.allclose(B4 @ A4, B @ A, atol=1e-10)
 
 
 def test_cholesky_guard_grows_on_singular_input():

@@ -15,5 +15,5 @@ class ASVD(Method):
     needs_gram = False
 
     def factorize(self, W: torch.Tensor, stats: InputStats, rank: int):
-        A, B = asvd_factors(W, stats.abs_mean, rank, self.config.alpha)
+        A, B = asvd_factors(W.to(torch.float64), stats.abs_mean, rank, self.config.alpha)
         return A, B, None

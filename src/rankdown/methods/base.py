@@ -72,7 +72,8 @@ class Method:
     def factorize(
         self, W: torch.Tensor, stats: InputStats | None, rank: int
     ) -> tuple[torch.Tensor, torch.Tensor, Guard | None]:
-        """W: (out, in) float64 -> A: (r, in), B: (out, r), and any guard that was needed."""
+        """W: (out, in), the module's own weight (its dtype: promote it to float64 as needed, a
+        block at a time where it is large) -> A: (r, in), B: (out, r), and any guard needed."""
         raise TypeError(f"{type(self).__name__} defines neither factorize() nor compress_layer()")
 
     def compress_layer(self, ctx: "LayerContext", ranks: dict[str, int]) -> None:
@@ -84,8 +85,7 @@ class Method:
             stats = ctx.collect_inputs(names, gram=self.needs_gram) if self.needs_calibration else {}
             for name in names:
                 linear = ctx.module(name)
-                W = linear.weight.detach().to(ctx.device, torch.float64)
-                A, B, guard = self.factorize(W, stats.get(name), ranks[name])
+                A, B, guard = self.factorize(linear.weight.detach(), stats.get(name), ranks[name])
                 install_factors(ctx, name, A, B, guard=guard)
 
     def artifacts(self) -> dict[str, Any]:

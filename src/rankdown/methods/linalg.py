@@ -1,4 +1,6 @@
-"""Pure linear algebra shared by the methods. All inputs and outputs are float64 tensors.
+"""Pure linear algebra shared by the methods. All inputs and outputs are float64 tensors, except
+the weights the ``*64`` helpers take: those may stay in the model's dtype, and are promoted to
+float64 a block of rows at a time, so no float64 copy of a whole weight is ever made.
 
 Conventions (METHODS.md §0): a weight ``W`` is (out, in); a rank-``r`` factorisation returns
 ``A``: (r, in) and ``B``: (out, r) with ``W ≈ B @ A``.
@@ -23,6 +25,40 @@ class Guard:
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "value": self.value}
+
+
+_BLOCK_BYTES = 16 * 2**20  # float64 rows promoted at once by the *64 helpers
+
+
+def _row_blocks(W: torch.Tensor, block_bytes: int = _BLOCK_BYTES):
+    """(start, float64 copy of a block of W's rows) covering W: (out, in)."""
+    step = max(1, block_bytes // (8 * max(W.shape[1], 1)))
+    for a in range(0, W.shape[0], step):
+        yield a, W[a : a + step].to(torch.float64)
+
+
+def gram64(W: torch.Tensor) -> torch.Tensor:
+    """``Wᵀ W`` (in, in) in float64, W: (out, in) in any float dtype."""
+    G = torch.zeros(W.shape[1], W.shape[1], dtype=torch.float64, device=W.device)
+    for _, blk in _row_blocks(W):
+        G.addmm_(blk.T, blk)
+    return G
+
+
+def mm64(W: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """``W @ M`` (out, k) in float64, W: (out, in) in any float dtype, M: (in, k) float64."""
+    out = torch.empty(W.shape[0], M.shape[1], dtype=torch.float64, device=W.device)
+    for a, blk in _row_blocks(W):
+        torch.mm(blk, M, out=out[a : a + blk.shape[0]])
+    return out
+
+
+def tmm64(V: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """``Vᵀ @ W`` (k, in) in float64, V: (out, k) float64, W: (out, in) in any float dtype."""
+    out = torch.zeros(V.shape[1], W.shape[1], dtype=torch.float64, device=W.device)
+    for a, blk in _row_blocks(W):
+        out.addmm_(V[a : a + blk.shape[0]].T, blk)
+    return out
 
 
 def split_sqrt(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,16 +106,69 @@ def guarded_cholesky(C: torch.Tensor, start: float = 1e-6, tries: int = 12) -> t
     raise FloatingPointError(f"Cholesky failed even with ridge {delta:.3g}: the statistics contain NaN or Inf")
 
 
-def whitened_svd_factors(W: torch.Tensor, C: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, Guard]:
-    """SVD-LLM: ``L = chol(C + δI)``; SVD of ``W L``; ``A = Σ_r^½ V_rᵀ L⁻¹``, ``B = U_r Σ_r^½``.
+def whitened_svd_factors(
+    W: torch.Tensor, C: torch.Tensor, r: int, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, Guard | None]:
+    """SVD-LLM: the rank-``r`` factors minimising ``‖(W − BA) X‖`` over the calibration inputs.
 
-    W: (out, in), C: (in, in) input second moment -> A: (r, in), B: (out, r), guard.
-    Minimises ``‖(W − BA) X‖`` over the calibration inputs, since ``C = X Xᵀ / n``.
+    W: (out, in) in any float dtype; C: (in, in) float64 input second moment ``X Xᵀ / n`` (or a
+    multiple: ``scale`` times it is used, so the raw sum can be passed without a scaled copy)
+    -> A: (r, in), B: (out, r) float64, and any eigenvalue-clamping guard.
+
+    The paper whitens: ``L = chol(C)``, ``W L = U Σ Vᵀ``, ``A = Σ_r^½ V_rᵀ L⁻¹``, ``B = U_r Σ_r^½``.
+    Since ``V_rᵀ L⁻¹ = Σ_r⁻¹ U_rᵀ W``, the same factors are ``B = U_r Σ_r^½``,
+    ``A = Σ_r^{-½} U_rᵀ W`` with ``U Σ² Uᵀ = W C Wᵀ``: computed here from that (out, out)
+    eigenproblem when ``out <= in``, else from (in, in) ones (:func:`output_eig_in`). Neither a
+    Cholesky factor, its ridge, nor any (out, in) matrix in float64 is formed, so a singular C
+    needs no regulariser and the working set is a few of the smaller side's square matrices.
+    Directions of zero output energy (σ below 1e-10 of the largest) get unscaled factors.
     """
-    L, guard = guarded_cholesky(C)
-    A_w, B = svd_factors(W @ L, r)
-    A = torch.linalg.solve_triangular(L, A_w, upper=False, left=False)
-    return A, B, guard
+    out_f, in_f = W.shape
+    if out_f <= in_f:
+        s2, U, guard = guarded_eigh(sandwich64(W, C), vectors=True)
+        U = U[:, :r]
+    else:
+        s2, U, guard = output_eig_in(W, C, r)
+    s2 = s2[: U.shape[1]] * scale
+    root = s2.sqrt().sqrt()  # Σ^½
+    root = torch.where(root > root[:1] * 1e-5, root, torch.ones_like(root))
+    return tmm64(U / root[None, :], W), U * root[None, :], guard
+
+
+def sandwich64(W: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """``W C Wᵀ`` (out, out) in float64; W: (out, in) in any float dtype, C: (in, in) symmetric."""
+    M = torch.empty(W.shape[0], W.shape[0], dtype=torch.float64, device=W.device)
+    for a, blk in _row_blocks(W):
+        M[:, a : a + blk.shape[0]] = mm64(W, (blk @ C).T)
+    return M
+
+
+def output_eig_in(
+    W: torch.Tensor, S: torch.Tensor, vectors: bool | int = True
+) -> tuple[torch.Tensor, torch.Tensor | None, Guard | None]:
+    """Leading eigen-pairs of ``W S Wᵀ`` (out, out) from (in, in) problems, for ``out > in``.
+
+    W: (out, in) in any float dtype; S: (in, in) symmetric PSD. With ``S = Q Λ Qᵀ`` and
+    ``M = W Q Λ^½``, ``W S Wᵀ = M Mᵀ`` shares its non-zero eigenvalues with
+    ``Mᵀ M = Λ^½ Qᵀ (WᵀW) Q Λ^½ = P S² Pᵀ``, and its leading eigenvectors are ``M P / S``
+    (orthonormalised by a QR, which also completes them where S is 0). Only the wanted vectors
+    are formed at size (out, ·); W is promoted to float64 a block of rows at a time.
+    ``vectors``: False, True (all), or how many leading ones -> eigenvalues (in,) descending,
+    eigenvectors (out, k) or None, and any clamping guard.
+    """
+    lam, R, guard = guarded_eigh(S, vectors=True)
+    R.mul_(lam.sqrt()[None, :])  # M = W R
+    G = R.T @ gram64(W) @ R
+    s2, P, g2 = guarded_eigh(G, vectors=bool(vectors))
+    del G
+    guard = guard or g2
+    if not vectors:
+        return s2, None, guard
+    k = s2.numel() if vectors is True else min(int(vectors), s2.numel())
+    RP = R @ P[:, :k]
+    del R, P
+    U, _ = torch.linalg.qr(mm64(W, RP))
+    return s2, U, guard
 
 
 def guarded_eigh(

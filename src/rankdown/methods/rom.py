@@ -23,7 +23,7 @@ from rankdown.allocate import (
 )
 from rankdown.config import ConfigError, ROMConfig
 from rankdown.methods.base import Method, install_factors
-from rankdown.methods.linalg import Guard, guarded_eigh
+from rankdown.methods.linalg import Guard, guarded_eigh, mm64, output_eig_in, tmm64
 from rankdown.stats import InputStats
 
 if TYPE_CHECKING:
@@ -43,8 +43,10 @@ def output_moments(W: torch.Tensor, stats: InputStats, space: str) -> tuple[torc
     if stats.n > 0:
         return stats.second_moment, stats.mean, None
     out_f, in_f = W.shape
-    eye = torch.eye(in_f, dtype=W.dtype, device=W.device)
-    second = W @ W.T if space == "out" else eye
+    if space == "out":
+        second = mm64(W, W.T.to(torch.float64))
+    else:
+        second = torch.eye(in_f, dtype=torch.float64, device=W.device)
     return second, second.new_zeros(second.shape[0]), Guard("no_calibration_tokens", 0.0)
 
 
@@ -53,12 +55,11 @@ def output_eig(
 ) -> tuple[torch.Tensor, torch.Tensor | None, Guard | None]:
     """Leading eigen-pairs of the outputs' covariance ``Σ = E[zzᵀ] − E[z]E[z]ᵀ`` (center) or ``E[zzᵀ]``.
 
-    W: (out, in); second: (d, d), mean: (d,) as :func:`output_moments` returns them.
-    Space "out": eigendecomposition of the (out, out) matrix. Space "in" (``out > in``): with
-    ``Σ_in = Q Λ Qᵀ`` and ``M = W Q Λ^½`` (out, in), ``Σ_out = M Mᵀ`` shares its non-zero
-    eigenvalues with the (in, in) matrix ``Mᵀ M = Λ^½ Qᵀ (WᵀW) Q Λ^½ = P S² Pᵀ``, and its leading
-    eigenvectors are ``M P / S`` (orthonormalised by a QR, which also completes them where S is 0):
-    nothing of size (out, in) beyond W itself is formed (the SVD of M would need several).
+    W: (out, in) in any float dtype; second: (d, d), mean: (d,) float64 as :func:`output_moments`
+    returns them. Space "out": eigendecomposition of the (out, out) matrix. Space "in"
+    (``out > in``): ``Σ_out = W Σ_in Wᵀ``, whose leading eigen-pairs come from (in, in) problems
+    (:func:`rankdown.methods.linalg.output_eig_in`): nothing of size (out, in) is formed in
+    float64 but the wanted vectors.
     ``vectors``: False, True (all), or the number of leading eigenvectors wanted.
     Returns eigenvalues (k,) descending and non-negative, eigenvectors (out, ≤k) or None, and any
     clamping guard; k = out in space "out", in otherwise.
@@ -69,16 +70,7 @@ def output_eig(
         if V is not None and vectors is not True:
             V = V[:, : int(vectors)]
         return evals, V, guard
-    lam, Q, guard = guarded_eigh(S, vectors=True)
-    R = Q * lam.sqrt()[None, :]  # (in, in): M = W R
-    G = R.T @ (W.T @ W) @ R
-    s2, P, g2 = guarded_eigh((G + G.T) / 2, vectors=bool(vectors))
-    guard = guard or g2
-    if not vectors:
-        return s2, None, guard
-    k = s2.numel() if vectors is True else min(int(vectors), s2.numel())
-    U, _ = torch.linalg.qr(W @ (R @ P[:, :k]))
-    return s2, U, guard
+    return output_eig_in(W, S, vectors)
 
 
 def rom_factors(
@@ -86,8 +78,8 @@ def rom_factors(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """ROM's low-rank layer ``ŷ = B (A x) + bias`` from the output subspace ``V``.
 
-    W: (out, in); b: (out,) or None; V: (out, r) orthonormal columns; mu: (out,) mean of ``W x``
-    (without b) -> A: (r, in), B: (out, r), bias: (out,) or None.
+    W: (out, in) in any float dtype; b: (out,) or None; V: (out, r) orthonormal columns; mu: (out,)
+    mean of ``W x`` (without b) -> A: (r, in), B: (out, r), bias: (out,) or None, in float64.
 
     - centered: ``ŷ = V Vᵀ (W x − μ) + μ + b``, so ``bias = b + (I − V Vᵀ) μ``. This is the best
       rank-r affine map of the outputs on the calibration data (PCA of the centered outputs), and
@@ -97,7 +89,7 @@ def rom_factors(
       (A's bias ``Vᵀ b``, B's bias ``(I − V Vᵀ) b``) sums to the same ``b``, and A has no bias here.
       A linear without bias gets none, so the parameter count equals the baselines'.
     """
-    A = V.T @ W
+    A = tmm64(V, W)
     if not center:
         return A, V, b
     bias = mu - V @ (V.T @ mu)
@@ -130,11 +122,12 @@ class ROM(Method):
     def _eig(
         self, ctx: "LayerContext", name: str, stats: InputStats, space: str, vectors: bool | int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, Guard | None]:
-        """W (out, in), eigenvalues, eigenvectors, output mean μ = E[W x] (out,), guard."""
-        W = ctx.module(name).weight.detach().to(ctx.device, torch.float64)
+        """W (out, in, the module's own tensor), eigenvalues, eigenvectors, output mean μ = E[W x]
+        (out,) in float64, guard."""
+        W = ctx.module(name).weight.detach()
         second, mean, guard = output_moments(W, stats, space)
         evals, V, eig_guard = output_eig(W, second, mean, space, self.config.center, vectors)
-        mu = mean if space == "out" else W @ mean
+        mu = mean if space == "out" else mm64(W, mean[:, None])[:, 0]
         return W, evals, V, mu, guard or eig_guard
 
     def compress_layer(self, ctx: "LayerContext", ranks: dict[str, int]) -> None:
@@ -149,7 +142,7 @@ class ROM(Method):
                 b = None if linear.bias is None else linear.bias.detach().to(ctx.device, torch.float64)
                 A, B, bias = rom_factors(W, b, V[:, : ranks[name]], mu, self.config.center)
                 install_factors(ctx, name, A, B, bias, guard)
-                del W, V, A, B  # float64 working copies: not alive while the next linear's are made
+                del V, A, B  # float64 working copies: not alive while the next linear's are made
 
     def plan(
         self, targets: list[Target], total_params: int, ratio: float, multiple: int,

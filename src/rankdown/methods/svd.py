@@ -14,5 +14,5 @@ class SVD(Method):
     needs_calibration = False
 
     def factorize(self, W: torch.Tensor, stats, rank: int):
-        A, B = svd_factors(W, rank)
+        A, B = svd_factors(W.to(torch.float64), rank)
         return A, B, None

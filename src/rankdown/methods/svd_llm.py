@@ -14,4 +14,6 @@ class SVDLLM(Method):
     config_class = SVDLLMConfig
 
     def factorize(self, W: torch.Tensor, stats: InputStats, rank: int):
-        return whitened_svd_factors(W, stats.second_moment, rank)
+        if stats.n == 0:  # a linear no token reached (an expert never routed to): the weight's own SVD
+            return whitened_svd_factors(W, torch.eye(W.shape[1], dtype=torch.float64, device=W.device), rank)
+        return whitened_svd_factors(W, stats.gram, rank, 1.0 / stats.n)  # the sum itself: no scaled copy
