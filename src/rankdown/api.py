@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rankdown import distributed
 from rankdown.allocate import Target, count_params, default_multiple
 from rankdown.arch import ArchSpec, spec_for
 from rankdown.config import ConfigError, MethodConfig
@@ -117,8 +118,15 @@ def compress(
     ``nsamples`` windows of ``seqlen`` tokens with ``config.seed``; unused by data-free methods.
     ``source``: the :class:`rankdown.stream.StreamedModel` whose skeleton ``model`` is, when the
     layers are read from disk one at a time (see :func:`rankdown.stream.compress_folder`).
+
+    Under torchrun every process calls this with the same arguments; the calibration batches are
+    split between them and the statistics summed (see :mod:`rankdown.distributed`), and every
+    process ends with the same compressed model. Only process 0 shows progress.
     """
     config.validate()
+    device = distributed.setup(config.device)
+    distributed.barrier()  # every process has checked its arguments before any goes on (and writes)
+    progress = progress and distributed.is_main()
     method = method_class(config.method)(config)
     spec = spec_for(model)
     torch.manual_seed(config.seed)
@@ -138,7 +146,7 @@ def compress(
         return loaded[0]
 
     with MemoryBudget(parse_bytes(config.max_memory)) as budget:
-        context = PlanContext(model, spec, load_calibration, config.batch_size, config.device, progress, budget,
+        context = PlanContext(model, spec, load_calibration, config.batch_size, device, progress, budget,
                               source, StatsCache(config.stats_cache) if config.stats_cache else None)
         ranks = source.saved_ranks() if source is not None else None  # a resumed run keeps its plan
         if ranks is None:
@@ -152,7 +160,7 @@ def compress(
         modules, guards, layer_seconds = run_sequential(
             model, spec, method, ranks,
             None if data is None else data.input_ids, None if data is None else data.attention_mask,
-            config.batch_size, config.device, progress, budget, source,
+            config.batch_size, device, progress, budget, source,
         )
     if budget.spilled:
         log.info("%.1f MB of activations went to disk (max_memory=%s)", budget.spilled / 1e6, config.max_memory)

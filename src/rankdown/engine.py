@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from rankdown import distributed
 from rankdown.arch import ArchSpec
 from rankdown.methods.linalg import Guard
 from rankdown.nn.portable import LowRankLinear
@@ -79,7 +80,8 @@ def capture(
 
     input_ids, attention_mask: (n, L). Returns hidden (per batch), args[layer][batch],
     kwargs[layer][batch], masks[batch]. Only the modules outside the layers compute. ``store``
-    (a list or :class:`TensorStore`) receives the hidden states.
+    (a list or :class:`TensorStore`) receives the hidden states. Under torchrun, only this process's
+    share of the batches (see :func:`rankdown.distributed.shard`).
     """
     n_layers = len(layers)
     hidden = [] if store is None else store
@@ -104,7 +106,7 @@ def capture(
     try:
         for i, layer in enumerate(layers):
             layer.forward = recorder(i)
-        for ids, am in zip(input_ids.split(batch_size), attention_mask.split(batch_size)):
+        for ids, am in distributed.shard(list(zip(input_ids.split(batch_size), attention_mask.split(batch_size)))):
             masks.append(None if bool(am.all()) else am.bool())
             try:
                 model(input_ids=ids.to(device), attention_mask=am.to(device), use_cache=False)
@@ -160,7 +162,8 @@ class LayerContext:
         linear that saw no token (an expert never routed to) gets empty ones. Output statistics:
         ``gram`` is ``C_out = Σ (Wx)(Wx)ᵀ`` (out, out), ``mean`` is ``W μ_in`` — the cheaper choice
         for a linear with ``out <= in``. Padding rows are left out; each batch's forward stops once
-        every hook has fired.
+        every hook has fired. Under torchrun the statistics are summed over the processes before
+        they are returned, so they are those of all the calibration batches.
         """
         ins: dict[str, InputStats] = {}
         outs = {n: InputStats(self.module(n).out_features, self.device, True) for n in outputs}
@@ -220,6 +223,7 @@ class LayerContext:
         for n in inputs:
             if n not in ins:
                 ins[n] = InputStats(self.module(n).in_features, self.device, gram)
+        distributed.all_reduce_stats([ins[n] for n in inputs] + [outs[n] for n in outputs])
         return ins, outs
 
     def collect_inputs(self, names: list[str], gram: bool = True) -> dict[str, InputStats]:
@@ -383,7 +387,8 @@ class PlanContext:
                "model": self.source.digest() if self.source is not None else model_digest(self.model),
                "calibration": tensor_digest(data.input_ids) + tensor_digest(data.attention_mask),
                "batch_size": self.batch_size, "dtype": str(params.dtype), "device": torch.device(self.device).type}
-        return self.stats_cache.get_or_compute(key, compute)
+        # under torchrun, process 0's cache decides for all (a hit on one, a miss on another would hang)
+        return distributed.from_main(lambda c: self.stats_cache.get_or_compute(key, c), compute)
 
     def walk_dense(self, visit: Callable[[LayerContext], None]) -> None:
         """Call ``visit`` on every layer of the still-dense model, each fed the dense outputs of the

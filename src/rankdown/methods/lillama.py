@@ -18,6 +18,9 @@ sums the losses of both paths.
 **(choice)** Best checkpoint: the loss over all calibration batches is measured with the initial
 factors and after every epoch, and the factors with the lowest one are kept, so distillation never
 leaves a layer worse than its initialisation on the calibration data.
+
+Under torchrun each optimizer step averages the gradients of one batch per process (weighted by
+their real tokens): N processes at ``batch_size`` train as one process at ``N x batch_size``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from rankdown import distributed
 from rankdown.allocate import Target, uniform_ranks
 from rankdown.config import ConfigError, LillamaConfig, ROMConfig
 from rankdown.methods.base import Method, install_factors
@@ -200,8 +204,24 @@ class Lillama(Method):
             return weight * sum(token_loss(_call(ctx, feed[b], b, torch.float32), y, mask) for feed in feeds)
 
         @torch.no_grad()
-        def full_loss() -> float:
-            return sum(float(loss_of(b)) for b in range(len(target))) / max(1, len(target))
+        def full_loss() -> float:  # the mean over every process's batches under torchrun
+            total, count = distributed.all_sum([sum(float(loss_of(b)) for b in range(len(target))), len(target)])
+            return total / max(1, count)
+
+        def step(b: int) -> float:
+            """Gradients of batch ``b`` (of every process's batch ``b`` under torchrun); the loss."""
+            opt.zero_grad(set_to_none=True)
+            if distributed.world() == 1:
+                loss = loss_of(b)
+                loss.backward()
+                return loss.item()
+            loss, tokens = None, 0  # a process with fewer batches sits this step out
+            if b < len(target):
+                loss = loss_of(b)
+                loss.backward()
+                mask = ctx.inputs.masks[b]
+                tokens = int(mask.sum()) if mask is not None else target[b].shape[:-1].numel()
+            return _share_gradients(factors, None if loss is None else loss.item(), tokens)
 
         curve: dict[str, Any] = {"train": [], "eval": [], "best_epoch": 0, "lr": cfg.lr}
         try:
@@ -216,16 +236,14 @@ class Lillama(Method):
             if cfg.epochs and factors:
                 opt = torch.optim.AdamW(factors, lr=cfg.lr)
                 gen = torch.Generator().manual_seed(cfg.seed * 100_003 + ctx.index)
-                bar = tqdm(total=cfg.epochs * len(target), desc=f"lillama {ctx.prefix}", unit="batch",
+                steps = distributed.all_max(len(target))  # under torchrun: the most batches a process holds
+                bar = tqdm(total=cfg.epochs * steps, desc=f"lillama {ctx.prefix}", unit="batch",
                            leave=False, disable=not self._progress)
                 with torch.enable_grad(), bar:
                     for epoch in range(1, cfg.epochs + 1):
-                        for b in torch.randperm(len(target), generator=gen).tolist():
-                            loss = loss_of(b)
-                            opt.zero_grad(set_to_none=True)
-                            loss.backward()
+                        for b in torch.randperm(steps, generator=gen).tolist():
+                            curve["train"].append(step(b))
                             opt.step()
-                            curve["train"].append(loss.item())
                             bar.update(1)
                             bar.set_postfix(layer=ctx.index, epoch=epoch, loss=f"{curve['train'][-1]:.4f}")
                         value = full_loss()
@@ -250,6 +268,22 @@ class Lillama(Method):
 
 
 # ----------------------------------------------------------------------------- helpers
+def _share_gradients(factors: list[torch.Tensor], loss: float | None, tokens: int) -> float:
+    """Replace every process's gradients by their mean over the processes, weighted by the real tokens
+    of each process's batch (0 for a process without a batch this step), in one exchange; returns the
+    weighted mean loss. So a step under torchrun is the step of one process on the union of the
+    processes' batches: N processes at ``batch_size`` train as one process at ``N x batch_size``."""
+    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in factors]
+    extra = torch.tensor([(loss or 0.0) * tokens, float(tokens)], dtype=grads[0].dtype, device=grads[0].device)
+    flat = distributed.all_sum_(torch.cat([g * tokens for g in grads] + [extra]))
+    total = max(float(flat[-1]), 1.0)  # no real token anywhere this step: no update
+    offset = 0
+    for p in factors:
+        p.grad = (flat[offset : offset + p.numel()] / total).view_as(p).clone()
+        offset += p.numel()
+    return float(flat[-2]) / total
+
+
 def _cast(obj: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
     """``obj`` with every tensor moved to ``device`` and every floating one cast to ``dtype``."""
     if isinstance(obj, torch.Tensor):
