@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ENV = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
 
@@ -53,9 +54,20 @@ def test_eval_ppl_of_saved_model_matches_api(compressed):
     import rankdown as rd
     from rankdown.eval.perplexity import perplexity
 
-    model = rd.load(out)
+    model = rd.load(out, dtype=torch.float32)  # `rankdown eval` computes in --dtype float32
     api = perplexity(model, rd.load_tokenizer(out), "reference-heldout", seqlen=128, max_windows=20)
     assert res["ppl"] == pytest.approx(api.ppl, rel=1e-6)
+
+
+def test_saved_in_the_dtype_the_input_is_stored_in(compressed, tmp_path):
+    """The reference model is stored in float16: so is its compressed copy, unless --save-dtype says."""
+    import rankdown as rd
+
+    out, _ = compressed
+    assert {p.dtype for p in rd.load(out).parameters()} == {torch.float16}
+    rankdown("compress", "--method", "svd", "--ratio", "0.2", "--save-dtype", "float32", "--out", str(tmp_path / "f"),
+             "-q")
+    assert {p.dtype for p in rd.load(tmp_path / "f").parameters()} == {torch.float32}
 
 
 def test_inspect_prints_ranks_and_provenance(compressed):

@@ -7,6 +7,7 @@ import dataclasses
 import errno
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -95,10 +96,12 @@ def _calib_defaults(args: argparse.Namespace) -> None:
 
 def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     import rankdown
+    from rankdown import distributed
 
     _calib_defaults(args)
     config = _method_config(args)
     config.validate()
+    distributed.setup(config.device)  # under torchrun: join the other processes (see rankdown/distributed.py)
     if args.out and Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.overwrite:
         from rankdown.io import OutputExistsError
 
@@ -111,7 +114,8 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         from rankdown.stream import compress_folder
 
         report, saved = compress_folder(args.model, args.out, config, args.calib, nsamples=args.nsamples,
-                                        seqlen=args.seqlen, dtype=_torch_dtype(args.dtype), overwrite=args.overwrite,
+                                        seqlen=args.seqlen, dtype=_torch_dtype(args.dtype),
+                                        save_dtype=_save_dtype(args), overwrite=args.overwrite,
                                         progress=not args.quiet, resume=not args.restart)
         out = str(saved)
     else:
@@ -119,9 +123,12 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         report = rankdown.compress(model, tokenizer, config, args.calib, nsamples=args.nsamples,
                                    seqlen=args.seqlen, progress=not args.quiet)
         out = None
-        if args.out:
+        if args.out and distributed.is_main():
+            model.to(_save_dtype(args))
             out = str(rankdown.save(model, tokenizer, args.out, report, overwrite=args.overwrite))
     result = {**report.summary(), "out": out, "streamed": _streaming(args)}
+    if not distributed.is_main():  # process 0 speaks for all
+        return result
     print(table([result], ["method", "ratio_requested", "params_before", "params_after", "ratio_achieved", "seconds"]))
     if out:
         print(f"saved to {out}")
@@ -132,6 +139,27 @@ def _torch_dtype(name: str):
     import torch
 
     return getattr(torch, name)
+
+
+def _save_dtype(args: argparse.Namespace):
+    """--save-dtype, where ``auto`` is the dtype the input model is stored in (else --dtype)."""
+    if args.save_dtype != "auto":
+        return _torch_dtype(args.save_dtype)
+    from rankdown import io
+
+    found = None
+    if args.model in (None, REFERENCE):
+        from rankdown.reference import reference_dir
+
+        found = io.checkpoint_dtype(reference_dir())
+    elif Path(args.model).expanduser().is_dir():
+        found = io.checkpoint_dtype(Path(args.model).expanduser())
+    else:  # a hub id: its config says (already in the local cache once the model is loaded)
+        from transformers import AutoConfig
+
+        found = getattr(AutoConfig.from_pretrained(args.model), "dtype", None)
+        found = _torch_dtype(found) if isinstance(found, str) else found
+    return found or _torch_dtype(args.dtype)
 
 
 def _streaming(args: argparse.Namespace) -> bool:
@@ -415,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=None, help="tokens per window (default 2048; 256 for the reference)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the saved weights (default: the dtype the input model is stored in)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
     p.add_argument("--out", default=None, help="folder to save the compressed model to")
@@ -541,7 +571,9 @@ _DISK_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.ENO
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only process 0 logs and prints
+    level = logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level if main_process else logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # transformers' own loading/saving bars drown rankdown's tables
         from transformers.utils import logging as hf_logging
 
@@ -549,7 +581,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = args.func(args)
     except _user_errors() as e:
-        print(f"rankdown {args.command}: error: {e}", file=sys.stderr)
+        who = "" if main_process else f" (process {os.environ.get('RANK')})"
+        print(f"rankdown {args.command}{who}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full, read-only or unwritable disk: the data is fine, the place is not
         if e.errno not in _DISK_ERRNOS:
@@ -558,7 +591,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rankdown {args.command}: error: cannot write{where}: {e.strerror or e}; free some space or "
               "choose a writable --out (nothing incomplete was left behind)", file=sys.stderr)
         return 2
-    if getattr(args, "json", False):
+    finally:
+        if "torch" in sys.modules:
+            from rankdown.distributed import shutdown
+
+            shutdown()
+    if getattr(args, "json", False) and main_process:
         print(json.dumps(result, default=str))
     return 0
 

@@ -284,6 +284,29 @@ def _read_config(path: Path) -> dict:
         raise ModelFolderError(f"{cfg_path} is not valid JSON ({e}); the folder is corrupt") from e
 
 
+def checkpoint_dtype(path: str | os.PathLike) -> torch.dtype | None:
+    """The dtype a model folder's weights are stored in: config.json's ``dtype`` (``torch_dtype`` in
+    older files), else the first floating tensor of its safetensors files; None when neither says."""
+    path = Path(path)
+    cfg = _read_config(path)
+    name = cfg.get("dtype") or cfg.get("torch_dtype")
+    if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
+        return getattr(torch, name)
+    from safetensors import safe_open
+
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            for key in f.keys():
+                t = f.get_slice(key)
+                code = t.get_dtype()
+                if code in _SAFETENSORS_FLOAT:
+                    return getattr(torch, _SAFETENSORS_FLOAT[code])
+    return None
+
+
+_SAFETENSORS_FLOAT = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
 def read_record(path: str | os.PathLike) -> dict | None:
     """The ``rankdown`` record of a saved folder's config.json; None for a plain (uncompressed) model."""
     return _read_config(Path(path)).get("rankdown")
