@@ -16,14 +16,17 @@ class InputStats:
         # the (dim, dim) correlation dominates the cost; methods that only need means skip it
         self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=device) if gram else None
 
-    def add(self, x: torch.Tensor) -> None:
-        """Add rows ``x``: (..., dim)."""
-        x = x.reshape(-1, self.dim).to(self.sum.device, torch.float64)
+    def add(self, x: torch.Tensor, rows: int = 256) -> None:
+        """Add rows ``x``: (..., dim), promoted to float64 ``rows`` at a time (an MLP's wide
+        activations are never copied whole)."""
+        x = x.reshape(-1, self.dim)
         self.n += x.shape[0]
-        self.sum += x.sum(0)
-        self.abs_sum += x.abs().sum(0)
-        if self.gram is not None:
-            self.gram.addmm_(x.T, x)
+        for part in x.split(rows):
+            part = part.to(self.sum.device, torch.float64)
+            self.sum += part.sum(0)
+            self.abs_sum += torch.linalg.vector_norm(part, 1, dim=0)
+            if self.gram is not None:
+                self.gram.addmm_(part.T, part)
 
     @property
     def mean(self) -> torch.Tensor:
