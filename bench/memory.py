@@ -87,7 +87,7 @@ def child_compress(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     rc = main(["compress", str(args.model), "--method", args.child, "--ratio", str(args.ratio), "--calib", "reference",
                "--seqlen", str(args.seqlen), "--nsamples", str(args.nsamples), "--max-memory", args.max_memory,
-               "--batch-size", "4", "--stream", "--out", str(out), "-q"])
+               "--batch-size", "4", "--stream", "--restart", "--out", str(out), "-q"])
     seconds = time.perf_counter() - t0
     size = sum(f.stat().st_size for f in out.glob("*.safetensors")) if rc == 0 else None
     shutil.rmtree(out, ignore_errors=True)

@@ -143,8 +143,15 @@ def sandwich64(W: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     return M
 
 
+def psd_root(S: torch.Tensor) -> tuple[torch.Tensor, Guard | None]:
+    """``R = Q Λ^½`` (d, d) with ``R Rᵀ = S`` for a symmetric PSD ``S = Q Λ Qᵀ``, and any clamping guard."""
+    lam, R, guard = guarded_eigh(S, vectors=True)
+    return R.mul_(lam.sqrt()[None, :]), guard
+
+
 def output_eig_in(
-    W: torch.Tensor, S: torch.Tensor, vectors: bool | int = True
+    W: torch.Tensor, S: torch.Tensor | None, vectors: bool | int = True,
+    root: tuple[torch.Tensor, Guard | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, Guard | None]:
     """Leading eigen-pairs of ``W S Wᵀ`` (out, out) from (in, in) problems, for ``out > in``.
 
@@ -154,10 +161,10 @@ def output_eig_in(
     (orthonormalised by a QR, which also completes them where S is 0). Only the wanted vectors
     are formed at size (out, ·); W is promoted to float64 a block of rows at a time.
     ``vectors``: False, True (all), or how many leading ones -> eigenvalues (in,) descending,
-    eigenvectors (out, k) or None, and any clamping guard.
+    eigenvectors (out, k) or None, and any clamping guard. ``root``: :func:`psd_root` of S when
+    already computed (linears fed the same inputs share it; S is then not read).
     """
-    lam, R, guard = guarded_eigh(S, vectors=True)
-    R.mul_(lam.sqrt()[None, :])  # M = W R
+    R, guard = psd_root(S) if root is None else root  # M = W R
     G = R.T @ gram64(W) @ R
     s2, P, g2 = guarded_eigh(G, vectors=bool(vectors))
     del G
@@ -166,7 +173,7 @@ def output_eig_in(
         return s2, None, guard
     k = s2.numel() if vectors is True else min(int(vectors), s2.numel())
     RP = R @ P[:, :k]
-    del R, P
+    del P
     U, _ = torch.linalg.qr(mm64(W, RP))
     return s2, U, guard
 

@@ -23,7 +23,7 @@ from rankdown.allocate import (
 )
 from rankdown.config import ConfigError, ROMConfig
 from rankdown.methods.base import Method, install_factors
-from rankdown.methods.linalg import Guard, guarded_eigh, mm64, output_eig_in, tmm64
+from rankdown.methods.linalg import Guard, guarded_eigh, mm64, output_eig_in, psd_root, tmm64
 from rankdown.stats import InputStats
 
 if TYPE_CHECKING:
@@ -51,7 +51,8 @@ def output_moments(W: torch.Tensor, stats: InputStats, space: str) -> tuple[torc
 
 
 def output_eig(
-    W: torch.Tensor, second: torch.Tensor, mean: torch.Tensor, space: str, center: bool, vectors: bool | int = True
+    W: torch.Tensor, second: torch.Tensor, mean: torch.Tensor, space: str, center: bool, vectors: bool | int = True,
+    root: tuple[torch.Tensor, Guard | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, Guard | None]:
     """Leading eigen-pairs of the outputs' covariance ``Σ = E[zzᵀ] − E[z]E[z]ᵀ`` (center) or ``E[zzᵀ]``.
 
@@ -62,8 +63,11 @@ def output_eig(
     float64 but the wanted vectors.
     ``vectors``: False, True (all), or the number of leading eigenvectors wanted.
     Returns eigenvalues (k,) descending and non-negative, eigenvectors (out, ≤k) or None, and any
-    clamping guard; k = out in space "out", in otherwise.
+    clamping guard; k = out in space "out", in otherwise. ``root``: in space "in", the square root
+    of the inputs' covariance (:func:`input_root`) when already computed for another linear.
     """
+    if space == "in" and root is not None:
+        return output_eig_in(W, None, vectors, root)
     S = second - torch.outer(mean, mean) if center else second
     if space == "out":
         evals, V, guard = guarded_eigh(S, bool(vectors))
@@ -71,6 +75,12 @@ def output_eig(
             V = V[:, : int(vectors)]
         return evals, V, guard
     return output_eig_in(W, S, vectors)
+
+
+def input_root(second: torch.Tensor, mean: torch.Tensor, center: bool) -> tuple[torch.Tensor, Guard | None]:
+    """``R`` with ``R Rᵀ`` = the inputs' covariance (center) or second moment: what the space "in"
+    route of :func:`output_eig` needs first, shared by the linears fed the same inputs."""
+    return psd_root(second - torch.outer(mean, mean) if center else second)
 
 
 def rom_factors(
@@ -94,6 +104,12 @@ def rom_factors(
         return A, V, b
     bias = mu - V @ (V.T @ mu)
     return A, V, bias if b is None else bias + b
+
+
+def _forget(roots: dict, stats: InputStats, moments: dict) -> None:
+    """Drop the input root of ``stats`` once no linear left in ``moments`` reads those inputs."""
+    if all(s is not stats for s, _ in moments.values()):
+        roots.pop(id(stats), None)
 
 
 def _space(linear: nn.Module) -> str:
@@ -120,13 +136,19 @@ class ROM(Method):
         return found
 
     def _eig(
-        self, ctx: "LayerContext", name: str, stats: InputStats, space: str, vectors: bool | int
+        self, ctx: "LayerContext", name: str, stats: InputStats, space: str, vectors: bool | int, roots: dict,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, Guard | None]:
         """W (out, in, the module's own tensor), eigenvalues, eigenvectors, output mean μ = E[W x]
-        (out,) in float64, guard."""
+        (out,) in float64, guard. ``roots``: input roots by statistics object, shared by the calls
+        for one pass's linears (gate and up read the same inputs: one eigendecomposition)."""
         W = ctx.module(name).weight.detach()
         second, mean, guard = output_moments(W, stats, space)
-        evals, V, eig_guard = output_eig(W, second, mean, space, self.config.center, vectors)
+        root = None
+        if space == "in":
+            if id(stats) not in roots:
+                roots[id(stats)] = input_root(second, mean, self.config.center)
+            root = roots[id(stats)]
+        evals, V, eig_guard = output_eig(W, second, mean, space, self.config.center, vectors, root)
         mu = mean if space == "out" else mm64(W, mean[:, None])[:, 0]
         return W, evals, V, mu, guard or eig_guard
 
@@ -135,10 +157,12 @@ class ROM(Method):
             names = [n for n in group if n in ranks]
             if not names:
                 continue
-            moments = self._moments(ctx, names)
+            moments, roots = self._moments(ctx, names), {}
             for name in names:
                 linear = ctx.module(name)
-                W, _, V, mu, guard = self._eig(ctx, name, *moments.pop(name), vectors=ranks[name])
+                stats, space = moments.pop(name)
+                W, _, V, mu, guard = self._eig(ctx, name, stats, space, vectors=ranks[name], roots=roots)
+                _forget(roots, stats, moments)
                 b = None if linear.bias is None else linear.bias.detach().to(ctx.device, torch.float64)
                 A, B, bias = rom_factors(W, b, V[:, : ranks[name]], mu, self.config.center)
                 install_factors(ctx, name, A, B, bias, guard)
@@ -178,9 +202,11 @@ class ROM(Method):
             names = [t.path[len(ctx.prefix) + 1 :] for t in targets if t.path.startswith(ctx.prefix + ".")]
             if not names:
                 return
-            moments = self._moments(ctx, names)
+            moments, roots = self._moments(ctx, names), {}
             for name in names:
-                _, evals, _, _, _ = self._eig(ctx, name, *moments.pop(name), vectors=False)
+                stats, space = moments.pop(name)
+                _, evals, _, _, _ = self._eig(ctx, name, stats, space, vectors=False, roots=roots)
+                _forget(roots, stats, moments)
                 spectra[f"{ctx.prefix}.{name}"] = evals.cpu()
 
         context.walk_dense(visit)
