@@ -152,7 +152,10 @@ def main() -> None:
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
             return {"rc": proc.returncode, "error": proc.stderr[-2000:]}
-        return json.loads(lines[-1][7:])
+        res = json.loads(lines[-1][7:])
+        if res.get("rc"):  # the compress command failed: say why
+            res["error"] = proc.stderr[-2000:]
+        return res
 
     forward = run("forward")
     print(f"dense streamed forward: {forward.get('seconds', float('nan')):.1f}s, "

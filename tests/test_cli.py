@@ -140,3 +140,19 @@ def test_compressing_a_compressed_folder_keeps_earlier_replacements(compressed, 
     from rankdown.allocate import count_params
 
     assert count_params(rd.load(again)) == res["params_after"]
+
+
+def test_modegpt_keeps_more_channels_than_calibration_tokens():
+    """MoDeGPT's MLP width is a choice of channels refitted with a ridge, not directions the data
+    must span: a calibration set smaller than the kept width (here 128 tokens, widths of hundreds),
+    refused for svd-llm above, is accepted, and the model is finite."""
+    import rankdown as rd
+    from rankdown.config import ModeGPTConfig
+    from rankdown.reference import load_reference
+
+    model, tok = load_reference(torch.float32)
+    ids = torch.randint(0, 4096, (2, 64), generator=torch.Generator().manual_seed(0))
+    report = rd.compress(model, tok, ModeGPTConfig(ratio=0.1), ids, progress=False)
+    widths = [m["out"] for p, m in report.modules.items() if p.endswith("up_proj")]
+    assert max(widths) > ids.numel() and abs(report.ratio_achieved - 0.1) <= 0.01
+    assert torch.isfinite(model(ids).logits).all()

@@ -1,5 +1,6 @@
 """The baselines' factorisations against their defining properties."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -135,3 +136,31 @@ def test_data_norm_errors_are_ordered_as_theory_says(out_f, in_f, rank, cond, sh
         Ac, Bc, bc = _rom(W, X, rank, center=True, space=space)
         assert all(torch.isfinite(t).all() for t in (Ac, Bc, bc))
         assert err(Ac, Bc, bc) <= err(A, B) + tol
+
+
+def test_lean_nystrom_equals_the_textbook_formulas():
+    """MoDeGPT's Type I works from one in-place Cholesky factor (memory); it must give what the
+    formulas give: scores diag(C (C + λI)⁻¹) from an eigendecomposition, then the ridge refit by a
+    direct solve; also from the raw sum with its scale, consumed."""
+    from rankdown.methods.modegpt import nystrom_mlp, ridge_leverage
+
+    g = torch.Generator().manual_seed(1)
+    n, d, k, rows = 300, 40, 170, 900
+    H = torch.relu(torch.randn(rows, n, generator=g, dtype=torch.float64) * torch.logspace(1, -3, n, dtype=torch.float64))
+    H[:, 7] = 0.0
+    W = torch.randn(d, n, generator=g)  # float32, as a model's weight
+    C = H.T @ H / rows
+    lam = 1e-3 * float(C.diagonal().mean())
+    evals, Q = torch.linalg.eigh(C)
+    scores = (Q.square() * (evals / (evals + lam))[None, :]).sum(1)
+    assert torch.allclose(ridge_leverage(C, lam), scores, atol=1e-10)
+    S_ref = torch.sort(torch.topk(scores, k).indices).values
+    W64 = W.to(torch.float64)
+    X_ref = torch.linalg.solve(C[S_ref][:, S_ref] + lam * torch.eye(k, dtype=torch.float64), C[S_ref] @ W64.T).T
+    S, X, guard = nystrom_mlp(W, C, k, 1e-3, block=64)
+    assert torch.equal(S, S_ref) and torch.allclose(X, X_ref, rtol=1e-8, atol=1e-10)
+    assert guard.value == pytest.approx(lam)
+    raw = H.T @ H
+    S2, X2, guard2 = nystrom_mlp(W, raw, k, 1e-3, scale=1.0 / rows, consume=True, block=64)
+    assert torch.equal(S2, S_ref) and torch.allclose(X2, X_ref, rtol=1e-8, atol=1e-10)
+    assert guard2.value == pytest.approx(lam) and not torch.equal(raw, H.T @ H)  # consumed

@@ -155,7 +155,7 @@ def compress(
                 source.keep_ranks(ranks)
 
         data = load_calibration() if method.needs_calibration else None
-        if data is not None:
+        if data is not None and method.ranks_from_statistics:
             _check_enough_tokens(data, ranks)
         modules, guards, layer_seconds = run_sequential(
             model, spec, method, ranks,

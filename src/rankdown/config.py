@@ -198,9 +198,16 @@ class ModeGPTConfig(MethodConfig):
     epsilon: float = _f(0.1, "block-influence temperature ε of softmax(-s/ε): smaller concentrates sparsity more")
     cap: float = _f(0.9, "largest fraction of a module's inner dimension one layer may lose, in (0, 1)")
     ridge: float = _f(1e-2, "Nyström ridge λ of the MLP, as a fraction of the mean diagonal of its correlation")
+    qk_share: float = _f(
+        0.25,
+        "fraction of a layer's sparsity that its query/key head size loses (the rest is paid by value/output "
+        "and MLP); 1 is the paper's rule, 0.25 measured best on the reference model",
+    )
 
     def validate(self) -> None:
         super().validate()
+        if not 0.0 <= self.qk_share <= 1.0:
+            raise ConfigError(f"qk_share must be in [0, 1] (1 = the paper's rule), got {self.qk_share}")
         if self.allocation not in MODEGPT_ALLOCATIONS:
             raise ConfigError(
                 f"unknown allocation {self.allocation!r}; choose one of: {', '.join(MODEGPT_ALLOCATIONS)}"

@@ -65,6 +65,9 @@ class Method:
     # whether a killed streaming run can continue after its last finished layer: true when nothing
     # but the layer's own inputs carries over from one layer to the next
     resumable: ClassVar[bool] = True
+    # whether each rank is a number of directions the calibration statistics must span (so fewer
+    # calibration tokens than the rank is refused); not so for kept channels (MoDeGPT's MLP width)
+    ranks_from_statistics: ClassVar[bool] = True
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config

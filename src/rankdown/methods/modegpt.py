@@ -12,7 +12,9 @@ shrinks and no matrix is added: the compressed model is the same architecture, n
 
 The attention becomes a :class:`~rankdown.nn.portable.ReducedAttention` (query/key head size
 ``d_qk``, value head size ``d_v``), the MLP linears :class:`~rankdown.nn.portable.ReducedLinear`.
-Layer sparsities come from block influence (``1 − mean cos(x, y)`` of a layer's input and output).
+Layer sparsities come from block influence (``1 − mean cos(x, y)`` of a layer's input and output);
+in a layer of sparsity ``φ`` the query/key head size loses only ``qk_share·φ`` (0.25·φ by default, a
+choice: see modegpt_alloc), the value head size and MLP width ``φ``.
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ from rankdown.allocate import Target
 from rankdown.arch import ArchSpec, UnsupportedModelError
 from rankdown.config import ConfigError, ModeGPTConfig
 from rankdown.methods.base import Method
-from rankdown.methods.linalg import Guard, guarded_cholesky, guarded_eigh
+from rankdown.methods.linalg import Guard, guarded_eigh, mm64
 from rankdown.methods.modegpt_alloc import LayerShape, block_influence_sparsity, solve_sparsity
 from rankdown.nn.portable import ReducedAttention, ReducedLinear
 
 if TYPE_CHECKING:
     from rankdown.engine import LayerContext, PlanContext
+    from rankdown.stats import InputStats
 
 log = logging.getLogger(__name__)
 
@@ -56,26 +59,74 @@ def psd_sqrt(C: torch.Tensor, floor: float = EIG_FLOOR) -> tuple[torch.Tensor, t
 
 def ridge_leverage(C: torch.Tensor, lam: float) -> torch.Tensor:
     """Ridge leverage scores ``diag(C (C + λI)⁻¹)`` (n,) of a PSD ``C`` (n, n), in [0, 1)."""
-    evals, Q, _ = guarded_eigh(C)
-    return (Q.square() * (evals / (evals + lam))[None, :]).sum(1)
+    L, info = torch.linalg.cholesky_ex(C + lam * torch.eye(C.shape[0], dtype=C.dtype, device=C.device))
+    if int(info) != 0:
+        raise FloatingPointError("the correlation plus its ridge is not positive definite: it holds NaN or Inf")
+    return 1.0 - lam * inverse_diag(L)
+
+
+def inverse_diag(L: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """``diag((L Lᵀ)⁻¹)`` (n,) of a lower-triangular ``L`` (n, n): the squared norms of ``L⁻¹``'s
+    columns, solved for a block of columns at a time. Against the whole L: a corner ``L[a:, a:]``
+    would need fewer operations but is copied by the solver (as large as L itself)."""
+    n = L.shape[0]
+    out = torch.empty(n, dtype=L.dtype, device=L.device)
+    for a in range(0, n, block):
+        b = min(block, n - a)
+        E = torch.zeros(n, b, dtype=L.dtype, device=L.device)
+        E[a : a + b].fill_diagonal_(1.0)
+        out[a : a + b] = torch.linalg.solve_triangular(L, E, upper=False).square().sum(0)
+    return out
 
 
 def nystrom_mlp(
-    W_down: torch.Tensor, C: torch.Tensor, k: int, ridge: float
+    W_down: torch.Tensor, C: torch.Tensor, k: int, ridge: float, scale: float = 1.0, consume: bool = False,
+    block: int = 512,
 ) -> tuple[torch.Tensor, torch.Tensor, Guard]:
     """Type I: kept channels ``S`` (k,) ascending and the re-fitted down projection (d, k).
 
-    W_down: (d, n); C: (n, n) correlation of the intermediate activations. ``λ = ridge·mean diag(C)``;
-    ``W_down[:, all] C[:, S] (C[S, S] + λI)⁻¹`` is the ridge least-squares map from the kept channels
-    to the full output. Channels that never fire score 0 and go first.
+    W_down: (d, n) in any float dtype; C: (n, n) float64 correlation of the intermediate
+    activations, times ``1/scale`` (the raw sum may be passed). ``λ = ridge·mean diag(C)``; the
+    channels are the top-k ridge leverage scores ``diag(C (C + λI)⁻¹)``, and
+    ``W_down[:, all] C[:, S] (C[S, S] + λI)⁻¹`` is the ridge least-squares map from them to the
+    full output. Channels that never fire score 0 and go first.
+
+    Memory: one Cholesky factor ``C + λI = L Lᵀ``, made in C's own storage when ``consume``
+    (C is then destroyed), gives everything: the scores (1 − λ diag((L Lᵀ)⁻¹)), the rows
+    ``(C + λI)[S, :] = L[S] Lᵀ`` and ``C[S, S] + λI = L[S] L[S]ᵀ``, each formed a block at a time.
+    So beyond C the working set is (k, k) + (k, d), never another (n, n) matrix.
     """
-    scale = float(C.diagonal().mean())
-    lam = ridge * scale if scale > 0 else ridge
-    scores = ridge_leverage(C, lam)
+    mean_diag = float(C.diagonal().mean())
+    lam = ridge * mean_diag if mean_diag > 0 else ridge
+    A = C if consume else C.clone()
+    A.diagonal().add_(lam)
+    info = torch.empty((), dtype=torch.int32, device=A.device)
+    # in place: LAPACK works on column-major storage, which A.mT is (A is symmetric), so no copy is made
+    L, info = torch.linalg.cholesky_ex(A.mT, out=(A.mT, info))
+    if int(info) != 0:
+        raise FloatingPointError("the MLP correlation plus its ridge is not positive definite: it holds NaN or Inf")
+    scores = 1.0 - lam * inverse_diag(L)
     S = torch.sort(torch.topk(scores, k).indices).values
-    L, guard = guarded_cholesky(C[S][:, S] + lam * torch.eye(k, dtype=C.dtype, device=C.device), start=0.0)
-    X = torch.cholesky_solve(C[S] @ W_down.T, L)  # (k, d) = (C_SS + λI)⁻¹ C[S, :] W_downᵀ
-    return S, X.T, Guard("nystrom_ridge", lam + guard.value)
+    d = W_down.shape[0]
+    Y = torch.empty(k, d, dtype=torch.float64, device=L.device)  # (C + λI)[S, :] W_downᵀ = L[S] (W_down L)ᵀ
+    for r in range(0, d, block):
+        T = mm64(W_down[r : r + block], L)  # (block, n) rows of W_down L
+        for a in range(0, k, block):
+            torch.mm(L[S[a : a + block]], T.T, out=Y[a : a + block, r : r + block])
+    del T
+    Y -= lam * W_down[:, S].T.to(torch.float64)  # C[S, :] W_downᵀ
+    K = torch.empty(k, k, dtype=torch.float64, device=L.device)  # C[S, S] + λI
+    for a in range(0, k, block):
+        La = L[S[a : a + block]]
+        for c in range(0, k, block):
+            K[a : a + block, c : c + block] = La @ L[S[c : c + block]].T
+    del L, A
+    Lk, info = torch.linalg.cholesky_ex(K.mT, out=(K.mT, info))
+    if int(info) != 0:
+        raise FloatingPointError("the kept channels' correlation is not positive definite: it holds NaN or Inf")
+    Y = torch.linalg.solve_triangular(Lk, Y, upper=False)  # two triangular solves: Lk is used where it
+    Y = torch.linalg.solve_triangular(Lk.mT, Y, upper=True)  # lies (cholesky_solve would copy it)
+    return S, Y.T, Guard("nystrom_ridge", lam * scale)
 
 
 def out_diag(W: torch.Tensor, b: torch.Tensor | None, second: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -170,6 +221,7 @@ class ModeGPT(Method):
 
     config_class = ModeGPTConfig
     config: ModeGPTConfig
+    ranks_from_statistics = False  # kept channels and dimensions are chosen, not spanned by the data
 
     def __init__(self, config: ModeGPTConfig) -> None:
         super().__init__(config)
@@ -187,7 +239,9 @@ class ModeGPT(Method):
         path, layers = spec.find_layers(model)
         geo = geometry(model.config, layers[0].get_submodule(spec.attention))
         names = {t.path for t in targets}
-        shapes = [LayerShape.of(layer, f"{path}.{i}", i, spec, geo, names, multiple) for i, layer in enumerate(layers)]
+        share = self.config.qk_share
+        shapes = [LayerShape.of(layer, f"{path}.{i}", i, spec, geo, names, multiple, share)
+                  for i, layer in enumerate(layers)]
         shapes = [s for s in shapes if s.compressible]
         if not shapes:
             raise ConfigError("modegpt found no complete q/k, v/o or MLP pair to compress: check --exclude patterns")
@@ -198,7 +252,7 @@ class ModeGPT(Method):
             self._allocation["block_influence"] = {str(s.index): influence[s.index] for s in shapes}
         phis, size = solve_sparsity(shapes, weights, total_params, ratio, self.config.cap)
         self._allocation.update(allocation=self.config.allocation, sparsity={str(s.index): p for s, p in zip(shapes, phis)},
-                                params_after=size)
+                                qk_share=share, params_after=size)
         ranks: dict[str, int] = {}
         for s, phi in zip(shapes, phis):
             ranks.update(s.ranks(1.0 - phi))
@@ -207,6 +261,8 @@ class ModeGPT(Method):
 
     def block_influence(self, context: "PlanContext", wanted: set[int]) -> dict[int, float]:
         """Layer index -> ``1 − mean_t cos(x_t, y_t)`` of the dense layer's input and output on real tokens."""
+        from rankdown import distributed
+
         out: dict[int, float] = {}
 
         def visit(ctx: "LayerContext") -> None:
@@ -221,6 +277,7 @@ class ModeGPT(Method):
                 cos = cos if m is None else cos[m.to(cos.device)]
                 total, count = total + float(cos.sum()), count + cos.numel()
             ys.clear()
+            total, count = distributed.all_sum([total, count])  # over every process's batches under torchrun
             out[ctx.index] = 1.0 - total / max(count, 1)
 
         context.walk_dense(visit)
@@ -238,7 +295,7 @@ class ModeGPT(Method):
         mlp = [*spec.mlp_in, spec.mlp_out]
         if all(n in ranks for n in mlp):
             stats = ctx.collect_inputs([spec.mlp_out])[spec.mlp_out]
-            self._mlp(ctx, stats.second_moment, ranks[spec.mlp_out])
+            self._mlp(ctx, stats, ranks[spec.mlp_out])
 
     def _attention(self, ctx: "LayerContext", stats, ranks: dict[str, int]) -> None:
         spec = ctx.spec
@@ -316,11 +373,12 @@ class ModeGPT(Method):
         if guards:
             ctx.note(spec.attention, guards[0])
 
-    def _mlp(self, ctx: "LayerContext", C: torch.Tensor, k: int) -> None:
+    def _mlp(self, ctx: "LayerContext", stats: "InputStats", k: int) -> None:
         spec = ctx.spec
         down = ctx.module(spec.mlp_out)
-        W_down = down.weight.detach().to(ctx.device, torch.float64)
-        S, W_new, guard = nystrom_mlp(W_down, C, k, self.config.ridge)
+        # the raw sum, consumed: its only user, and the largest matrix of the layer (intermediate²)
+        S, W_new, guard = nystrom_mlp(down.weight.detach(), stats.gram, k, self.config.ridge, 1.0 / max(stats.n, 1),
+                                      consume=True)
         _check_finite(ctx, spec.mlp_out, W_new, None)
         w0 = down.weight
         with torch.no_grad():

@@ -148,9 +148,10 @@ class HeadRMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _swap_halves(x: torch.Tensor) -> torch.Tensor:
+    """``[x2, x1]`` of ``x = [x1, x2]`` (last dimension): RoPE's half rotation, its sign folded into sin.
+    One op (roll), where slicing and concatenating take three: decoding is bound by the count of ops."""
+    return x.roll(x.shape[-1] // 2, -1)
 
 
 class ReducedAttention(nn.Module):
@@ -163,7 +164,16 @@ class ReducedAttention(nn.Module):
     cos/sin that the model computes for the original ``head_dim`` are gathered at
     ``rope[g] + [0, head_dim/2]`` and rotated with the usual half-rotation. The scale stays the
     original one. Works inside the stock decoder layer: masks as the model builds them (None for
-    causal, boolean or additive 4-D), a KV cache through ``past_key_values.update``.
+    causal, boolean or additive 4-D), a KV cache through ``past_key_values.update`` (the cache holds
+    keys and values of their reduced sizes).
+
+    Speed: the rotation runs on the projections' own (batch, tokens, heads, dim) layout, with one
+    gather of cos/sin per call. Several tokens go through ``scaled_dot_product_attention`` with q, k
+    and v zero-padded to one head size, the larger of the two rounded up to a multiple of 8: PyTorch's
+    fused (flash) kernels need one head size for q, k and v and fall back to an unfused path 5-8x
+    slower on CPU otherwise, and run faster on a multiple of 8 (zeros add nothing to the logits; the
+    padded value dimensions are cut from the output). One token (decoding) takes two batched matmuls
+    over each kv head's group of queries, without padding the cache.
     """
 
     def __init__(self, spec: dict, device=None, dtype=None) -> None:
@@ -184,28 +194,29 @@ class ReducedAttention(nn.Module):
         self.q_norm = HeadRMSNorm(self.qk_dim, eps, **kw) if eps is not None else None
         self.k_norm = HeadRMSNorm(self.qk_dim, eps, **kw) if eps is not None else None
         self._spec = dict(spec)
-        self._index: dict = {}  # device -> (kv_heads, qk_dim) long tensor of kept rotary dimensions
+        # (device, dtype) -> (flat kept rotary dimensions (kv_heads*qk_dim,), sign (qk_dim,)); a plain dict, not
+        # buffers: models are built on the meta device, where non-persistent buffers would not survive loading
+        self._index: dict = {}
 
     def spec(self) -> dict:
         return dict(self._spec)
 
-    def _rope_index(self, device: torch.device) -> torch.Tensor:
-        idx = self._index.get(device)
-        if idx is None:
+    def _rope_index(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (device, dtype)
+        if key not in self._index:
             pairs = torch.tensor(self.rope, dtype=torch.long, device=device)  # (kv_heads, qk_dim / 2)
-            idx = self._index[device] = torch.cat([pairs, pairs + self.head_dim // 2], dim=-1)
-        return idx
+            idx = torch.cat([pairs, pairs + self.head_dim // 2], dim=-1).reshape(-1)
+            half = self.qk_dim // 2
+            sign = torch.cat([torch.full((half,), -1.0), torch.ones(half)]).to(device=device, dtype=dtype)
+            self._index[key] = (idx, sign)
+        return self._index[key]
 
-    def _rotary(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """q: (b, heads, L, qk), k: (b, kv_heads, L, qk); cos, sin: (b, L, head_dim) of the original size."""
-        idx = self._rope_index(cos.device)
-        cos = cos[..., idx].permute(0, 2, 1, 3)  # (b, kv_heads, L, qk)
-        sin = sin[..., idx].permute(0, 2, 1, 3)
-        b, _, L, d = q.shape
-        q = q.view(b, self.kv_heads, self.num_key_value_groups, L, d)
-        q = q * cos[:, :, None] + _rotate_half(q) * sin[:, :, None]
-        k = k * cos + _rotate_half(k) * sin
-        return q.view(b, self.heads, L, d), k
+    def _rope_tables(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: (b, L, head_dim) of the original size -> (b, L, kv_heads, qk_dim) at each kv head's
+        kept dimensions, sin with the half rotation's sign (``rot(x)·sin = swap(x)·(sign·sin)``)."""
+        idx, sign = self._rope_index(cos.device, sin.dtype)
+        shape = (*cos.shape[:-1], self.kv_heads, self.qk_dim)
+        return cos.index_select(-1, idx).view(shape), sin.index_select(-1, idx).view(shape) * sign
 
     def forward(
         self,
@@ -216,37 +227,68 @@ class ReducedAttention(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         b, L, _ = hidden_states.shape
+        Hkv, G, qk, vd = self.kv_heads, self.num_key_value_groups, self.qk_dim, self.v_dim
         proj = self._modules
-        q = proj[self.names["q"]](hidden_states).view(b, L, self.heads, self.qk_dim)
-        k = proj[self.names["k"]](hidden_states).view(b, L, self.kv_heads, self.qk_dim)
-        v = proj[self.names["v"]](hidden_states).view(b, L, self.kv_heads, self.v_dim).transpose(1, 2)
+        q = proj[self.names["q"]](hidden_states).view(b, L, Hkv, G, qk)
+        k = proj[self.names["k"]](hidden_states).view(b, L, Hkv, qk)
+        v = proj[self.names["v"]](hidden_states).view(b, L, Hkv, vd).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
         if self.rope is not None:
             if position_embeddings is None:
                 raise ValueError("this attention uses rotary embeddings: the layer must pass position_embeddings")
-            q, k = self._rotary(q, k, *position_embeddings)
+            cos, sin = self._rope_tables(*position_embeddings)
+            q = q * cos[..., None, :] + _swap_halves(q) * sin[..., None, :]
+            k = k * cos + _swap_halves(k) * sin
+        q = q.view(b, L, self.heads, qk).transpose(1, 2)
+        k = k.transpose(1, 2)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
+        kv_len = k.shape[2]
+        mask = attention_mask
+        if mask is not None:
+            if mask.dim() == 4 and mask.shape[-1] > kv_len:
+                mask = mask[..., :kv_len]
+            if mask.dtype != torch.bool and mask.dtype != q.dtype:
+                mask = mask.to(q.dtype)
+        if L == 1 and (mask is None or mask.dim() == 4):
+            out = self._one_token(q, k, v, mask)
+        else:
+            out = self._sdpa(q, k, v, mask)
+        return proj[self.names["o"]](out.transpose(1, 2).reshape(b, L, self.heads * vd)), None
+
+    def _one_token(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """q: (b, heads, 1, qk), k: (b, kv_heads, T, qk), v: (b, kv_heads, T, v), mask: None or
+        (b|1, 1|heads, 1, T) -> (b, heads, 1, v). The query heads of a group share their kv head's matmul."""
+        b, Hkv, G = q.shape[0], self.kv_heads, self.num_key_value_groups
+        T = k.shape[2]
+        s = torch.matmul(q.reshape(b, Hkv, G, self.qk_dim), k.transpose(-1, -2)) * self.scaling  # (b, Hkv, G, T)
+        if mask is not None:
+            m = mask.reshape(mask.shape[0], 1, 1, T) if mask.shape[1] == 1 else mask.reshape(mask.shape[0], Hkv, G, T)
+            s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m
+        p = torch.softmax(s.float(), dim=-1).to(v.dtype)  # in float32, as SDPA and the eager attention do
+        return torch.matmul(p, v).view(b, self.heads, 1, self.v_dim)
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """q: (b, heads, L, qk), k: (b, kv_heads, T, qk), v: (b, kv_heads, T, v) -> (b, heads, L, v)."""
         q_len, kv_len = q.shape[2], k.shape[2]
-        mask, causal = attention_mask, False
+        causal = False
         if mask is None:
             causal = self.is_causal and q_len > 1
             if causal and kv_len > q_len:  # a cached prefix without a mask: causal aligned bottom-right
                 mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - q_len)
                 causal = False
-        else:
-            if mask.dim() == 4 and mask.shape[-1] > kv_len:
-                mask = mask[..., :kv_len]
-            if mask.dtype != torch.bool and mask.dtype != q.dtype:
-                mask = mask.to(q.dtype)
+        d = -(-max(self.qk_dim, self.v_dim) // 8) * 8  # a multiple of 8: the CPU kernel's vector width
+        if self.qk_dim < d:  # zeros in q and k add nothing to the logits
+            q = nn.functional.pad(q, (0, d - self.qk_dim))
+            k = nn.functional.pad(k, (0, d - self.qk_dim))
+        if self.v_dim < d:
+            v = nn.functional.pad(v, (0, d - self.v_dim))
         out = nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, scale=self.scaling,
             enable_gqa=self.heads != self.kv_heads,
         )
-        out = out.transpose(1, 2).reshape(b, q_len, self.heads * self.v_dim)
-        return proj[self.names["o"]](out), None
+        return out[..., : self.v_dim] if self.v_dim < d else out
 
     def extra_repr(self) -> str:
         return (f"heads={self.heads}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, qk_dim={self.qk_dim}, "
