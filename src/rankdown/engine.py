@@ -91,7 +91,7 @@ def capture(
     def recorder(i: int) -> Callable:
         def forward(*a: Any, **kw: Any) -> Any:
             h = a[0] if a else kw.pop("hidden_states")
-            kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+            kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value", "cache", "use_cache")}
             args[i].append(to_device(tuple(a[1:]), "cpu"))
             kwargs[i].append(to_device(kw, "cpu"))
             if i == 0:

@@ -22,6 +22,7 @@ depend on the machine and its load: compare models measured in the same run
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import statistics
@@ -120,6 +121,20 @@ def _model_bytes(model: nn.Module) -> int:
     return total
 
 
+def _cache_of(out: Any) -> Any:
+    """The KV cache a forward returned: ``cache`` from transformers 5.24, ``past_key_values`` before."""
+    for name in ("cache", "past_key_values"):
+        found = getattr(out, name, None)
+        if found is not None:
+            return found
+    return None
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """The name ``model.forward`` takes the KV cache by (``cache`` from transformers 5.24)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -135,7 +150,8 @@ def _run_once(model: nn.Module, input_ids: torch.Tensor, new_tokens: int) -> tup
     _sync(device)
     t0 = time.perf_counter()
     out = model(input_ids=input_ids, attention_mask=mask[:, :length], use_cache=True)
-    cache = getattr(out, "past_key_values", None)
+    cache = _cache_of(out)
+    key = _cache_argument(model)
     if cache is None or getattr(out, "logits", None) is None:
         raise UnsupportedModelError(f"{type(model).__name__} returned no logits or no KV cache: speed is "
                                     "measured on causal LMs that decode with a cache")
@@ -144,9 +160,8 @@ def _run_once(model: nn.Module, input_ids: torch.Tensor, new_tokens: int) -> tup
     _sync(device)
     t1 = time.perf_counter()
     for step in range(new_tokens):
-        out = model(input_ids=token, attention_mask=mask[:, : length + step + 1], past_key_values=cache,
-                    use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=token, attention_mask=mask[:, : length + step + 1], use_cache=True, **{key: cache})
+        cache = _cache_of(out)
         token = out.logits[:, -1, :].argmax(-1, keepdim=True)
         tokens.append(token)
     _sync(device)

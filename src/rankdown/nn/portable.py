@@ -224,6 +224,7 @@ class ReducedAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
         past_key_values=None,
+        cache=None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         b, L, _ = hidden_states.shape
@@ -242,8 +243,9 @@ class ReducedAttention(nn.Module):
             k = k * cos + _swap_halves(k) * sin
         q = q.view(b, L, self.heads, qk).transpose(1, 2)
         k = k.transpose(1, 2)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        cache = past_key_values if cache is None else cache  # renamed ``cache`` in transformers 5.24
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         kv_len = k.shape[2]
         mask = attention_mask
         if mask is not None:
