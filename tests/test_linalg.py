@@ -164,3 +164,21 @@ def test_lean_nystrom_equals_the_textbook_formulas():
     S2, X2, guard2 = nystrom_mlp(W, raw, k, 1e-3, scale=1.0 / rows, consume=True, block=64)
     assert torch.equal(S2, S_ref) and torch.allclose(X2, X_ref, rtol=1e-8, atol=1e-10)
     assert guard2.value == pytest.approx(lam) and not torch.equal(raw, H.T @ H)  # consumed
+    S3, X3, _ = nystrom_mlp(W, C, n, 1e-3, block=64)  # every channel kept: no row moves, a square QR
+    X3_ref = torch.linalg.solve(C + lam * torch.eye(n, dtype=torch.float64), C @ W64.T).T
+    assert torch.equal(S3, torch.arange(n)) and torch.allclose(X3, X3_ref, rtol=1e-8, atol=1e-10)
+
+
+def test_solve_gram_reads_only_the_upper_triangle():
+    """The refit solves (Rᵀ R) X = Y with R left where geqrf put it, reflectors below the diagonal."""
+    from rankdown.methods.modegpt import solve_gram
+
+    g = torch.Generator().manual_seed(2)
+    k, m = 150, 7
+    B = torch.randn(k, 2 * k, generator=g, dtype=torch.float64)
+    R = torch.linalg.cholesky(B @ B.T / k + 0.1 * torch.eye(k, dtype=torch.float64)).T
+    garbage = R + torch.randn(k, k, generator=g, dtype=torch.float64).tril(-1) * 1e3
+    Y = torch.randn(k, m, generator=g, dtype=torch.float64)
+    X = Y.clone()
+    solve_gram(garbage, X, block=32)
+    assert torch.allclose(X, torch.linalg.solve(R.T @ R, Y), rtol=1e-9, atol=1e-12)

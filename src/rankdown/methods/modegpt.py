@@ -93,18 +93,22 @@ def nystrom_mlp(
 
     Memory: one Cholesky factor ``C + λI = L Lᵀ``, made in C's own storage when ``consume``
     (C is then destroyed), gives everything: the scores (1 − λ diag((L Lᵀ)⁻¹)), the rows
-    ``(C + λI)[S, :] = L[S] Lᵀ`` and ``C[S, S] + λI = L[S] L[S]ᵀ``, each formed a block at a time.
-    So beyond C the working set is (k, k) + (k, d), never another (n, n) matrix.
+    ``(C + λI)[S, :] = L[S] Lᵀ`` (formed a block at a time), and ``C[S, S] + λI = L[S] L[S]ᵀ = Rᵀ R``
+    from a QR of ``L[S]ᵀ`` made where L lay (its rows S moved up first). So beyond C the working
+    set is (k, d) and a few blocks: no second (n, n) or (k, k) matrix, and ``C[S, S]`` is never
+    squared out of its factor.
     """
     mean_diag = float(C.diagonal().mean())
     lam = ridge * mean_diag if mean_diag > 0 else ridge
     A = C if consume else C.clone()
     A.diagonal().add_(lam)
     info = torch.empty((), dtype=torch.int32, device=A.device)
-    # in place: LAPACK works on column-major storage, which A.mT is (A is symmetric), so no copy is made
-    L, info = torch.linalg.cholesky_ex(A.mT, out=(A.mT, info))
+    # In place: LAPACK works on column-major storage, which A.mT is (A is symmetric), so no copy is
+    # made; the upper factor U of that column-major matrix is Lᵀ, so A itself now holds L row by row.
+    torch.linalg.cholesky_ex(A.mT, upper=True, out=(A.mT, info))
     if int(info) != 0:
         raise FloatingPointError("the MLP correlation plus its ridge is not positive definite: it holds NaN or Inf")
+    L = A
     scores = 1.0 - lam * inverse_diag(L)
     S = torch.sort(torch.topk(scores, k).indices).values
     d = W_down.shape[0]
@@ -115,18 +119,32 @@ def nystrom_mlp(
             torch.mm(L[S[a : a + block]], T.T, out=Y[a : a + block, r : r + block])
     del T
     Y -= lam * W_down[:, S].T.to(torch.float64)  # C[S, :] W_downᵀ
-    K = torch.empty(k, k, dtype=torch.float64, device=L.device)  # C[S, S] + λI
-    for a in range(0, k, block):
-        La = L[S[a : a + block]]
-        for c in range(0, k, block):
-            K[a : a + block, c : c + block] = La @ L[S[c : c + block]].T
-    del L, A
-    Lk, info = torch.linalg.cholesky_ex(K.mT, out=(K.mT, info))
-    if int(info) != 0:
-        raise FloatingPointError("the kept channels' correlation is not positive definite: it holds NaN or Inf")
-    Y = torch.linalg.solve_triangular(Lk, Y, upper=False)  # two triangular solves: Lk is used where it
-    Y = torch.linalg.solve_triangular(Lk.mT, Y, upper=True)  # lies (cholesky_solve would copy it)
+    for a in range(0, k, block):  # rows S of L moved to the top: S ascends, so row S[i] ≥ i is still unread
+        rows = S[a : a + block]
+        L[a : a + rows.numel()] = L[rows]
+    M = L[:k]  # (k, n) = L[S]; its transpose is column-major, which geqrf factors in place
+    torch.geqrf(M.mT, out=(M.mT, torch.empty(k, dtype=L.dtype, device=L.device)))
+    solve_gram(M.mT[:k], Y, block)  # Y ← (C[S, S] + λI)⁻¹ Y
+    del L, A, M
     return S, Y.T, Guard("nystrom_ridge", lam * scale)
+
+
+def solve_gram(R: torch.Tensor, Y: torch.Tensor, block: int = 512) -> None:
+    """``Y ← (Rᵀ R)⁻¹ Y`` in place. R: (k, k), upper triangular where only its upper triangle is
+    read (below it may hold anything, e.g. geqrf's reflectors); Y: (k, m). Solved a block of rows
+    at a time, so R is used where it lies: only its (block, block) diagonal blocks are copied."""
+    k = R.shape[0]
+    starts = list(range(0, k, block))
+    for a in starts:  # Rᵀ Z = Y: forward substitution
+        b = min(a + block, k)
+        if a:
+            Y[a:b] -= R[:a, a:b].T @ Y[:a]
+        Y[a:b] = torch.linalg.solve_triangular(R[a:b, a:b].mT, Y[a:b], upper=False)
+    for a in reversed(starts):  # R X = Z: back substitution
+        b = min(a + block, k)
+        if b < k:
+            Y[a:b] -= R[a:b, b:] @ Y[b:]
+        Y[a:b] = torch.linalg.solve_triangular(R[a:b, a:b], Y[a:b], upper=True)
 
 
 def out_diag(W: torch.Tensor, b: torch.Tensor | None, second: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
