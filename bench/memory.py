@@ -87,7 +87,7 @@ def child_compress(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     rc = main(["compress", str(args.model), "--method", args.child, "--ratio", str(args.ratio), "--calib", "reference",
                "--seqlen", str(args.seqlen), "--nsamples", str(args.nsamples), "--max-memory", args.max_memory,
-               "--batch-size", "4", "--stream", "--restart", "--out", str(out), "-q"])
+               "--batch-size", str(args.batch_size), "--stream", "--restart", "--out", str(out), "-q"])
     seconds = time.perf_counter() - t0
     size = sum(f.stat().st_size for f in out.glob("*.safetensors")) if rc == 0 else None
     shutil.rmtree(out, ignore_errors=True)
@@ -110,7 +110,7 @@ def child_forward(args: argparse.Namespace) -> dict:
     data = calibration_data(tok, "reference", nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
     t0 = time.perf_counter()
     with MemoryBudget(parse_bytes(args.max_memory)) as budget:
-        PlanContext(streamed.model, streamed.spec, lambda: data, 4, "cpu", False, budget, streamed).walk_dense(
+        PlanContext(streamed.model, streamed.spec, lambda: data, args.batch_size, "cpu", False, budget, streamed).walk_dense(
             lambda ctx: None)
     return {"seconds": time.perf_counter() - t0, "peak_rss": _peak_rss()}
 
@@ -122,6 +122,7 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--max-memory", default="64MB", help="activations kept in RAM by the compressing child")
+    ap.add_argument("--batch-size", type=int, default=4, help="calibration windows per forward pass")
     ap.add_argument("--work", default="/tmp/rankdown-membench", help="where the model and outputs are written")
     ap.add_argument("--layers", type=int, default=LAYOUT["num_hidden_layers"])
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "memory.json"))
@@ -147,7 +148,7 @@ def main() -> None:
     def run(child: str) -> dict:
         cmd = [sys.executable, __file__, "--child", child, "--model", str(model), "--work", str(work),
                "--ratio", str(args.ratio), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-               "--max-memory", args.max_memory]
+               "--max-memory", args.max_memory, "--batch-size", str(args.batch_size)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
@@ -156,6 +157,13 @@ def main() -> None:
         if res.get("rc"):  # the compress command failed: say why
             res["error"] = proc.stderr[-2000:]
         return res
+
+    def write(rows: list) -> None:  # after every method: a cut-off run keeps what it measured
+        result = {"layout": layout, "disk_bytes": disk, "ratio": args.ratio, "calibration": {
+            "source": "reference", "nsamples": args.nsamples, "seqlen": args.seqlen}, "max_memory": args.max_memory,
+            "batch_size": args.batch_size, "forward": forward, "methods": rows, "cpu_threads": os.cpu_count()}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
     forward = run("forward")
     print(f"dense streamed forward: {forward.get('seconds', float('nan')):.1f}s, "
@@ -168,15 +176,11 @@ def main() -> None:
             row["peak_over_disk"] = res["peak_rss"] / disk
             row["time_over_forward"] = res["seconds"] / forward["seconds"] if "seconds" in forward else None
         rows.append(row)
+        write(rows)
         print(f"{method}: rc {res.get('rc')}, {res.get('seconds', float('nan')):.0f}s, peak RSS "
               f"{res.get('peak_rss', 0) / 1e9:.2f} GB = {row.get('peak_over_disk', float('nan')):.3f} of the "
               f"size on disk, {row.get('time_over_forward') or float('nan'):.1f}x the forward"
               + (f"\n{res['error']}" if "error" in res else ""), flush=True)
-    result = {"layout": layout, "disk_bytes": disk, "ratio": args.ratio, "calibration": {
-        "source": "reference", "nsamples": args.nsamples, "seqlen": args.seqlen}, "max_memory": args.max_memory,
-        "forward": forward, "methods": rows, "cpu_threads": os.cpu_count()}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"\n| method | peak RSS | / size on disk ({disk / 1e9:.2f} GB) | compress s | / dense forward "
           f"({forward.get('seconds', float('nan')):.0f} s) |\n|---|---|---|---|---|")
     for r in rows:

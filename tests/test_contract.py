@@ -82,3 +82,20 @@ def test_exclude_keeps_matching_modules_dense():
     assert not any("down_proj" in p for p in report.modules)
     assert isinstance(model.model.layers[0].mlp.down_proj, torch.nn.Linear)
     assert abs(report.ratio_achieved - 0.15) <= 0.01
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "mixtral"])
+def test_svd_llm_from_output_correlations_equals_the_input_route(family, monkeypatch):
+    """SVD-LLM sums W C Wᵀ over down_proj's outputs (hidden², not intermediate²): same model as
+    from the input correlation, also for experts (mixtral) and biased linears (opt)."""
+    from rankdown.methods.base import Method
+    from rankdown.methods.svd_llm import SVDLLM
+
+    got = {}
+    for route in ("outputs", "inputs"):
+        if route == "inputs":
+            monkeypatch.setattr(SVDLLM, "compress_layer", Method.compress_layer)
+        model = tiny_model(family)
+        compress(model, None, make_config("svd-llm", ratio=0.3, batch_size=4), IDS, progress=False)
+        got[route] = outputs(model, IDS)
+    assert torch.allclose(got["outputs"], got["inputs"], rtol=1e-4, atol=1e-5)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankdown import distributed
+from rankdown import distributed, heap
 from rankdown.allocate import Target, count_params, default_multiple
 from rankdown.arch import ArchSpec, spec_for
 from rankdown.config import ConfigError, MethodConfig
@@ -143,6 +143,7 @@ def compress(
         if not loaded:
             loaded.append(_calibration(tokenizer, calibration, nsamples, seqlen, config.seed,
                                        getattr(config, "calib_tokens", None)))  # Lillama's token budget
+            heap.trim()  # what tokenizing left in the tokenizer threads' arenas
         return loaded[0]
 
     with MemoryBudget(parse_bytes(config.max_memory)) as budget:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankdown import distributed
+from rankdown import distributed, heap
 from rankdown.config import ConfigError
 from rankdown.io import ModelFolderError
 
@@ -111,19 +111,6 @@ def _trim() -> None:
         import ctypes
 
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-def _map_big_blocks(threshold: int = 4 * 2**20) -> None:
-    """Have glibc give every allocation above ``threshold`` its own memory map, returned to the
-    system when freed. By default the threshold grows with the largest block freed (up to 32 MB),
-    after which a layer's weights and statistics come from the heap and stay resident: measured on
-    a 2-layer copy of bench/memory.py's model, ROM's peak fell from 1.21 to 1.08 GB with this."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):  # not glibc
         pass
 
@@ -489,7 +476,7 @@ def compress_folder(
 
     config.validate()
     distributed.setup(config.device)
-    _map_big_blocks()
+    heap.map_big_blocks()
     path = Path(path).expanduser().absolute()
     out = Path(out).expanduser().absolute()
     io._check_out_dir(out, overwrite)

@@ -125,10 +125,26 @@ def whitened_svd_factors(
     """
     out_f, in_f = W.shape
     if out_f <= in_f:
-        s2, U, guard = guarded_eigh(sandwich64(W, C), vectors=True)
-        U = U[:, :r]
-    else:
-        s2, U, guard = output_eig_in(W, C, r)
+        return output_gram_factors(W, sandwich64(W, C), r, scale)
+    s2, U, guard = output_eig_in(W, C, r)
+    return _balanced_factors(W, s2, U, scale, guard)
+
+
+def output_gram_factors(
+    W: torch.Tensor, G: torch.Tensor, r: int, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, Guard | None]:
+    """SVD-LLM's factors from ``G = W C Wᵀ`` (out, out) float64 itself, ``scale`` times it used:
+    the correlation of the linear's outputs (bias left out), which the calibration pass can sum
+    directly — for a linear with ``out < in`` it is the smaller matrix (down_proj: hidden² instead
+    of intermediate²). Same factors as :func:`whitened_svd_factors`."""
+    s2, U, guard = guarded_eigh(G, vectors=True)
+    return _balanced_factors(W, s2, U[:, :r], scale, guard)
+
+
+def _balanced_factors(
+    W: torch.Tensor, s2: torch.Tensor, U: torch.Tensor, scale: float, guard: Guard | None
+) -> tuple[torch.Tensor, torch.Tensor, Guard | None]:
+    """``A = Σ^{-½} Uᵀ W``, ``B = U Σ^½`` from the leading eigenpairs (s2 = σ², U) of ``W C Wᵀ``."""
     s2 = s2[: U.shape[1]] * scale
     root = s2.sqrt().sqrt()  # Σ^½
     root = torch.where(root > root[:1] * 1e-5, root, torch.ones_like(root))

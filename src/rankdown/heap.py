@@ -1,0 +1,33 @@
+"""The C heap under a long, memory-bounded run (glibc; a no-op elsewhere)."""
+
+from __future__ import annotations
+
+import ctypes
+
+_M_MMAP_THRESHOLD = -3
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return None
+
+
+def map_big_blocks(threshold: int = 4 * 2**20) -> None:
+    """Have glibc give every allocation above ``threshold`` its own memory map, returned to the
+    system when freed. By default the threshold grows with the largest block freed (up to 32 MB),
+    after which a layer's weights and statistics come from the heap and stay resident: measured on
+    a 2-layer copy of bench/memory.py's model, ROM's peak fell from 1.21 to 1.08 GB with this."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+
+
+def trim() -> None:
+    """Hand the heap's free pages back to the system, in every arena: the tokenizer's threads
+    leave some 36 MB behind after tokenizing a 330 kB calibration text, never reused by the
+    main thread's allocations (measured: +51 MB after tokenizing, +15 MB after this)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
