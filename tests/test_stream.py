@@ -48,6 +48,24 @@ def test_streamed_equals_in_memory(tmp_path, family, method, shard, mem):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([family, "memory", "streamed"])  # no work folder left
 
 
+def test_half_precision_embeddings_stay_half_and_give_the_same_model(tmp_path, monkeypatch):
+    """A float16 checkpoint's embedding table is read as stored (half the memory of the calibration
+    pass) and widened row by row: the same model, bit for bit, as with the table read in float32."""
+    src = tmp_path / "llama16"
+    tiny_model("llama").to(torch.float16).save_pretrained(src)
+    streamed = StreamedModel(src)
+    streamed.load_outside()
+    assert streamed.model.model.embed_tokens.weight.dtype == torch.float16
+    assert streamed.model.model.embed_tokens(IDS[:1]).dtype == torch.float32
+    streamed.drop_outside()
+    assert not streamed.model.model.embed_tokens._forward_hooks
+    config = rankdown.make_config("svd-llm", ratio=0.3, batch_size=2)
+    _, half = compress_folder(src, tmp_path / "half", config, IDS, progress=False, save_dtype=torch.float32)
+    monkeypatch.setattr(StreamedModel, "_stored_narrower", lambda self, name: False)
+    _, wide = compress_folder(src, tmp_path / "wide", config, IDS, progress=False, save_dtype=torch.float32)
+    assert torch.equal(outputs(io.load(half), IDS), outputs(io.load(wide), IDS))
+
+
 def test_only_one_layer_is_materialised_at_a_time(tmp_path):
     src = _folder(tmp_path, "llama")
     streamed = StreamedModel(src)
