@@ -182,3 +182,20 @@ def test_solve_gram_reads_only_the_upper_triangle():
     X = Y.clone()
     solve_gram(garbage, X, block=32)
     assert torch.allclose(X, torch.linalg.solve(R.T @ R, Y), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 600])
+def test_guarded_eigh_orders_in_place_and_reconstructs(n):
+    """Eigenvectors reordered in place by blocks (no second (d, d) copy): still the descending
+    eigen-pairs of S, read from its lower triangle."""
+    from rankdown.methods.linalg import _reverse_columns, guarded_eigh
+
+    M = torch.randn(3, n)
+    R = M.clone()
+    _reverse_columns(R, block=4)
+    assert torch.equal(R, M.flip(1))
+    A = torch.randn(n, n + 3, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    S = A @ A.T
+    evals, V, guard = guarded_eigh(S)
+    assert guard is None and bool((evals[:-1] >= evals[1:]).all())
+    assert torch.allclose((V * evals) @ V.T, S, rtol=1e-10, atol=1e-9 * float(evals[0]))

@@ -194,6 +194,16 @@ def output_eig_in(
     return s2, U, guard
 
 
+def _reverse_columns(M: torch.Tensor, block: int = 256) -> None:
+    """Reverse the column order of M (d, n) in place, ``block`` column pairs at a time."""
+    n = M.shape[1]
+    for a in range(0, n // 2, block):
+        b = min(block, n // 2 - a)
+        left = M[:, a : a + b].clone()
+        M[:, a : a + b] = M[:, n - a - b : n - a].flip(1)
+        M[:, n - a - b : n - a] = left.flip(1)
+
+
 def guarded_eigh(
     S: torch.Tensor, vectors: bool = True, warn_at: float = 1e-6
 ) -> tuple[torch.Tensor, torch.Tensor | None, Guard | None]:
@@ -205,10 +215,12 @@ def guarded_eigh(
     """
     if not torch.isfinite(S).all():
         raise FloatingPointError("statistics matrix contains NaN or Inf")
-    S = (S + S.T) / 2
+    # LAPACK reads one triangle only: no symmetrised copy is made (on the largest matrices of a
+    # layer each (d, d) copy is the peak's margin), and the eigenvectors are reordered in place.
     if vectors:
         evals, evecs = torch.linalg.eigh(S)
-        evals, evecs = evals.flip(0), evecs.flip(1)
+        evals = evals.flip(0)
+        _reverse_columns(evecs)
     else:
         evals, evecs = torch.linalg.eigvalsh(S).flip(0), None
     top = max(float(evals[0]), 0.0) if evals.numel() else 0.0
