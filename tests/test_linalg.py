@@ -199,3 +199,26 @@ def test_guarded_eigh_orders_in_place_and_reconstructs(n):
     evals, V, guard = guarded_eigh(S)
     assert guard is None and bool((evals[:-1] >= evals[1:]).all())
     assert torch.allclose((V * evals) @ V.T, S, rtol=1e-10, atol=1e-9 * float(evals[0]))
+
+
+@pytest.mark.parametrize("definite", [True, False])
+def test_output_spectrum_is_the_same_from_a_cholesky_or_a_symmetric_root(definite):
+    """output_eig_in takes any R with R Rᵀ = S: Cholesky when S is definite, the eigen-root (with
+    its guard) when it is singular; both give W S Wᵀ's leading eigen-pairs."""
+    from rankdown.methods.linalg import output_eig_in, psd_factor, psd_root
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(40 if definite else 9, 16, dtype=torch.float64, generator=g)  # 9 rows: rank 9 < 16
+    S = X.T @ X
+    W = torch.randn(48, 16, dtype=torch.float64, generator=g)
+    L, guard = psd_factor(S)
+    assert torch.allclose(L @ L.T, S, atol=1e-10)
+    assert torch.equal(L, L.tril()) == definite  # triangular only when the Cholesky worked
+    ref = torch.linalg.eigh(W @ S @ W.T)
+    top = ref.eigenvalues.flip(0)[:6]
+    for root in ((L, guard), psd_root(S)):
+        s2, U, _ = output_eig_in(W, None, 6, root)
+        assert torch.allclose(s2[:6], top, rtol=1e-9)
+        P = U @ U.T  # the same leading subspace (well separated eigenvalues)
+        V = ref.eigenvectors.flip(1)[:, :6]
+        assert torch.allclose(P, V @ V.T, atol=1e-8)

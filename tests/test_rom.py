@@ -309,3 +309,36 @@ def test_centered_rom_model_with_added_biases_saves_and_loads_exactly(tmp_path):
     out = rankdown.save(model, None, tmp_path / "rom", report)
     loaded = rankdown.load(out)
     assert torch.equal(outputs(loaded, IDS), outputs(model, IDS))
+
+
+def test_the_statistics_pass_runs_each_layer_once_and_hands_on_the_same_outputs(monkeypatch):
+    """ROM's spectra pass keeps each layer's outputs from the forward that gathers its statistics:
+    one forward per layer and batch (not two), and the next layer sees the same hidden states."""
+    model = tiny_model("llama")
+    targets = find_targets(model, spec_for(model))
+    method = ROM(make_config("rom", ratio=0.3))
+    calls = {}
+
+    def count(i):
+        def hook(mod, a, kw, out):
+            calls[i] = calls.get(i, 0) + 1
+        return hook
+
+    handles = [layer.self_attn.register_forward_hook(count(i), with_kwargs=True)
+               for i, layer in enumerate(model.model.layers)]
+    kept = method._spectra(targets, _dense_walk(model))
+    for h in handles:
+        h.remove()
+    batches = -(-IDS.shape[0] // 4)
+    assert calls == {0: batches, 1: batches}
+
+    # the same spectra when each layer's outputs are computed again instead
+    original = LayerContext.collect
+
+    def collect_without_keeping(self, *a, keep_outputs=False, **kw):
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(LayerContext, "collect", collect_without_keeping)
+    again = method._spectra(targets, _dense_walk(model))
+    assert kept.keys() == again.keys()
+    assert all(torch.equal(kept[k], again[k]) for k in kept)

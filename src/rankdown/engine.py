@@ -131,6 +131,7 @@ class LayerContext:
     replaced: dict[str, dict] = field(default_factory=dict)  # path in layer -> module record
     guards: dict[str, dict] = field(default_factory=dict)
     budget: MemoryBudget = field(default_factory=MemoryBudget)  # RAM allowed for activations (--max-memory)
+    _outputs: TensorStore | None = field(default=None, repr=False)  # this layer's outputs, while still valid
 
     def groups(self) -> list[list[str]]:
         return self.spec.groups(self.layer)
@@ -141,6 +142,12 @@ class LayerContext:
     def replace(self, name: str, new: nn.Module) -> None:
         self.layer.set_submodule(name, new)
         self.replaced[name] = module_spec(new)
+        self._forget_outputs()
+
+    def _forget_outputs(self) -> None:
+        if self._outputs is not None:
+            self._outputs.clear()
+            self._outputs = None
 
     def note(self, name: str, guard: Guard) -> None:
         self.guards[name] = guard.to_dict()
@@ -153,7 +160,7 @@ class LayerContext:
 
     @torch.no_grad()
     def collect(
-        self, inputs: list[str], outputs: list[str] = (), gram: bool = True
+        self, inputs: list[str], outputs: list[str] = (), gram: bool = True, keep_outputs: bool = False
     ) -> tuple[dict[str, InputStats], dict[str, InputStats]]:
         """Float64 statistics of the inputs of linears ``inputs`` and of the outputs ``W x`` (bias
         left out) of linears ``outputs``, in ONE pass over the calibration batches.
@@ -164,12 +171,16 @@ class LayerContext:
         for a linear with ``out <= in``. Padding rows are left out; each batch's forward stops once
         every hook has fired. Under torchrun the statistics are summed over the processes before
         they are returned, so they are those of all the calibration batches.
+
+        ``keep_outputs``: run every batch's forward to the end and keep the layer's outputs, so that
+        :meth:`outputs` (the next layer's inputs) costs no second pass while no module is replaced.
         """
         ins: dict[str, InputStats] = {}
         outs = {n: InputStats(self.module(n).out_features, self.device, True) for n in outputs}
         shared: dict[int, tuple[torch.Tensor, InputStats]] = {}
         seen: set[tuple[str, str]] = set()
-        want = len(inputs) + len(outputs)
+        want = -1 if keep_outputs else len(inputs) + len(outputs)  # -1: never stop early
+        kept = TensorStore(self.budget) if keep_outputs else None
         mask: list[torch.Tensor | None] = [None]
 
         def add(stats: InputStats, x: torch.Tensor) -> None:
@@ -214,12 +225,22 @@ class LayerContext:
                 m = self.inputs.masks[b]
                 mask[0] = None if m is None else m.to(self.device)
                 try:
-                    self._run(b)
+                    y = self._run(b)
+                    if kept is not None:
+                        kept.append(y)
+                        del y
                 except _StopForward:
                     pass
+        except BaseException:
+            if kept is not None:
+                kept.clear()
+            raise
         finally:
             for h in handles:
                 h.remove()
+        if kept is not None:
+            self._forget_outputs()
+            self._outputs = kept
         for n in inputs:
             if n not in ins:
                 ins[n] = InputStats(self.module(n).in_features, self.device, gram)
@@ -237,11 +258,14 @@ class LayerContext:
     @torch.no_grad()
     def outputs(self) -> TensorStore:
         """The layer's outputs on every batch, on the CPU (or disk beyond the budget): the next
-        layer's inputs."""
-        out = TensorStore(self.budget)
-        for b in range(len(self.inputs.hidden)):
-            out.append(self._run(b))
-        return out
+        layer's inputs. Computed once while no module is replaced (also by :meth:`collect` with
+        ``keep_outputs``): the store is shared with the engine, so a visit must not clear it."""
+        if self._outputs is None:
+            out = TensorStore(self.budget)
+            for b in range(len(self.inputs.hidden)):
+                out.append(self._run(b))
+            self._outputs = out
+        return self._outputs
 
 
 def walk_layers(
@@ -296,7 +320,11 @@ def walk_layers(
             ctx = LayerContext(i, f"{path}.{i}", layer, spec, inputs, device, budget=budget)
             visit(ctx)
             if calibrate:
-                nxt = ctx.outputs() if i + 1 < len(layers) else None
+                if i + 1 < len(layers):
+                    nxt = ctx.outputs()
+                else:
+                    nxt = None
+                    ctx._forget_outputs()  # kept by a collect of the last layer: not needed
                 hidden.clear()
                 hidden = nxt
             if source is not None:

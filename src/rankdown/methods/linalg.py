@@ -165,22 +165,34 @@ def psd_root(S: torch.Tensor) -> tuple[torch.Tensor, Guard | None]:
     return R.mul_(lam.sqrt()[None, :]), guard
 
 
+def psd_factor(S: torch.Tensor) -> tuple[torch.Tensor, Guard | None]:
+    """Some ``R`` (d, d) with ``R Rᵀ = S`` for a symmetric PSD ``S``: the Cholesky factor when S is
+    positive definite (a few times cheaper than an eigendecomposition), else :func:`psd_root`.
+    Only the lower triangle of S is read."""
+    L, info = torch.linalg.cholesky_ex(S)
+    if int(info) == 0 and bool(torch.isfinite(L).all()):
+        return L, None
+    del L
+    return psd_root(S)
+
+
 def output_eig_in(
     W: torch.Tensor, S: torch.Tensor | None, vectors: bool | int = True,
     root: tuple[torch.Tensor, Guard | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, Guard | None]:
     """Leading eigen-pairs of ``W S Wᵀ`` (out, out) from (in, in) problems, for ``out > in``.
 
-    W: (out, in) in any float dtype; S: (in, in) symmetric PSD. With ``S = Q Λ Qᵀ`` and
-    ``M = W Q Λ^½``, ``W S Wᵀ = M Mᵀ`` shares its non-zero eigenvalues with
-    ``Mᵀ M = Λ^½ Qᵀ (WᵀW) Q Λ^½ = P S² Pᵀ``, and its leading eigenvectors are ``M P / S``
+    W: (out, in) in any float dtype; S: (in, in) symmetric PSD. With any ``R Rᵀ = S`` (Cholesky
+    when S is definite, ``Q Λ^½`` otherwise) and ``M = W R``, ``W S Wᵀ = M Mᵀ`` shares its
+    non-zero eigenvalues with ``Mᵀ M = Rᵀ (WᵀW) R = P S² Pᵀ``, and its leading eigenvectors are ``M P / S``
     (orthonormalised by a QR, which also completes them where S is 0). Only the wanted vectors
     are formed at size (out, ·); W is promoted to float64 a block of rows at a time.
     ``vectors``: False, True (all), or how many leading ones -> eigenvalues (in,) descending,
-    eigenvectors (out, k) or None, and any clamping guard. ``root``: :func:`psd_root` of S when
-    already computed (linears fed the same inputs share it; S is then not read).
+    eigenvectors (out, k) or None, and any clamping guard. ``root``: any ``R`` with ``R Rᵀ = S``
+    (:func:`psd_factor`) when already computed (linears fed the same inputs share it; S is then not
+    read): ``M = W R`` has the same ``M Mᵀ`` whichever root it is.
     """
-    R, guard = psd_root(S) if root is None else root  # M = W R
+    R, guard = psd_factor(S) if root is None else root  # M = W R
     G = R.T @ gram64(W) @ R
     s2, P, g2 = guarded_eigh(G, vectors=bool(vectors))
     del G

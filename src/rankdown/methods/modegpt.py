@@ -294,7 +294,7 @@ class ModeGPT(Method):
                 m = ctx.inputs.masks[b]
                 cos = cos if m is None else cos[m.to(cos.device)]
                 total, count = total + float(cos.sum()), count + cos.numel()
-            ys.clear()
+            # ys stays: the engine hands the same store on as the next layer's inputs (one forward)
             total, count = distributed.all_sum([total, count])  # over every process's batches under torchrun
             out[ctx.index] = 1.0 - total / max(count, 1)
 

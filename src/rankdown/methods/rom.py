@@ -23,7 +23,7 @@ from rankdown.allocate import (
 )
 from rankdown.config import ConfigError, ROMConfig
 from rankdown.methods.base import Method, install_factors
-from rankdown.methods.linalg import Guard, guarded_eigh, mm64, output_eig_in, psd_root, tmm64
+from rankdown.methods.linalg import Guard, guarded_eigh, mm64, output_eig_in, psd_factor, tmm64
 from rankdown.stats import InputStats
 
 if TYPE_CHECKING:
@@ -79,8 +79,9 @@ def output_eig(
 
 def input_root(second: torch.Tensor, mean: torch.Tensor, center: bool) -> tuple[torch.Tensor, Guard | None]:
     """``R`` with ``R Rᵀ`` = the inputs' covariance (center) or second moment: what the space "in"
-    route of :func:`output_eig` needs first, shared by the linears fed the same inputs."""
-    return psd_root(second - torch.outer(mean, mean) if center else second)
+    route of :func:`output_eig` needs first, shared by the linears fed the same inputs (a Cholesky
+    factor when the covariance is definite, else its symmetric root)."""
+    return psd_factor(second - torch.outer(mean, mean) if center else second)
 
 
 def rom_factors(
@@ -124,13 +125,16 @@ class ROM(Method):
     config_class = ROMConfig
     config: ROMConfig
 
-    def _moments(self, ctx: "LayerContext", names: list[str]) -> dict[str, tuple[InputStats, str]]:
-        """Statistics of the named linears (name -> (stats, space)), in one pass."""
+    def _moments(
+        self, ctx: "LayerContext", names: list[str], keep_outputs: bool = False
+    ) -> dict[str, tuple[InputStats, str]]:
+        """Statistics of the named linears (name -> (stats, space)), in one pass (which also keeps
+        the layer's outputs when ``keep_outputs``: the statistics pass then runs each layer once)."""
         spaces = {n: _space(ctx.module(n)) for n in names}
         found: dict[str, tuple[InputStats, str]] = {}
         ins = [n for n in names if spaces[n] == "in"]
         outs = [n for n in names if spaces[n] == "out"]
-        in_stats, out_stats = ctx.collect(ins, outs)  # one pass over the batches for both kinds
+        in_stats, out_stats = ctx.collect(ins, outs, keep_outputs=keep_outputs)  # one pass over the batches for both kinds
         found.update({n: (s, "in") for n, s in in_stats.items()})
         found.update({n: (s, "out") for n, s in out_stats.items()})
         return found
@@ -202,7 +206,7 @@ class ROM(Method):
             names = [t.path[len(ctx.prefix) + 1 :] for t in targets if t.path.startswith(ctx.prefix + ".")]
             if not names:
                 return
-            moments, roots = self._moments(ctx, names), {}
+            moments, roots = self._moments(ctx, names, keep_outputs=True), {}
             for name in names:
                 stats, space = moments.pop(name)
                 _, evals, _, _, _ = self._eig(ctx, name, stats, space, vectors=False, roots=roots)
