@@ -222,3 +222,23 @@ def test_output_spectrum_is_the_same_from_a_cholesky_or_a_symmetric_root(definit
         P = U @ U.T  # the same leading subspace (well separated eigenvalues)
         V = ref.eigenvectors.flip(1)[:, :6]
         assert torch.allclose(P, V @ V.T, atol=1e-8)
+
+
+@pytest.mark.parametrize("d", [1, 7, 513, 2048, 4500])
+def test_block_triangle_gram_equals_the_full_product(d):
+    """InputStats and gram64 sum one block triangle of Xᵀ X and mirror it: the same symmetric
+    matrix as the full product, also when read between additions."""
+    from rankdown.methods.linalg import gram64
+    from rankdown.stats import InputStats
+
+    g = torch.Generator().manual_seed(d)
+    X = torch.randn(300, d, generator=g)
+    s = InputStats(d)
+    s.add(X[:100])
+    first = s.gram.clone()
+    s.add(X[100:], rows=64)
+    X64 = X.double()
+    assert torch.allclose(first, X64[:100].T @ X64[:100], rtol=1e-12, atol=1e-10)
+    assert torch.allclose(s.gram, X64.T @ X64, rtol=1e-12, atol=1e-10)
+    assert torch.equal(s.gram, s.gram.T)
+    assert torch.allclose(gram64(X), X64.T @ X64, rtol=1e-12, atol=1e-10)

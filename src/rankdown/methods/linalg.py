@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rankdown.stats import mirror_lower_, syrk_lower_
+
 log = logging.getLogger(__name__)
 
 
@@ -38,11 +40,12 @@ def _row_blocks(W: torch.Tensor, block_bytes: int = _BLOCK_BYTES):
 
 
 def gram64(W: torch.Tensor) -> torch.Tensor:
-    """``Wᵀ W`` (in, in) in float64, W: (out, in) in any float dtype."""
+    """``Wᵀ W`` (in, in) in float64, W: (out, in) in any float dtype (one block triangle summed,
+    then mirrored: about half the multiply-adds)."""
     G = torch.zeros(W.shape[1], W.shape[1], dtype=torch.float64, device=W.device)
     for _, blk in _row_blocks(W):
-        G.addmm_(blk.T, blk)
-    return G
+        syrk_lower_(G, blk)
+    return mirror_lower_(G)
 
 
 def mm64(W: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
