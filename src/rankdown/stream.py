@@ -212,8 +212,7 @@ class StreamedModel:
 
         with safe_open(self.weights.files[name], "pt") as f:
             stored = f.get_slice(name).get_dtype()
-        size = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}.get(stored)
-        return size is not None and size < torch.finfo(self.dtype).bits // 8
+        return stored in ("F16", "BF16", "F32", "F64") and _DTYPE_BYTES[stored] < torch.finfo(self.dtype).bits // 8
 
     def drop_outside(self) -> None:
         """Send the tensors outside the layers back to the meta device (they are copied from the
