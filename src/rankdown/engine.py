@@ -119,6 +119,47 @@ def capture(
 
 
 @dataclass
+class _Replay:
+    """The recorded inputs of a linear ``last`` that is the last operation of its parent module.
+
+    While nothing before it in the layer changes, the parent's output on batch ``b`` is
+    ``last(store[b])`` (with ``last`` as it is now: compressed or not), so a pass can skip running
+    the parent: its ``forward`` is swapped for :meth:`stub`. Whether ``last`` really ends its parent
+    is checked on the first batch of the pass that records it, against the parent's real output;
+    ``extra`` is the number of further (None) entries of the parent's output tuple, -1 for a tensor.
+    """
+
+    last: str
+    group: int
+    store: TensorStore
+    extra: int
+
+    @staticmethod
+    def check(out: Any, last: nn.Module, x: torch.Tensor) -> int | None:
+        """``extra`` for a parent whose real output is ``out`` on the batch where ``last`` saw
+        ``x``, or None when ``last(x)`` is not that output (or the tuple carries more than None)."""
+        y = out
+        if isinstance(out, tuple):
+            if not out or any(o is not None for o in out[1:]):
+                return None
+            y = out[0]
+        if not isinstance(y, torch.Tensor):
+            return None
+        with torch.no_grad():
+            z = last.forward(x.to(y.device))  # forward(): no hook fires twice
+        if z.shape != y.shape or not torch.allclose(z, y, rtol=1e-5, atol=1e-6 * float(y.abs().max().clamp_min(1e-30))):
+            return None
+        return len(out) - 1 if isinstance(out, tuple) else -1
+
+    def stub(self, last: nn.Module, b: int, device: torch.device) -> Callable:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            y = last(self.store[b].to(device))
+            return y if self.extra < 0 else (y, *([None] * self.extra))
+
+        return forward
+
+
+@dataclass
 class LayerContext:
     """One layer being compressed, with what the method may ask of the engine."""
 
@@ -132,6 +173,7 @@ class LayerContext:
     guards: dict[str, dict] = field(default_factory=dict)
     budget: MemoryBudget = field(default_factory=MemoryBudget)  # RAM allowed for activations (--max-memory)
     _outputs: TensorStore | None = field(default=None, repr=False)  # this layer's outputs, while still valid
+    _replays: dict[str, "_Replay"] = field(default_factory=dict, repr=False)  # parent path -> recorded inputs of its last linear
 
     def groups(self) -> list[list[str]]:
         return self.spec.groups(self.layer)
@@ -143,6 +185,36 @@ class LayerContext:
         self.layer.set_submodule(name, new)
         self.replaced[name] = module_spec(new)
         self._forget_outputs()
+        group = self._group_of(name)
+        for parent, rep in list(self._replays.items()):
+            # a replay stays exact while only its own last linear or what comes after its parent changes
+            if name != rep.last and (group is None or group <= rep.group):
+                self._forget_replay(parent)
+
+    def _group_of(self, name: str) -> int | None:
+        for i, group in enumerate(self.groups()):
+            if name in group:
+                return i
+        return None
+
+    def _forget_replay(self, parent: str) -> None:
+        rep = self._replays.pop(parent, None)
+        if rep is not None:
+            rep.store.clear()
+
+    def _forget_replays(self) -> None:
+        for parent in list(self._replays):
+            self._forget_replay(parent)
+
+    def _replay_units(self, names: list[str]) -> dict[str, tuple[str, int]]:
+        """Linears among ``names`` that are the last operation of a module of their own (o of the
+        attention, down of the MLP: a one-linear group with a parent below the layer): name ->
+        (parent path, group index). Only those can stand in for their parent (see :class:`_Replay`)."""
+        units = {}
+        for i, group in enumerate(self.groups()):
+            if len(group) == 1 and group[0] in names and "." in group[0]:
+                units[group[0]] = (group[0].rsplit(".", 1)[0], i)
+        return units
 
     def _forget_outputs(self) -> None:
         if self._outputs is not None:
@@ -155,12 +227,22 @@ class LayerContext:
     def _run(self, b: int) -> torch.Tensor:
         assert self.inputs is not None, "this method declared needs_calibration = False"
         h = self.inputs.hidden[b].to(self.device)
-        out = self.layer(h, *to_device(self.inputs.args[b], self.device), **to_device(self.inputs.kwargs[b], self.device))
+        stubbed = []
+        try:
+            for parent, rep in self._replays.items():
+                mod = self.layer.get_submodule(parent)
+                mod.forward = rep.stub(self.layer.get_submodule(rep.last), b, self.device)
+                stubbed.append(mod)
+            out = self.layer(h, *to_device(self.inputs.args[b], self.device), **to_device(self.inputs.kwargs[b], self.device))
+        finally:
+            for mod in stubbed:
+                mod.__dict__.pop("forward", None)
         return out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()
     def collect(
-        self, inputs: list[str], outputs: list[str] = (), gram: bool = True, keep_outputs: bool = False
+        self, inputs: list[str], outputs: list[str] = (), gram: bool = True, keep_outputs: bool = False,
+        replay: bool = False,
     ) -> tuple[dict[str, InputStats], dict[str, InputStats]]:
         """Float64 statistics of the inputs of linears ``inputs`` and of the outputs ``W x`` (bias
         left out) of linears ``outputs``, in ONE pass over the calibration batches.
@@ -174,12 +256,26 @@ class LayerContext:
 
         ``keep_outputs``: run every batch's forward to the end and keep the layer's outputs, so that
         :meth:`outputs` (the next layer's inputs) costs no second pass while no module is replaced.
+
+        ``replay``: also record the inputs of a collected linear that ends a module of its own (the
+        attention's o, the MLP's down), so that later passes over this layer compute that module as
+        its last linear applied to the recorded inputs instead of running it again (see
+        :class:`_Replay`): the sequential loop then runs the attention once, not four times.
         """
         ins: dict[str, InputStats] = {}
         outs = {n: InputStats(self.module(n).out_features, self.device, True) for n in outputs}
         shared: dict[int, tuple[torch.Tensor, InputStats]] = {}
         seen: set[tuple[str, str]] = set()
-        want = -1 if keep_outputs else len(inputs) + len(outputs)  # -1: never stop early
+        for parent, rep in list(self._replays.items()):  # a stubbed module must run to feed hooks inside it
+            if any(n.startswith(parent + ".") and n != rep.last for n in (*inputs, *outputs)):
+                self._forget_replay(parent)
+        units = self._replay_units([*inputs, *outputs]) if replay else {}
+        for name, (parent, _) in units.items():
+            self._forget_replay(parent)
+        records = {name: TensorStore(self.budget) for name in units}
+        checked: dict[str, int | None] = {}  # name -> length of its parent's output tuple (0: a tensor), None: no replay
+        batch = [0]
+        want_all = -1 if keep_outputs else len(inputs) + len(outputs)  # -1: never stop early
         kept = TensorStore(self.budget) if keep_outputs else None
         mask: list[torch.Tensor | None] = [None]
 
@@ -189,8 +285,25 @@ class LayerContext:
 
         def done(key: tuple[str, str]) -> None:
             seen.add(key)
+            # on the first batch the parents of the recorded linears are also awaited (checked)
+            want = want_all + (len(units) if batch[0] == 0 and want_all >= 0 else 0)
             if len(seen) == want:
                 raise _StopForward
+
+        def record_hook(name: str) -> Callable:
+            def pre(mod: nn.Module, a: tuple) -> None:
+                records[name].append(a[0].detach().contiguous())
+
+            return pre
+
+        def check_hook(name: str) -> Callable:
+            def post(mod: nn.Module, a: tuple, out: Any) -> None:
+                if batch[0] != 0:
+                    return
+                checked[name] = _Replay.check(out, self.module(name), records[name][0])
+                done(("parent", name))
+
+            return post
 
         def pre_hook(name: str) -> Callable:
             def pre(mod: nn.Module, a: tuple) -> None:
@@ -216,10 +329,14 @@ class LayerContext:
 
             return post
 
-        handles = [self.module(n).register_forward_pre_hook(pre_hook(n)) for n in inputs]
+        # recording first: a statistics hook may stop the forward
+        handles = [self.module(n).register_forward_pre_hook(record_hook(n)) for n in units]
+        handles += [self.module(n).register_forward_pre_hook(pre_hook(n)) for n in inputs]
         handles += [self.module(n).register_forward_hook(post_hook(n)) for n in outputs]
+        handles += [self.module(p).register_forward_hook(check_hook(n)) for n, (p, _) in units.items()]
         try:
             for b in range(len(self.inputs.hidden)):
+                batch[0] = b
                 seen.clear()
                 shared.clear()
                 m = self.inputs.masks[b]
@@ -234,10 +351,18 @@ class LayerContext:
         except BaseException:
             if kept is not None:
                 kept.clear()
+            for rec in records.values():
+                rec.clear()
             raise
         finally:
             for h in handles:
                 h.remove()
+        for name, (parent, group) in units.items():
+            if checked.get(name) is not None and len(records[name]) == len(self.inputs.hidden):
+                self._replays[parent] = _Replay(name, group, records[name], checked[name])
+            else:
+                log.debug("%s.%s: not the last operation of %s, no replay", self.prefix, name, parent)
+                records[name].clear()
         if kept is not None:
             self._forget_outputs()
             self._outputs = kept
@@ -247,9 +372,9 @@ class LayerContext:
         distributed.all_reduce_stats([ins[n] for n in inputs] + [outs[n] for n in outputs])
         return ins, outs
 
-    def collect_inputs(self, names: list[str], gram: bool = True) -> dict[str, InputStats]:
+    def collect_inputs(self, names: list[str], gram: bool = True, replay: bool = False) -> dict[str, InputStats]:
         """Input statistics of the named linears (see :meth:`collect`)."""
-        return self.collect(names, (), gram)[0]
+        return self.collect(names, (), gram, replay=replay)[0]
 
     def collect_outputs(self, names: list[str]) -> dict[str, InputStats]:
         """Output statistics of the named linears (see :meth:`collect`)."""
@@ -325,6 +450,7 @@ def walk_layers(
                 else:
                     nxt = None
                     ctx._forget_outputs()  # kept by a collect of the last layer: not needed
+                ctx._forget_replays()
                 hidden.clear()
                 hidden = nxt
             if source is not None:

@@ -85,7 +85,7 @@ class Method:
             names = [n for n in group if n in ranks]
             if not names:
                 continue
-            stats = ctx.collect_inputs(names, gram=self.needs_gram) if self.needs_calibration else {}
+            stats = ctx.collect_inputs(names, gram=self.needs_gram, replay=True) if self.needs_calibration else {}
             for name in names:
                 linear = ctx.module(name)
                 A, B, guard = self.factorize(linear.weight.detach(), stats.get(name), ranks[name])

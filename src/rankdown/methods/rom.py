@@ -126,15 +126,16 @@ class ROM(Method):
     config: ROMConfig
 
     def _moments(
-        self, ctx: "LayerContext", names: list[str], keep_outputs: bool = False
+        self, ctx: "LayerContext", names: list[str], keep_outputs: bool = False, replay: bool = False,
     ) -> dict[str, tuple[InputStats, str]]:
         """Statistics of the named linears (name -> (stats, space)), in one pass (which also keeps
-        the layer's outputs when ``keep_outputs``: the statistics pass then runs each layer once)."""
+        the layer's outputs when ``keep_outputs``: the statistics pass then runs each layer once;
+        ``replay``: see :meth:`rankdown.engine.LayerContext.collect`)."""
         spaces = {n: _space(ctx.module(n)) for n in names}
         found: dict[str, tuple[InputStats, str]] = {}
         ins = [n for n in names if spaces[n] == "in"]
         outs = [n for n in names if spaces[n] == "out"]
-        in_stats, out_stats = ctx.collect(ins, outs, keep_outputs=keep_outputs)  # one pass over the batches for both kinds
+        in_stats, out_stats = ctx.collect(ins, outs, keep_outputs=keep_outputs, replay=replay)  # one pass over the batches for both kinds
         found.update({n: (s, "in") for n, s in in_stats.items()})
         found.update({n: (s, "out") for n, s in out_stats.items()})
         return found
@@ -161,7 +162,7 @@ class ROM(Method):
             names = [n for n in group if n in ranks]
             if not names:
                 continue
-            moments, roots = self._moments(ctx, names), {}
+            moments, roots = self._moments(ctx, names, replay=True), {}
             for name in names:
                 linear = ctx.module(name)
                 stats, space = moments.pop(name)

@@ -33,7 +33,7 @@ class SVDLLM(Method):
             if not names:
                 continue
             narrow = all(ctx.module(n).out_features < ctx.module(n).in_features for n in names)
-            ins, outs = ctx.collect((), names) if narrow else (ctx.collect_inputs(names), {})
+            ins, outs = ctx.collect((), names, replay=True) if narrow else (ctx.collect_inputs(names, replay=True), {})
             for name in names:
                 W = ctx.module(name).weight.detach()
                 out = outs.get(name)
