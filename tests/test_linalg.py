@@ -224,6 +224,28 @@ def test_output_spectrum_is_the_same_from_a_cholesky_or_a_symmetric_root(definit
         assert torch.allclose(P, V @ V.T, atol=1e-8)
 
 
+@pytest.mark.parametrize("k", [6, 9, 16])
+def test_output_eig_in_vectors_are_orthonormal_with_or_without_the_qr(k, monkeypatch):
+    """Kept eigenvalues well above 0 (k <= rank 9): ``M p / σ`` is used as it is; a zero one among
+    them (k = 16): a QR orthonormalises and completes. Either way orthonormal columns spanning W S
+    Wᵀ's leading subspace, and the same as what the QR gives."""
+    from rankdown.methods import linalg
+
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(9, 16, dtype=torch.float64, generator=g) * torch.logspace(0, -3, 16, dtype=torch.float64)
+    S = X.T @ X
+    W = torch.randn(48, 16, dtype=torch.float64, generator=g)
+    s2, U, _ = linalg.output_eig_in(W, S, k)
+    assert U.shape == (48, k)
+    assert torch.allclose(U.T @ U, torch.eye(k, dtype=torch.float64), atol=1e-10)
+    monkeypatch.setattr(linalg, "_QR_BELOW", float("inf"))  # always the QR
+    _, Q, _ = linalg.output_eig_in(W, S, k)
+    top = min(k, 9)
+    assert torch.allclose(U[:, :top] @ U[:, :top].T, Q[:, :top] @ Q[:, :top].T, atol=1e-9)
+    ref = torch.linalg.eigh(W @ S @ W.T).eigenvectors.flip(1)[:, :6]
+    assert torch.allclose(U[:, :6] @ U[:, :6].T, ref @ ref.T, atol=1e-8)
+
+
 @pytest.mark.parametrize("d", [1, 7, 513, 2048, 4500])
 def test_block_triangle_gram_equals_the_full_product(d):
     """InputStats and gram64 sum one block triangle of Xᵀ X and mirror it: the same symmetric
