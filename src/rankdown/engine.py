@@ -143,8 +143,10 @@ class _Replay:
             if not out or any(o is not None for o in out[1:]):
                 return None
             y = out[0]
-        if not isinstance(y, torch.Tensor):
+        if not isinstance(y, torch.Tensor) or y.shape[:-1] != x.shape[:-1]:
             return None
+        rows = slice(0, 16)  # a few rows tell: on the whole batch the check cost a third of a pass
+        x, y = x.reshape(-1, x.shape[-1])[rows], y.reshape(-1, y.shape[-1])[rows]
         with torch.no_grad():
             z = last.forward(x.to(y.device))  # forward(): no hook fires twice
         if z.shape != y.shape or not torch.allclose(z, y, rtol=1e-5, atol=1e-6 * float(y.abs().max().clamp_min(1e-30))):
