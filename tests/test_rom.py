@@ -342,3 +342,18 @@ def test_the_statistics_pass_runs_each_layer_once_and_hands_on_the_same_outputs(
     again = method._spectra(targets, _dense_walk(model))
     assert kept.keys() == again.keys()
     assert all(torch.equal(kept[k], again[k]) for k in kept)
+
+
+def test_the_spectra_pass_reads_only_the_first_spectra_tokens():
+    """--spectra-tokens N: the global allocation's statistics pass reads the first windows holding N
+    tokens (here 2 of 8 windows of 32): the same spectra as a pass over those windows alone; 0 reads all."""
+    model = tiny_model("llama")
+    targets = find_targets(model, spec_for(model))
+    capped = ROM(make_config("rom", ratio=0.3, spectra_tokens=64))._spectra(targets, _dense_walk(model))
+    first = ROM(make_config("rom", ratio=0.3, spectra_tokens=0))._spectra(targets, _dense_walk(model, IDS[:2]))
+    every = ROM(make_config("rom", ratio=0.3, spectra_tokens=0))._spectra(targets, _dense_walk(model))
+    assert capped.keys() == first.keys() == every.keys()
+    assert all(torch.equal(capped[k], first[k]) for k in capped)
+    assert not all(torch.allclose(capped[k], every[k]) for k in capped)
+    with pytest.raises(ConfigError, match="spectra_tokens"):
+        make_config("rom", spectra_tokens=-1).validate()

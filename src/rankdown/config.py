@@ -122,6 +122,11 @@ class ROMConfig(MethodConfig):
     last_k: int | None = _f(
         None, "last-k allocation: number of final layers to compress (default: the smallest K at module budget >= 0.33)"
     )
+    spectra_tokens: int = _f(
+        32768,
+        "global allocation: calibration tokens its statistics pass reads at most (the first windows; 0: all). "
+        "The spectra only set the ranks; the compression itself reads every token",
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -134,6 +139,8 @@ class ROMConfig(MethodConfig):
                 raise ConfigError(f"last_k is only used by --allocation last-k, not {self.allocation!r}")
             if self.last_k < 1:
                 raise ConfigError(f"last_k must be >= 1, got {self.last_k}")
+        if not isinstance(self.spectra_tokens, int) or self.spectra_tokens < 0:
+            raise ConfigError(f"spectra_tokens must be an integer >= 0 (0: all tokens), got {self.spectra_tokens!r}")
 
 
 LILLAMA_STRATEGIES = ("bottom", "top", "uniform")

@@ -546,9 +546,10 @@ class PlanContext:
         # under torchrun, process 0's cache decides for all (a hit on one, a miss on another would hang)
         return distributed.from_main(lambda c: self.stats_cache.get_or_compute(key, c), compute)
 
-    def walk_dense(self, visit: Callable[[LayerContext], None]) -> None:
+    def walk_dense(self, visit: Callable[[LayerContext], None], max_tokens: int = 0) -> None:
         """Call ``visit`` on every layer of the still-dense model, each fed the dense outputs of the
         one before. ``visit`` may only collect statistics; a visit that replaces a module fails.
+        ``max_tokens`` > 0: only the first calibration rows holding that many real tokens.
         """
 
         def guarded(ctx: LayerContext) -> None:
@@ -557,7 +558,11 @@ class PlanContext:
                 raise RuntimeError(f"{ctx.prefix}: a planning visit must not replace modules ({list(ctx.replaced)})")
 
         data = self.calibration()
-        walk_layers(self.model, self.spec, guarded, data.input_ids, data.attention_mask, self.batch_size,
+        ids, mask = data.input_ids, data.attention_mask
+        if max_tokens > 0:
+            rows = int((mask.sum(1).cumsum(0) < max_tokens).sum()) + 1
+            ids, mask = ids[:rows], mask[:rows]
+        walk_layers(self.model, self.spec, guarded, ids, mask, self.batch_size,
                     self.device, "statistics", self.progress, self.budget, self.source)
 
 
