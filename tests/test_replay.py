@@ -24,7 +24,10 @@ def _compress(family, method, replay, monkeypatch, attn=None):
     model = tiny_model(family)
     if attn is not None:
         model.config._attn_implementation = attn
-    calls = {"attn": 0, "mlp": 0}
+    calls = {"attn": 0, "mlp": 0, "dense_gate": 0}
+    if family == "llama":  # a hook goes with the module it is on: counts the dense gate's calls
+        for layer in model.model.layers:
+            layer.mlp.gate_proj.register_forward_hook(lambda *a: calls.__setitem__("dense_gate", calls["dense_gate"] + 1))
     with monkeypatch.context() as m:
         if not replay:
             m.setattr(LayerContext, "_replay_units", lambda self, names: {})
@@ -54,8 +57,9 @@ def test_replay_runs_attention_and_mlp_twice_per_layer_not_five_and_three_times(
     # per batch, passes [q,k,v], [o], [gate,up], [down] and the outputs (not of the last layer): the
     # attention runs in all of them without the replay (5 + 4), in the first 2 with it; the MLP in
     # the last 3 (3 + 2), or only in [gate,up] and [down]
-    assert full_calls == {"attn": 2 * (5 + 4), "mlp": 2 * (3 + 2)}
-    assert fast_calls == {"attn": 2 * (2 + 2), "mlp": 2 * (2 + 2)}
+    # the dense gate never runs: [gate,up] stops at gate's input, which is up's too
+    assert full_calls == {"attn": 2 * (5 + 4), "mlp": 2 * (3 + 2), "dense_gate": 0}
+    assert fast_calls == {"attn": 2 * (2 + 2), "mlp": 2 * (2 + 2), "dense_gate": 0}
     assert _same(full, fast)
 
 
@@ -64,7 +68,7 @@ def test_no_replay_where_the_module_returns_more_than_its_output(monkeypatch):
     the MLP is still replayed, and the model is the same."""
     full, _ = _compress("llama", "svd-llm", False, monkeypatch, attn="eager")
     fast, calls = _compress("llama", "svd-llm", True, monkeypatch, attn="eager")
-    assert calls == {"attn": 2 * (5 + 4), "mlp": 2 * (2 + 2)}
+    assert calls == {"attn": 2 * (5 + 4), "mlp": 2 * (2 + 2), "dense_gate": 0}
     assert _same(full, fast)
 
 
@@ -84,5 +88,5 @@ def test_replay_is_checked_against_the_real_module(monkeypatch):
     monkeypatch.setattr(cls, "forward", scaled)
     full, _ = _compress("llama", "svd-llm", False, monkeypatch)
     fast, calls = _compress("llama", "svd-llm", True, monkeypatch)
-    assert calls == {"attn": 2 * (2 + 2), "mlp": 2 * (3 + 2)}
+    assert calls == {"attn": 2 * (2 + 2), "mlp": 2 * (3 + 2), "dense_gate": 0}
     assert _same(full, fast)

@@ -249,8 +249,10 @@ class LayerContext:
         """Float64 statistics of the inputs of linears ``inputs`` and of the outputs ``W x`` (bias
         left out) of linears ``outputs``, in ONE pass over the calibration batches.
 
-        Input statistics: linears fed the same tensor (q, k, v) share one :class:`InputStats`; a
-        linear that saw no token (an expert never routed to) gets empty ones. Output statistics:
+        Input statistics: linears fed the same tensor (q, k, v) share one :class:`InputStats` (and
+        when all of ``inputs`` are of one group, which shares its input by definition, the first one's
+        hook stands for all: the forward does not run gate to reach up); a linear that saw no token
+        (an expert never routed to) gets empty ones. Output statistics:
         ``gram`` is ``C_out = Σ (Wx)(Wx)ᵀ`` (out, out), ``mean`` is ``W μ_in`` — the cheaper choice
         for a linear with ``out <= in``. Padding rows are left out; each batch's forward stops once
         every hook has fired. Under torchrun the statistics are summed over the processes before
@@ -275,6 +277,10 @@ class LayerContext:
         for name, (parent, _) in units.items():
             self._forget_replay(parent)
         records = {name: TensorStore(self.budget) for name in units}
+        # linears of one group share their input (q, k, v; gate, up), experts aside: the first one's
+        # pre-hook stands for all, so the forward need not run gate to reach up's hook
+        same = (len(inputs) > 1 and self.spec.experts is None
+                and any(set(inputs) <= set(g) for g in self.groups()))
         checked: dict[str, int | None] = {}  # name -> length of its parent's output tuple (0: a tensor), None: no replay
         batch = [0]
         want_all = -1 if keep_outputs else len(inputs) + len(outputs)  # -1: never stop early
@@ -317,6 +323,10 @@ class LayerContext:
                     s = ins.get(name) or InputStats(x.shape[-1], self.device, gram)
                     add(s, x)
                     ins[name] = shared.setdefault(id(x), (x, s))[1]
+                if same:
+                    for n in inputs:
+                        ins.setdefault(n, ins[name])
+                        seen.add(("in", n))
                 done(("in", name))
 
             return pre
