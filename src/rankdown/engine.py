@@ -270,18 +270,16 @@ class LayerContext:
         outs = {n: InputStats(self.module(n).out_features, self.device, True) for n in outputs}
         shared: dict[int, tuple[torch.Tensor, InputStats]] = {}
         seen: set[tuple[str, str]] = set()
-        for parent, rep in list(self._replays.items()):  # a stubbed module must run to feed hooks inside it
-            if any(n.startswith(parent + ".") and n != rep.last for n in (*inputs, *outputs)):
+        for parent in list(self._replays):  # a module with hooks inside it runs (and is recorded) afresh
+            if any(n.startswith(parent + ".") for n in (*inputs, *outputs)):
                 self._forget_replay(parent)
         units = self._replay_units([*inputs, *outputs]) if replay else {}
-        for name, (parent, _) in units.items():
-            self._forget_replay(parent)
         records = {name: TensorStore(self.budget) for name in units}
         # linears of one group share their input (q, k, v; gate, up), experts aside: the first one's
         # pre-hook stands for all, so the forward need not run gate to reach up's hook
         same = (len(inputs) > 1 and self.spec.experts is None
                 and any(set(inputs) <= set(g) for g in self.groups()))
-        checked: dict[str, int | None] = {}  # name -> length of its parent's output tuple (0: a tensor), None: no replay
+        checked: dict[str, int | None] = {}  # name -> _Replay.extra of its parent, None: no replay
         batch = [0]
         want_all = -1 if keep_outputs else len(inputs) + len(outputs)  # -1: never stop early
         kept = TensorStore(self.budget) if keep_outputs else None
