@@ -95,7 +95,9 @@ def child_compress(args: argparse.Namespace) -> dict:
 
 
 def child_forward(args: argparse.Namespace) -> dict:
-    """One no-grad forward of the dense model over the calibration tokens, layer by layer from disk."""
+    """One no-grad forward of the dense model's decoder layers over the calibration tokens, layer by
+    layer from disk (every layer: until session 7 the last one was left out, as the walk skips the
+    outputs no next layer reads, which made the compress/forward ratios L/(L-1) too large)."""
     import torch
 
     from rankdown import io
@@ -108,11 +110,22 @@ def child_forward(args: argparse.Namespace) -> dict:
     streamed = StreamedModel(args.model, torch.float32)
     tok = io.load_tokenizer(args.model)
     data = calibration_data(tok, "reference", nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
+    ran: list[int] = []
+
+    def visit(ctx) -> None:
+        # the walk computes a layer's outputs only when a next layer needs them: asked here, so the
+        # last layer runs too (the embedding is run, the final norm and head are left out)
+        ctx.outputs()
+        ran.append(ctx.index)
+
     t0 = time.perf_counter()
     with MemoryBudget(parse_bytes(args.max_memory)) as budget:
         PlanContext(streamed.model, streamed.spec, lambda: data, args.batch_size, "cpu", False, budget, streamed).walk_dense(
-            lambda ctx: None)
-    return {"seconds": time.perf_counter() - t0, "peak_rss": _peak_rss()}
+            visit)
+    seconds = time.perf_counter() - t0
+    if ran != list(range(streamed.model.config.num_hidden_layers)):
+        raise RuntimeError(f"the forward ran layers {ran}, not all of them")
+    return {"seconds": seconds, "peak_rss": _peak_rss(), "layers_run": len(ran)}
 
 
 def main() -> None:
