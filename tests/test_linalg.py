@@ -164,6 +164,21 @@ def test_lean_nystrom_equals_the_textbook_formulas():
     S2, X2, guard2 = nystrom_mlp(W, raw, k, 1e-3, scale=1.0 / rows, consume=True, block=64)
     assert torch.equal(S2, S_ref) and torch.allclose(X2, X_ref, rtol=1e-8, atol=1e-10)
     assert guard2.value == pytest.approx(lam) and not torch.equal(raw, H.T @ H)  # consumed
+    # from statistics that hand over only their lower triangle (the rest never written): poisoned
+    # above the diagonal, the same result, and the statistics let go of it
+    from rankdown.stats import InputStats
+
+    stats = InputStats(n, gram=True)
+    stats.add(H, rows=128)
+    lower = stats.take_gram(lower=True)
+    assert stats._gram is None
+    with pytest.raises(ValueError, match="no correlation"):
+        stats.second_moment
+    assert torch.allclose(lower.tril(), (H.T @ H).tril(), rtol=1e-12, atol=1e-9)
+    upper = torch.ones(n, n, dtype=torch.bool).triu(1)
+    lower[upper] = float("nan")
+    S4, X4, _ = nystrom_mlp(W, lower, k, 1e-3, scale=1.0 / rows, consume=True, block=64)
+    assert torch.equal(S4, S_ref) and torch.allclose(X4, X_ref, rtol=1e-8, atol=1e-10)
     S3, X3, _ = nystrom_mlp(W, C, n, 1e-3, block=64)  # every channel kept: no row moves, a square QR
     X3_ref = torch.linalg.solve(C + lam * torch.eye(n, dtype=torch.float64), C @ W64.T).T
     assert torch.equal(S3, torch.arange(n)) and torch.allclose(X3, X3_ref, rtol=1e-8, atol=1e-10)

@@ -19,6 +19,18 @@ def syrk_lower_(G: torch.Tensor, X: torch.Tensor) -> None:
         G[a:, a : a + b].addmm_(X[:, a:].T, X[:, a : a + b])
 
 
+def zeros_lower(dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A (dim, dim) float64 matrix whose lower block triangle (what :func:`syrk_lower_` adds to)
+    is zero and the rest unwritten: left untouched, those pages are never made resident, so a large
+    correlation costs about 0.6 of its size in memory until it is mirrored (MoDeGPT's intermediate²:
+    about 150 MB of 254 during the pass that fills it)."""
+    G = torch.empty(dim, dim, dtype=torch.float64, device=device)
+    b = _block(dim)
+    for a in range(0, dim, b):
+        G[a:, a : a + b].zero_()
+    return G
+
+
 def mirror_lower_(G: torch.Tensor) -> torch.Tensor:
     """Make G exactly symmetric from its lower triangle (after :func:`syrk_lower_`), in place, a
     block at a time. Returns G."""
@@ -40,8 +52,8 @@ class InputStats:
         self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
         self.abs_sum = torch.zeros(dim, dtype=torch.float64, device=device)
         # the (dim, dim) correlation dominates the cost; methods that only need means skip it
-        self._gram = torch.zeros(dim, dim, dtype=torch.float64, device=device) if gram else None
-        self._mirrored = True
+        self._gram = zeros_lower(dim, device) if gram else None
+        self._mirrored = False  # the block triangle above the diagonal is unwritten until mirrored
 
     @property
     def gram(self) -> torch.Tensor | None:
@@ -64,6 +76,18 @@ class InputStats:
                 syrk_lower_(self._gram, part)
                 self._mirrored = False
 
+    def take_gram(self, lower: bool = False) -> torch.Tensor:
+        """``Σ x xᵀ`` (dim, dim), handed over: these statistics drop their reference, so a consumer
+        that works in its storage (MoDeGPT's in-place Cholesky) frees it when it is done instead
+        of leaving it resident until the statistics go. The statistics hold no correlation after.
+        ``lower``: only the lower triangle (diagonal included) is valid, the rest is unwritten
+        memory; for a consumer that reads no more (LAPACK's Cholesky), saving the mirror's pages."""
+        if self._gram is None:
+            raise ValueError("these statistics hold no correlation matrix (collected with gram=False, or taken)")
+        G = self._gram if lower else self.gram
+        self._gram = None
+        return G
+
     @property
     def mean(self) -> torch.Tensor:
         return self.sum / max(self.n, 1)
@@ -76,5 +100,5 @@ class InputStats:
     def second_moment(self) -> torch.Tensor:
         """``C / n``: (dim, dim)."""
         if self._gram is None:
-            raise ValueError("these statistics were collected without the correlation matrix (gram=False)")
+            raise ValueError("these statistics hold no correlation matrix (collected with gram=False, or taken)")
         return self.gram / max(self.n, 1)

@@ -86,7 +86,8 @@ def nystrom_mlp(
     """Type I: kept channels ``S`` (k,) ascending and the re-fitted down projection (d, k).
 
     W_down: (d, n) in any float dtype; C: (n, n) float64 correlation of the intermediate
-    activations, times ``1/scale`` (the raw sum may be passed). ``λ = ridge·mean diag(C)``; the
+    activations, times ``1/scale`` (the raw sum may be passed); only its lower triangle is read,
+    the rest may be unwritten memory (:meth:`~rankdown.stats.InputStats.take_gram`). ``λ = ridge·mean diag(C)``; the
     channels are the top-k ridge leverage scores ``diag(C (C + λI)⁻¹)``, and
     ``W_down[:, all] C[:, S] (C[S, S] + λI)⁻¹`` is the ridge least-squares map from them to the
     full output. Channels that never fire score 0 and go first.
@@ -113,12 +114,14 @@ def nystrom_mlp(
     S = torch.sort(torch.topk(scores, k).indices).values
     d = W_down.shape[0]
     Y = torch.empty(k, d, dtype=torch.float64, device=L.device)  # (C + λI)[S, :] W_downᵀ = L[S] (W_down L)ᵀ
-    for r in range(0, d, block):
-        T = mm64(W_down[r : r + block], L)  # (block, n) rows of W_down L
+    rows = max(1, block // 2)  # T and mm64's float64 copy of W_down's rows: (rows, n) each, at the peak
+    for r in range(0, d, rows):
+        T = mm64(W_down[r : r + rows], L)  # (rows, n) rows of W_down L
         for a in range(0, k, block):
-            torch.mm(L[S[a : a + block]], T.T, out=Y[a : a + block, r : r + block])
+            torch.mm(L[S[a : a + block]], T.T, out=Y[a : a + block, r : r + rows])
     del T
-    Y -= lam * W_down[:, S].T.to(torch.float64)  # C[S, :] W_downᵀ
+    for r in range(0, d, block):  # C[S, :] W_downᵀ, a block of W_down's rows at a time (no (k, d) copy)
+        Y[:, r : r + block].sub_(W_down[r : r + block, S.to(W_down.device)].T, alpha=lam)
     for a in range(0, k, block):  # rows S of L moved to the top: S ascends, so row S[i] ≥ i is still unread
         rows = S[a : a + block]
         L[a : a + rows.numel()] = L[rows]
@@ -394,8 +397,9 @@ class ModeGPT(Method):
     def _mlp(self, ctx: "LayerContext", stats: "InputStats", k: int) -> None:
         spec = ctx.spec
         down = ctx.module(spec.mlp_out)
-        # the raw sum, consumed: its only user, and the largest matrix of the layer (intermediate²)
-        S, W_new, guard = nystrom_mlp(down.weight.detach(), stats.gram, k, self.config.ridge, 1.0 / max(stats.n, 1),
+        # the raw sum, taken from the statistics and consumed: its only user, and the largest matrix
+        # of the layer (intermediate²); freed when the factorisation returns, before the new modules
+        S, W_new, guard = nystrom_mlp(down.weight.detach(), stats.take_gram(lower=True), k, self.config.ridge, 1.0 / max(stats.n, 1),
                                       consume=True)
         _check_finite(ctx, spec.mlp_out, W_new, None)
         w0 = down.weight
