@@ -67,6 +67,25 @@ def test_compare_speed_ratios_follow_figures():
     assert r["model_bytes_ratio"] == pytest.approx(h["model_bytes"] / d["model_bytes"])
 
 
+@pytest.mark.parametrize("statistic", ["min", "median"])
+def test_figures_are_the_fastest_run_or_the_median(monkeypatch, statistic):
+    """The repeats of a run become one figure by the statistic asked; the other is kept beside it."""
+    import rankdown.eval.speed as sp
+
+    times = iter([(9.0, 9.0), (3.0, 6.0), (1.0, 8.0), (2.0, 2.0)])  # warm-up, then 3 repeats
+    monkeypatch.setattr(sp, "_run_once", lambda m, ids, n: (*next(times), None))
+    res = sp.compare_speed({"m": tiny_model("llama")}, batch_size=1, prompt_len=4, new_tokens=2, repeats=3,
+                           statistic=statistic)
+    f = res["models"]["m"]
+    want = {"min": (1.0, 2.0), "median": (2.0, 6.0)}
+    other = "median" if statistic == "min" else "min"
+    assert (f["prefill_ms"], f["decode_ms"]) == tuple(1000 * t for t in want[statistic])
+    assert (f[f"prefill_ms_{other}"], f[f"decode_ms_{other}"]) == tuple(1000 * t for t in want[other])
+    assert f["prefill_tok_s"] == 4 / want[statistic][0] and res["settings"]["statistic"] == statistic
+    with pytest.raises(ConfigError, match="statistic must be one of min, median"):
+        sp.compare_speed({"m": tiny_model("llama")}, statistic="mean")
+
+
 def test_bad_settings_and_encoders_are_user_errors():
     with pytest.raises(ConfigError, match="batch_size"):
         speed(tiny_model("llama"), batch_size=0)

@@ -270,7 +270,7 @@ def _eval_speed(args: argparse.Namespace, model: Any) -> list[dict[str, Any]]:
     if args.baseline is not None:
         cols += ["prefill_x", "decode_x", "latency_x", "model_mem_x"]
     kind = runs[0]["models"]["model"]["peak_mem_kind"]
-    print(f"speed: {args.new_tokens} greedy decode steps after the prompt, median of {args.repeats} runs"
+    print(f"speed: {args.new_tokens} greedy decode steps after the prompt, fastest of {args.repeats} runs"
           f"{', models alternating' if args.baseline else ''}; peak_mem = {kind.replace('_', ' ')}")
     print(table(rows, cols))
     return runs
@@ -489,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", default="1", help="with --speed: batch sizes, comma-separated (default 1)")
     p.add_argument("--lengths", default="512", help="with --speed: prompt lengths, comma-separated (default 512)")
     p.add_argument("--new-tokens", type=int, default=64, help="with --speed: decode steps (default 64)")
-    p.add_argument("--repeats", type=int, default=3, help="with --speed: measured runs, median kept (default 3)")
+    p.add_argument("--repeats", type=int, default=3, help="with --speed: measured runs, the fastest kept (default 3)")
     p.add_argument("--device", default=None)
     common(p)
     p.set_defaults(func=cmd_eval)
@@ -518,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed-batch-size", type=int, default=1)
     p.add_argument("--speed-prompt-len", type=int, default=256)
     p.add_argument("--speed-new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3, help="speed runs per model, median kept")
+    p.add_argument("--repeats", type=int, default=3, help="speed runs per model, the fastest kept")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     common(p)
     p.set_defaults(func=cmd_bench)
