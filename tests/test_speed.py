@@ -45,6 +45,21 @@ def test_decode_with_cache_matches_greedy_generate():
     assert torch.equal(tokens, ref[:, 12:])
 
 
+def test_models_take_turns_at_every_call():
+    """compare_speed's runs alternate the models at the prefill and at every decode step."""
+    from rankdown.eval.speed import _run_lockstep
+
+    models = {"a": tiny_model("llama"), "b": tiny_model("llama")}
+    calls = []
+    for name, m in models.items():
+        m.register_forward_pre_hook(lambda mod, args, name=name: calls.append(name))
+    ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        res = _run_lockstep(models, ids, 4)
+    assert calls == ["a", "b"] * 5
+    assert all(p > 0 and d > 0 for p, d in res.values())
+
+
 def test_compare_speed_ratios_follow_figures():
     dense = tiny_model("llama")
     half = copy.deepcopy(dense)
@@ -73,7 +88,7 @@ def test_figures_are_the_fastest_run_or_the_median(monkeypatch, statistic):
     import rankdown.eval.speed as sp
 
     times = iter([(9.0, 9.0), (3.0, 6.0), (1.0, 8.0), (2.0, 2.0)])  # warm-up, then 3 repeats
-    monkeypatch.setattr(sp, "_run_once", lambda m, ids, n: (*next(times), None))
+    monkeypatch.setattr(sp, "_run_lockstep", lambda models, ids, n: {name: next(times) for name in models})
     res = sp.compare_speed({"m": tiny_model("llama")}, batch_size=1, prompt_len=4, new_tokens=2, repeats=3,
                            statistic=statistic)
     f = res["models"]["m"]

@@ -9,10 +9,11 @@ token of every row and the cache back in (no early stop: the count is fixed). Re
 * ``decode_tok_s``: ``batch_size * new_tokens / decode seconds``;
 * ``latency_ms_per_token``: decode milliseconds per step (one new token for each row);
 * ``peak_mem_bytes``: on CPU the largest resident set size (RSS) of the whole process sampled
-  every few milliseconds during the measured runs (so it includes everything else the process
-  holds, e.g. other models); on CUDA ``torch.cuda.max_memory_allocated`` since a reset before
+  every few milliseconds during one more run after the timed ones (so that the sampling thread,
+  which takes the interpreter lock each time, does not slow a timed run; the figure includes
+  everything else the process holds, e.g. other models); on CUDA ``torch.cuda.max_memory_allocated`` since a reset before
   the measured runs (again device-wide). ``peak_extra_bytes`` is that peak minus the level just
-  before the measured runs (activations and cache; on CPU the allocator often reuses memory freed
+  before that run (activations and cache; on CPU the allocator often reuses memory freed
   by the warm-up, so it can be near 0), ``model_bytes`` the model's parameters and buffers.
 
 Every run is repeated ``repeats`` times after one warm-up run. The figures use each model's
@@ -20,8 +21,8 @@ fastest run (``statistic="min"``, the default, as :mod:`timeit` advises: other w
 only ever makes a run slower, so the fastest is the closest to the model's own cost) or the median
 (``statistic="median"``); the other one is kept too, as ``prefill_ms_median`` / ``decode_ms_median``
 or ``prefill_ms_min`` / ``decode_ms_min``. Figures depend on the machine and its load: compare
-models measured in the same run (:func:`compare_speed` alternates them), not figures from
-different runs.
+models measured in the same run (:func:`compare_speed` has them take turns at every prefill and
+every decode step), not figures from different runs.
 """
 
 from __future__ import annotations
@@ -145,33 +146,65 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _Decoding:
+    """One prompt batch through one model, a call at a time: :meth:`prefill`, then :meth:`step` for
+    each greedy decode step with the model's own KV cache; each returns its seconds."""
+
+    def __init__(self, model: nn.Module, input_ids: torch.Tensor, new_tokens: int) -> None:
+        self.model, self.input_ids, self.device = model, input_ids, input_ids.device
+        b, self.length = input_ids.shape
+        self.mask = torch.ones((b, self.length + new_tokens), dtype=torch.long, device=self.device)
+        self.key = _cache_argument(model)
+        self.cache: Any = None
+        self.tokens: list[torch.Tensor] = []
+
+    def _next(self, out: Any) -> None:
+        self.cache = _cache_of(out)
+        if self.cache is None or getattr(out, "logits", None) is None:
+            raise UnsupportedModelError(f"{type(self.model).__name__} returned no logits or no KV cache: speed is "
+                                        "measured on causal LMs that decode with a cache")
+        self.tokens.append(out.logits[:, -1, :].argmax(-1, keepdim=True))  # (b, 1)
+
+    def prefill(self) -> float:
+        _sync(self.device)
+        t0 = time.perf_counter()
+        out = self.model(input_ids=self.input_ids, attention_mask=self.mask[:, : self.length], use_cache=True)
+        self._next(out)
+        _sync(self.device)
+        return time.perf_counter() - t0
+
+    def step(self) -> float:
+        seen = self.length + len(self.tokens)
+        _sync(self.device)
+        t0 = time.perf_counter()
+        out = self.model(input_ids=self.tokens[-1], attention_mask=self.mask[:, :seen], use_cache=True,
+                         **{self.key: self.cache})
+        self._next(out)
+        _sync(self.device)
+        return time.perf_counter() - t0
+
+
 def _run_once(model: nn.Module, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, float, torch.Tensor]:
     """(prefill seconds, decode seconds, tokens) of one prompt batch ``input_ids`` (b, L) and
     ``new_tokens`` greedy steps with the model's own KV cache; tokens: (b, new_tokens + 1), the
     prefill's argmax and every decode step's."""
-    device = input_ids.device
-    b, length = input_ids.shape
-    mask = torch.ones((b, length + new_tokens), dtype=torch.long, device=device)
-    _sync(device)
-    t0 = time.perf_counter()
-    out = model(input_ids=input_ids, attention_mask=mask[:, :length], use_cache=True)
-    cache = _cache_of(out)
-    key = _cache_argument(model)
-    if cache is None or getattr(out, "logits", None) is None:
-        raise UnsupportedModelError(f"{type(model).__name__} returned no logits or no KV cache: speed is "
-                                    "measured on causal LMs that decode with a cache")
-    token = out.logits[:, -1, :].argmax(-1, keepdim=True)  # (b, 1)
-    tokens = [token]
-    _sync(device)
-    t1 = time.perf_counter()
-    for step in range(new_tokens):
-        out = model(input_ids=token, attention_mask=mask[:, : length + step + 1], use_cache=True, **{key: cache})
-        cache = _cache_of(out)
-        token = out.logits[:, -1, :].argmax(-1, keepdim=True)
-        tokens.append(token)
-    _sync(device)
-    t2 = time.perf_counter()
-    return t1 - t0, t2 - t1, torch.cat(tokens, dim=1)
+    run = _Decoding(model, input_ids, new_tokens)
+    prefill = run.prefill()
+    decode = sum(run.step() for _ in range(new_tokens))
+    return prefill, decode, torch.cat(run.tokens, dim=1)
+
+
+def _run_lockstep(models: dict[str, nn.Module], input_ids: torch.Tensor, new_tokens: int) -> dict[str, tuple[float, float]]:
+    """Name -> (prefill seconds, decode seconds) of every model on one prompt batch, the models taking
+    turns at every call (each prefill, then each decode step): a change of the machine's speed,
+    which on a shared machine comes and goes within seconds, hits every model alike."""
+    runs = {name: _Decoding(m, input_ids, new_tokens) for name, m in models.items()}
+    prefill = {name: run.prefill() for name, run in runs.items()}
+    decode = dict.fromkeys(runs, 0.0)
+    for _ in range(new_tokens):
+        for name, run in runs.items():
+            decode[name] += run.step()
+    return {name: (prefill[name], decode[name]) for name in runs}
 
 
 # ----------------------------------------------------------------------------- public
@@ -186,8 +219,8 @@ def compare_speed(
     seed: int = 0,
     statistic: str = "min",
 ) -> dict[str, Any]:
-    """Measure several models in one run, alternating them in every repeat (so drifts of the
-    machine's speed hit each alike). The first model is the baseline.
+    """Measure several models in one run, taking turns at every prefill and decode step (so drifts
+    of the machine's speed hit each alike). The first model is the baseline.
 
     Returns ``{"settings": {...}, "models": {name: figures}, "ratios": {name: ratios}}``: figures
     as in :func:`speed`; ratios of each model against the first: ``prefill_speedup`` and
@@ -224,13 +257,14 @@ def compare_speed(
         for m in models.values():
             m.to(device).eval()
         with torch.no_grad():
-            for name, m in models.items():  # warm-up: kernels, allocator, caches
-                _run_once(m, input_ids, new_tokens)
+            _run_lockstep(models, input_ids, new_tokens)  # warm-up: kernels, allocator, caches
             for _ in range(repeats):
-                for name, m in models.items():
-                    with _PeakMemory(device) as mem:
-                        times[name].append(_run_once(m, input_ids, new_tokens)[:2])
-                    peaks[name].append((mem.peak, mem.peak - mem.start))
+                for name, t in _run_lockstep(models, input_ids, new_tokens).items():
+                    times[name].append(t)
+            for name, m in models.items():  # memory in runs of its own: the sampling thread slows a timed run
+                with _PeakMemory(device) as mem:
+                    _run_once(m, input_ids, new_tokens)
+                peaks[name].append((mem.peak, mem.peak - mem.start))
     finally:
         for name, m in models.items():
             m.train(modes[name])
