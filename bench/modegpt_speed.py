@@ -1,16 +1,17 @@
 """MoDeGPT's speed-up on a model whose decoder dominates, as in a 7B model (issue 4).
 
 On the 5.6M-parameter reference model per-operation overhead hides what the smaller matrices
-save. Here a random-weights Llama with the TinyLlama layer shape (hidden 2048, intermediate 5632,
-16 query / 4 key-value heads, head size 128) and a small vocabulary (4096, so the head is 4% of the
-parameters, as in 7B models) is compressed by MoDeGPT (and svd-llm for comparison) at 30% on the
-reference calibration text, and timed against the dense model in alternating runs: prefill
+save. Here a random-weights Llama with the layer shape of TinyLlama (hidden 2048, intermediate 5632,
+16 query / 4 key-value heads, head size 128; ``--shape tinyllama``, the default) or of Llama-2-7B
+(hidden 4096, intermediate 11008, 32 heads without grouping; ``--shape llama2-7b``) and a small
+vocabulary (4096, so the head is 2-4% of the parameters, as in 7B models) is compressed by MoDeGPT (and svd-llm for comparison) at 30% on the
+reference calibration text, and timed against the dense model, the models taking turns at every prefill and decode step: prefill
 tokens/s at batch 1 x 512 and decode tokens/s over 64 new tokens (rankdown.eval.speed). Each round
 keeps every model's fastest of --repeats runs (interference only slows a run down); the table gives
 the median over the rounds of the per-round ratios.
 Random weights give meaningless perplexity; only the shapes matter for speed.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/modegpt_speed.py [--layers 4] [--rounds 3] [--repeats 5]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/modegpt_speed.py [--shape tinyllama|llama2-7b] [--layers 4] [--rounds 3] [--repeats 5]
     -> bench/results/modegpt_speed.json and a table
 """
 
@@ -30,11 +31,17 @@ from rankdown.eval.speed import compare_speed
 from rankdown.reference import load_reference
 
 ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {  # decoder layer shapes of real models; the vocabulary stays 4096 (the head ~4% of the parameters)
+    "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=4),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32),
+}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama",
+                    help="layer shape: TinyLlama's (GQA, 176 MB a layer) or Llama-2-7B's (808 MB a layer)")
     ap.add_argument("--ratio", type=float, default=0.3)
     ap.add_argument("--methods", default="modegpt,svd-llm")
     ap.add_argument("--nsamples", type=int, default=16)
@@ -44,8 +51,7 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=args.layers,
-                         num_attention_heads=16, num_key_value_heads=4, vocab_size=4096,
+    cfg = tf.LlamaConfig(**SHAPES[args.shape], num_hidden_layers=args.layers, vocab_size=4096,
                          max_position_embeddings=2048, tie_word_embeddings=False)
     dense = tf.LlamaForCausalLM(cfg).eval()
     _, tok = load_reference(torch.float32)  # its ids are < 4096
@@ -71,11 +77,11 @@ def main() -> None:
         removed = compress_s[name]["ratio_achieved"]
         table[name] = {"prefill_speedup": pre, "decode_speedup": dec, "params_removed": removed,
                        "proportional_speedup": 1 / (1 - removed), **compress_s[name]}
-    result = {"layout": cfg.to_dict() | {"torch_dtype": "float32"}, "threads": torch.get_num_threads(),
+    result = {"shape": args.shape, "layout": cfg.to_dict() | {"torch_dtype": "float32"}, "threads": torch.get_num_threads(),
               "ratio": args.ratio, "rounds": args.rounds, "methods": table, "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1, default=str) + "\n")
-    print(f"\n{args.layers}-layer random Llama (hidden 2048), {torch.get_num_threads()} thread(s), median of "
+    print(f"\n{args.layers}-layer random Llama ({args.shape} layers), {torch.get_num_threads()} thread(s), median of "
           f"{args.rounds} alternating runs\n| model at {args.ratio:.0%} | prefill | decode | proportional |\n|---|---|---|---|")
     for name, row in table.items():
         print(f"| {name} | {row['prefill_speedup']:.2f}x | {row['decode_speedup']:.2f}x | "
