@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rankdown import distributed
+from rankdown import distributed, heap
 from rankdown.arch import ArchSpec
 from rankdown.methods.linalg import Guard
 from rankdown.nn.portable import LowRankLinear
@@ -380,6 +380,7 @@ class LayerContext:
             if n not in ins:
                 ins[n] = InputStats(self.module(n).in_features, self.device, gram)
         distributed.all_reduce_stats([ins[n] for n in inputs] + [outs[n] for n in outputs])
+        heap.trim()  # the pass's activations, freed into the heap: returned before the factorisations peak
         return ins, outs
 
     def collect_inputs(self, names: list[str], gram: bool = True, replay: bool = False) -> dict[str, InputStats]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -81,7 +81,7 @@ def inverse_diag(L: torch.Tensor, block: int = 256) -> torch.Tensor:
 
 def nystrom_mlp(
     W_down: torch.Tensor, C: torch.Tensor, k: int, ridge: float, scale: float = 1.0, consume: bool = False,
-    block: int = 512,
+    block: int = 512, on_channels: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, Guard]:
     """Type I: kept channels ``S`` (k,) ascending and the re-fitted down projection (d, k).
 
@@ -97,7 +97,9 @@ def nystrom_mlp(
     ``(C + λI)[S, :] = L[S] Lᵀ`` (formed a block at a time), and ``C[S, S] + λI = L[S] L[S]ᵀ = Rᵀ R``
     from a QR of ``L[S]ᵀ`` made where L lay (its rows S moved up first). So beyond C the working
     set is (k, d) and a few blocks: no second (n, n) or (k, k) matrix, and ``C[S, S]`` is never
-    squared out of its factor.
+    squared out of its factor. ``on_channels(S)`` is called as soon as the channels are chosen,
+    before the refit's working set is made (MoDeGPT replaces the input projections there, so their
+    full-width weights are not held through it).
     """
     mean_diag = float(C.diagonal().mean())
     lam = ridge * mean_diag if mean_diag > 0 else ridge
@@ -112,6 +114,9 @@ def nystrom_mlp(
     L = A
     scores = 1.0 - lam * inverse_diag(L)
     S = torch.sort(torch.topk(scores, k).indices).values
+    del scores
+    if on_channels is not None:
+        on_channels(S)
     d = W_down.shape[0]
     Y = torch.empty(k, d, dtype=torch.float64, device=L.device)  # (C + λI)[S, :] W_downᵀ = L[S] (W_down L)ᵀ
     rows = max(1, block // 2)  # T and mm64's float64 copy of W_down's rows: (rows, n) each, at the peak
@@ -150,11 +155,18 @@ def solve_gram(R: torch.Tensor, Y: torch.Tensor, block: int = 512) -> None:
         Y[a:b] = torch.linalg.solve_triangular(R[a:b, a:b], Y[a:b], upper=True)
 
 
-def out_diag(W: torch.Tensor, b: torch.Tensor | None, second: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """``diag E[(W x + b)(W x + b)ᵀ]`` (out,) from ``E[x xᵀ]`` (in, in) and ``E[x]`` (in,). W: (out, in)."""
-    d = ((W @ second) * W).sum(1)
-    if b is not None:
-        d = d + 2 * b * (W @ mean) + b.square()
+def out_diag(
+    W: torch.Tensor, b: torch.Tensor | None, second: torch.Tensor, mean: torch.Tensor, block: int = 256,
+) -> torch.Tensor:
+    """``diag E[(W x + b)(W x + b)ᵀ]`` (out,) in float64 from ``E[x xᵀ]`` (in, in) and ``E[x]`` (in,),
+    float64. W: (out, in) in any float dtype, promoted ``block`` rows at a time."""
+    d = torch.empty(W.shape[0], dtype=torch.float64, device=second.device)
+    for a in range(0, W.shape[0], block):
+        Wb = W[a : a + block].to(second.device, torch.float64)
+        d[a : a + block] = ((Wb @ second) * Wb).sum(1)
+        if b is not None:
+            bb = b[a : a + block]
+            d[a : a + block] += 2 * bb * (Wb @ mean) + bb.square()
     return d.clamp_min(0)
 
 
@@ -325,9 +337,12 @@ class ModeGPT(Method):
         H, Hkv, hd, d = geo.heads, geo.kv_heads, geo.head_dim, geo.hidden
         G = H // Hkv
         lin = {role: ctx.module(getattr(spec, role)) for role in "qkvo"}
-        W = {role: m.weight.detach().to(ctx.device, torch.float64) for role, m in lin.items()}
+        # the weights in their own dtype: kept query/key rows are copied as they are, and the float64
+        # arithmetic promotes a block (out_diag) or a head group (Type III) at a time
+        W = {role: m.weight.detach() for role, m in lin.items()}
         b = {role: None if m.bias is None else m.bias.detach().to(ctx.device, torch.float64) for role, m in lin.items()}
-        second, mean = stats.second_moment, stats.mean
+        mean = stats.mean
+        second = stats.take_gram().div_(max(stats.n, 1))  # E[x xᵀ] in the statistics' own storage
         rope = spec.rope
         guards: list[Guard] = []
 
@@ -344,8 +359,8 @@ class ModeGPT(Method):
         off = torch.arange(Hkv, device=ctx.device)[:, None] * hd
         k_rows = (dims + off).reshape(-1)
         q_rows = (dims.repeat_interleave(G, 0) + torch.arange(H, device=ctx.device)[:, None] * hd).reshape(-1)
-        new = {"q": (W["q"][q_rows], None if b["q"] is None else b["q"][q_rows]),
-               "k": (W["k"][k_rows], None if b["k"] is None else b["k"][k_rows])}
+        new = {"q": (W["q"][q_rows.to(W["q"].device)], None if b["q"] is None else b["q"][q_rows]),
+               "k": (W["k"][k_rows.to(W["k"].device)], None if b["k"] is None else b["k"][k_rows])}
 
         # Type III: value/output per kv head, the value bias folded into the output bias (attention rows sum to 1)
         if spec.v in ranks and spec.o in ranks:
@@ -353,14 +368,15 @@ class ModeGPT(Method):
             bo = b["o"]
             if b["v"] is not None:
                 bv_heads = b["v"].view(Hkv, hd).repeat_interleave(G, 0).reshape(-1)  # per query head
-                bo = (0 if bo is None else bo) + W["o"] @ bv_heads
+                bo = (0 if bo is None else bo) + mm64(W["o"].to(ctx.device), bv_heads[:, None])[:, 0]
             C_half, C_ihalf, guard = psd_sqrt(second)
+            del second
             guards += [guard] if guard else []
             Wv_new, Wo_new = [], torch.empty(d, H, r, dtype=torch.float64, device=ctx.device)
             Wo_heads = W["o"].view(d, H, hd)
             for g in range(Hkv):
-                v_g, o_g = vo_factors(C_half, C_ihalf, W["v"][g * hd:(g + 1) * hd],
-                                      Wo_heads[:, g * G:(g + 1) * G].permute(1, 0, 2), r)
+                v_g, o_g = vo_factors(C_half, C_ihalf, W["v"][g * hd:(g + 1) * hd].to(ctx.device, torch.float64),
+                                      Wo_heads[:, g * G:(g + 1) * G].permute(1, 0, 2).to(ctx.device, torch.float64), r)
                 Wv_new.append(v_g)
                 Wo_new[:, g * G:(g + 1) * G] = o_g.permute(1, 0, 2)
             new["v"] = (torch.cat(Wv_new), None)
@@ -399,11 +415,10 @@ class ModeGPT(Method):
         down = ctx.module(spec.mlp_out)
         # the raw sum, taken from the statistics and consumed: its only user, and the largest matrix
         # of the layer (intermediate²); freed when the factorisation returns, before the new modules
-        S, W_new, guard = nystrom_mlp(down.weight.detach(), stats.take_gram(lower=True), k, self.config.ridge, 1.0 / max(stats.n, 1),
-                                      consume=True)
-        _check_finite(ctx, spec.mlp_out, W_new, None)
         w0 = down.weight
-        with torch.no_grad():
+
+        @torch.no_grad()
+        def keep_rows(S: torch.Tensor) -> None:  # the input projections keep their rows S
             for name in spec.mlp_in:
                 old = ctx.module(name)
                 new = ReducedLinear(old.in_features, k, bias=old.bias is not None, device=w0.device, dtype=w0.dtype)
@@ -411,6 +426,12 @@ class ModeGPT(Method):
                 if old.bias is not None:
                     new.bias.copy_(old.bias[S.to(old.weight.device)])
                 ctx.replace(name, new)
+                del old
+
+        S, W_new, guard = nystrom_mlp(down.weight.detach(), stats.take_gram(lower=True), k, self.config.ridge, 1.0 / max(stats.n, 1),
+                                      consume=True, on_channels=keep_rows)
+        _check_finite(ctx, spec.mlp_out, W_new, None)
+        with torch.no_grad():
             new = ReducedLinear(k, down.out_features, bias=down.bias is not None, device=w0.device, dtype=w0.dtype)
             new.weight.copy_(W_new)
             if down.bias is not None:
