@@ -179,6 +179,9 @@ def test_lean_nystrom_equals_the_textbook_formulas():
     lower[upper] = float("nan")
     S4, X4, _ = nystrom_mlp(W, lower, k, 1e-3, scale=1.0 / rows, consume=True, block=64)
     assert torch.equal(S4, S_ref) and torch.allclose(X4, X_ref, rtol=1e-8, atol=1e-10)
+    seen = []  # the channels are handed out once, as soon as they are chosen, and change nothing
+    S5, X5, _ = nystrom_mlp(W, C, k, 1e-3, block=64, on_channels=seen.append)
+    assert len(seen) == 1 and torch.equal(seen[0], S_ref) and torch.equal(S5, S_ref) and torch.equal(X5, X)
     S3, X3, _ = nystrom_mlp(W, C, n, 1e-3, block=64)  # every channel kept: no row moves, a square QR
     X3_ref = torch.linalg.solve(C + lam * torch.eye(n, dtype=torch.float64), C @ W64.T).T
     assert torch.equal(S3, torch.arange(n)) and torch.allclose(X3, X3_ref, rtol=1e-8, atol=1e-10)

@@ -8,13 +8,14 @@ token of every row and the cache back in (no early stop: the count is fixed). Re
 * ``prefill_tok_s``: ``batch_size * prompt_len / prefill seconds``;
 * ``decode_tok_s``: ``batch_size * new_tokens / decode seconds``;
 * ``latency_ms_per_token``: decode milliseconds per step (one new token for each row);
-* ``peak_mem_bytes``: on CPU the largest resident set size (RSS) of the whole process sampled
-  every few milliseconds during one more run after the timed ones (so that the sampling thread,
-  which takes the interpreter lock each time, does not slow a timed run; the figure includes
-  everything else the process holds, e.g. other models); on CUDA ``torch.cuda.max_memory_allocated`` since a reset before
-  the measured runs (again device-wide). ``peak_extra_bytes`` is that peak minus the level just
-  before that run (activations and cache; on CPU the allocator often reuses memory freed
-  by the warm-up, so it can be near 0), ``model_bytes`` the model's parameters and buffers.
+* ``peak_mem_bytes``: measured in one more run of each model after the timed ones (so that the
+  sampling thread, which takes the interpreter lock every few milliseconds, slows no timed run).
+  On CPU the largest resident set size (RSS) of the whole process, sampled every 2 ms during that
+  run (so it includes everything else the process holds, e.g. other models); on CUDA
+  ``torch.cuda.max_memory_allocated`` since a reset before it (again device-wide).
+  ``peak_extra_bytes`` is that peak minus the level just before the run (activations and cache;
+  on CPU the allocator often reuses memory freed by earlier runs, so it can be near 0);
+  ``model_bytes`` the model's parameters and buffers.
 
 Every run is repeated ``repeats`` times after one warm-up run. The figures use each model's
 fastest run (``statistic="min"``, the default, as :mod:`timeit` advises: other work on the machine
