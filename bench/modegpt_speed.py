@@ -1,17 +1,19 @@
 """MoDeGPT's speed-up on a model whose decoder dominates, as in a 7B model (issue 4).
 
 On the 5.6M-parameter reference model per-operation overhead hides what the smaller matrices
-save. Here a random-weights Llama with the layer shape of TinyLlama (hidden 2048, intermediate 5632,
-16 query / 4 key-value heads, head size 128; ``--shape tinyllama``, the default) or of Llama-2-7B
-(hidden 4096, intermediate 11008, 32 heads without grouping; ``--shape llama2-7b``) and a small
-vocabulary (4096, so the head is 2-4% of the parameters, as in 7B models) is compressed by MoDeGPT (and svd-llm for comparison) at 30% on the
-reference calibration text, and timed against the dense model, the models taking turns at every prefill and decode step: prefill
-tokens/s at batch 1 x 512 and decode tokens/s over 64 new tokens (rankdown.eval.speed). Each round
-keeps every model's fastest of --repeats runs (interference only slows a run down); the table gives
-the median over the rounds of the per-round ratios.
+save. Here a random-weights Llama with the layer shape of TinyLlama (hidden 2048, intermediate
+5632, 16 query / 4 key-value heads, head size 128; ``--shape tinyllama``, the default) or of
+Llama-2-7B (hidden 4096, intermediate 11008, 32 heads without grouping; ``--shape llama2-7b``) and a
+small vocabulary (4096, so the head is 2-4% of the parameters, as in 7B models) is compressed by
+MoDeGPT (and svd-llm for comparison) at 30% on the reference calibration text, and timed against
+the dense model, the models taking turns at every prefill and decode step: prefill tokens/s at
+batch 1 x 512 and decode tokens/s over 64 new tokens (rankdown.eval.speed). Each round keeps every
+model's fastest of --repeats runs (interference only slows a run down); the table gives the median
+over the rounds of the per-round ratios.
 Random weights give meaningless perplexity; only the shapes matter for speed.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/modegpt_speed.py [--shape tinyllama|llama2-7b] [--layers 4] [--rounds 3] [--repeats 5]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/modegpt_speed.py [--shape tinyllama|llama2-7b] [--layers 4] \
+        [--rounds 3] [--repeats 5]
     -> bench/results/modegpt_speed.json and a table
 """
 
@@ -31,7 +33,7 @@ from rankdown.eval.speed import compare_speed
 from rankdown.reference import load_reference
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = {  # decoder layer shapes of real models; the vocabulary stays 4096 (the head ~4% of the parameters)
+SHAPES = {  # decoder layer shapes of real models; the vocabulary stays 4096 (the head 2-4% of the parameters)
     "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=4),
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32),
 }
@@ -45,7 +47,7 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=0.3)
     ap.add_argument("--methods", default="modegpt,svd-llm")
     ap.add_argument("--nsamples", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=3, help="alternating speed runs; the median ratio is reported")
+    ap.add_argument("--rounds", type=int, default=3, help="speed rounds; the median of their ratios is reported")
     ap.add_argument("--repeats", type=int, default=5, help="runs per model in a round; the fastest is kept")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "modegpt_speed.json"))
     args = ap.parse_args()
@@ -82,7 +84,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(f"\n{args.layers}-layer random Llama ({args.shape} layers), {torch.get_num_threads()} thread(s), median of "
-          f"{args.rounds} alternating runs\n| model at {args.ratio:.0%} | prefill | decode | proportional |\n|---|---|---|---|")
+          f"{args.rounds} rounds\n| model at {args.ratio:.0%} | prefill | decode | proportional |\n|---|---|---|---|")
     for name, row in table.items():
         print(f"| {name} | {row['prefill_speedup']:.2f}x | {row['decode_speedup']:.2f}x | "
               f"{row['proportional_speedup']:.2f}x |")

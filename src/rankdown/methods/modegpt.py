@@ -30,7 +30,7 @@ from rankdown.allocate import Target
 from rankdown.arch import ArchSpec, UnsupportedModelError
 from rankdown.config import ConfigError, ModeGPTConfig
 from rankdown.methods.base import Method
-from rankdown.methods.linalg import Guard, guarded_eigh, mm64
+from rankdown.methods.linalg import Guard, _row_blocks, guarded_eigh, mm64
 from rankdown.methods.modegpt_alloc import LayerShape, block_influence_sparsity, solve_sparsity
 from rankdown.nn.portable import ReducedAttention, ReducedLinear
 
@@ -155,18 +155,15 @@ def solve_gram(R: torch.Tensor, Y: torch.Tensor, block: int = 512) -> None:
         Y[a:b] = torch.linalg.solve_triangular(R[a:b, a:b], Y[a:b], upper=True)
 
 
-def out_diag(
-    W: torch.Tensor, b: torch.Tensor | None, second: torch.Tensor, mean: torch.Tensor, block: int = 256,
-) -> torch.Tensor:
+def out_diag(W: torch.Tensor, b: torch.Tensor | None, second: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     """``diag E[(W x + b)(W x + b)ᵀ]`` (out,) in float64 from ``E[x xᵀ]`` (in, in) and ``E[x]`` (in,),
-    float64. W: (out, in) in any float dtype, promoted ``block`` rows at a time."""
+    float64. W: (out, in) in any float dtype, on their device, promoted a block of rows at a time."""
     d = torch.empty(W.shape[0], dtype=torch.float64, device=second.device)
-    for a in range(0, W.shape[0], block):
-        Wb = W[a : a + block].to(second.device, torch.float64)
-        d[a : a + block] = ((Wb @ second) * Wb).sum(1)
+    for a, Wb in _row_blocks(W):
+        rows = slice(a, a + Wb.shape[0])
+        d[rows] = ((Wb @ second) * Wb).sum(1)
         if b is not None:
-            bb = b[a : a + block]
-            d[a : a + block] += 2 * bb * (Wb @ mean) + bb.square()
+            d[rows] += 2 * b[rows] * (Wb @ mean) + b[rows].square()
     return d.clamp_min(0)
 
 
