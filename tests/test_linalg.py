@@ -1,5 +1,8 @@
 """The baselines' factorisations against their defining properties."""
 
+import os
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -182,24 +185,37 @@ def test_lean_nystrom_equals_the_textbook_formulas():
     seen = []  # the channels are handed out once, as soon as they are chosen, and change nothing
     S5, X5, _ = nystrom_mlp(W, C, k, 1e-3, block=64, on_channels=seen.append)
     assert len(seen) == 1 and torch.equal(seen[0], S_ref) and torch.equal(S5, S_ref) and torch.equal(X5, X)
-    S3, X3, _ = nystrom_mlp(W, C, n, 1e-3, block=64)  # every channel kept: no row moves, a square QR
+    S3, X3, _ = nystrom_mlp(W, C, n, 1e-3, block=64)  # every channel kept: the whole correlation refactorised
     X3_ref = torch.linalg.solve(C + lam * torch.eye(n, dtype=torch.float64), C @ W64.T).T
     assert torch.equal(S3, torch.arange(n)) and torch.allclose(X3, X3_ref, rtol=1e-8, atol=1e-10)
 
 
-def test_solve_gram_reads_only_the_upper_triangle():
-    """The refit solves (Rᵀ R) X = Y with R left where geqrf put it, reflectors below the diagonal."""
-    from rankdown.methods.modegpt import solve_gram
+@pytest.mark.parametrize("n, block", [(1, 4), (7, 3), (150, 32), (150, 150), (301, 64)])
+def test_lower_cholesky_and_solve_never_read_above_the_diagonal(n, block):
+    """MoDeGPT's refit factorises in place and solves with the factor where it lies, so that the
+    never-written half of a correlation stays out of memory: poisoned above the diagonal (NaN),
+    the factor and the solve equal LAPACK's, and nothing above the diagonal blocks is written."""
+    from rankdown.methods.linalg import cholesky_lower_, solve_cholesky_
 
     g = torch.Generator().manual_seed(2)
-    k, m = 150, 7
-    B = torch.randn(k, 2 * k, generator=g, dtype=torch.float64)
-    R = torch.linalg.cholesky(B @ B.T / k + 0.1 * torch.eye(k, dtype=torch.float64)).T
-    garbage = R + torch.randn(k, k, generator=g, dtype=torch.float64).tril(-1) * 1e3
-    Y = torch.randn(k, m, generator=g, dtype=torch.float64)
+    B = torch.randn(n, 2 * n, generator=g, dtype=torch.float64)
+    C = B @ B.T / n + 0.1 * torch.eye(n, dtype=torch.float64)
+    A = C.clone()
+    above = torch.ones(n, n, dtype=torch.bool).triu(1)
+    A[above] = float("nan")
+    assert cholesky_lower_(A, block) == 0
+    L = torch.linalg.cholesky(C)
+    assert torch.allclose(A.tril(), L, rtol=1e-10, atol=1e-12)
+    blocks = torch.arange(n) // block
+    outside = blocks[None, :] > blocks[:, None]  # above the diagonal blocks: never touched
+    assert torch.isnan(A[outside]).all() and not torch.isnan(A[~outside]).any()
+    Y = torch.randn(n, 5, generator=g, dtype=torch.float64)
     X = Y.clone()
-    solve_gram(garbage, X, block=32)
-    assert torch.allclose(X, torch.linalg.solve(R.T @ R, Y), rtol=1e-9, atol=1e-12)
+    solve_cholesky_(A, X, block=max(1, block // 2 + 1))  # any row blocking, not only the factor's
+    assert torch.allclose(X, torch.linalg.solve(C, Y), rtol=1e-8, atol=1e-10)
+    D = C.clone()
+    D[n // 2, n // 2] = -1.0  # not positive definite: LAPACK's info, 1-based
+    assert cholesky_lower_(D, block) == int(torch.linalg.cholesky_ex(D)[1]) == n // 2 + 1
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 600])
@@ -282,3 +298,46 @@ def test_block_triangle_gram_equals_the_full_product(d):
     assert torch.allclose(s.gram, X64.T @ X64, rtol=1e-12, atol=1e-10)
     assert torch.equal(s.gram, s.gram.T)
     assert torch.allclose(gram64(X), X64.T @ X64, rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("dim", [1, 7, 255, 300, 2048, 5000])
+def test_correlation_blocks_cover_the_lower_triangle_once_and_little_above(dim):
+    """The statistics write a large correlation on its lower block triangle only (the rest stays
+    unwritten, never resident): every entry on or below the diagonal is in exactly one block, and
+    above it only the fine diagonal blocks reach (at most _FINE - 1 columns past the diagonal)."""
+    from rankdown.stats import _FINE, _lower_blocks, mirror_lower_, syrk_lower_, zeros_lower
+
+    count = torch.zeros(dim, dim, dtype=torch.int32)
+    for rows, cols in _lower_blocks(dim):
+        count[rows, cols] += 1
+    lower = torch.ones(dim, dim, dtype=torch.bool).tril()
+    assert bool((count[lower] == 1).all()) and int(count.max()) == 1
+    i, j = torch.nonzero(count.triu(1), as_tuple=True)
+    assert i.numel() == 0 or int((j - i).max()) < _FINE
+    if dim <= 300:
+        g = torch.Generator().manual_seed(dim)
+        X = torch.randn(40, dim, generator=g, dtype=torch.float64)
+        G = zeros_lower(dim)
+        syrk_lower_(G, X[:25])
+        syrk_lower_(G, X[25:])
+        assert torch.allclose(mirror_lower_(G), X.T @ X, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise: Linux")
+def test_release_tail_gives_rows_back_and_keeps_the_rest():
+    """MoDeGPT's refit hands back the rows of its Cholesky factor it has finished with while the
+    next matrix grows; the memory must really go, and the rows before them must stay intact."""
+    from rankdown import heap
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    t = torch.arange(4096 * 4096, dtype=torch.float32).view(4096, 4096)  # 64 MiB: a memory map of its own
+    head = t[:1000].clone()
+    before = rss()
+    heap.release_tail(t, 1000)
+    assert before - rss() > 0.8 * 3096 * 4096 * 4
+    assert torch.equal(t[:1000], head)  # what the released rows hold is undefined; never read again
+    heap.release_tail(t, 4096)  # nothing past the end: a no-op
+    heap.release_tail(torch.empty(0, 3), 0)

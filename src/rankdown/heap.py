@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import mmap
+
+import torch
 
 _M_MMAP_THRESHOLD = -3
 
@@ -32,3 +35,26 @@ def trim() -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
+
+
+_MADV_DONTNEED = 4
+
+
+def release_tail(t: torch.Tensor, start: int) -> None:
+    """Give the memory of rows ``start..`` of a contiguous CPU tensor back to the system now, while
+    the rest of it stays in use: the whole pages of those rows are dropped (``madvise(DONTNEED)``),
+    so what the rows hold afterwards is undefined (zeros where a page went, the old values in the
+    page they share with the row before). For a matrix consumed from its last row up, whose rows
+    are never read again (MoDeGPT's Cholesky factor while the kept channels' correlation is formed).
+    A no-op off Linux or on another device."""
+    if t.device.type != "cpu" or not t.is_contiguous() or start >= t.shape[0] or t.numel() == 0:
+        return
+    libc = _libc()
+    if libc is None or not hasattr(libc, "madvise"):
+        return
+    page = mmap.PAGESIZE
+    first = t.data_ptr() + max(start, 0) * t.stride(0) * t.element_size()
+    end = t.data_ptr() + t.numel() * t.element_size()
+    a, e = -(-first // page) * page, end // page * page
+    if e > a:
+        libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(e - a), _MADV_DONTNEED)

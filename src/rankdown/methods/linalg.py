@@ -64,6 +64,52 @@ def tmm64(V: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def cholesky_lower_(A: torch.Tensor, block: int = 256) -> int:
+    """In-place Cholesky ``A = L Lᵀ`` of a symmetric positive definite A (n, n), reading and writing
+    only its lower block triangle: L is left there, the upper triangles of the diagonal blocks are
+    set to zero and every entry above them is neither read nor written (so a correlation whose
+    upper half was never written, as :func:`~rankdown.stats.zeros_lower` makes it, keeps those
+    pages out of memory; LAPACK's in-place factorisation writes zeros over the whole other half).
+    Right-looking by panels of ``block`` columns: a small Cholesky of the diagonal block, a
+    triangular solve of the panel below it, a rank-``block`` update of the lower block triangle to
+    its right. Returns LAPACK's ``info``: 0, or the 1-based order of the first minor that is not
+    positive definite (A then holds a partial factorisation)."""
+    n = A.shape[0]
+    for a in range(0, n, block):
+        b = min(a + block, n)
+        D = A[a:b, a:b]
+        Ld, info = torch.linalg.cholesky_ex(D)  # reads D's lower triangle only
+        if int(info) != 0:
+            return a + int(info)
+        D.copy_(Ld)
+        if b == n:
+            break
+        P = A[b:, a:b]  # P ← P Ld⁻ᵀ
+        P.copy_(torch.linalg.solve_triangular(Ld.mT, P, upper=True, left=False))
+        for j in range(b, n, block):  # A[b:, b:] −= P Pᵀ on the lower block triangle
+            e = min(j + block, n)
+            A[j:, j:e].addmm_(P[j - b :], P[j - b : e - b].T, alpha=-1.0)
+    return 0
+
+
+def solve_cholesky_(L: torch.Tensor, Y: torch.Tensor, block: int = 256) -> None:
+    """``Y ← (L Lᵀ)⁻¹ Y`` in place. L: (k, k) lower triangular, of which only the lower triangle is
+    read (above it may hold anything: :func:`cholesky_lower_` leaves it unwritten); Y: (k, m).
+    Solved a block of rows at a time, L used where it lies: only its diagonal blocks are copied."""
+    k = L.shape[0]
+    starts = list(range(0, k, block))
+    for a in starts:  # L Z = Y: forward substitution
+        b = min(a + block, k)
+        if a:
+            Y[a:b] -= L[a:b, :a] @ Y[:a]
+        Y[a:b] = torch.linalg.solve_triangular(L[a:b, a:b].tril(), Y[a:b], upper=False)
+    for a in reversed(starts):  # Lᵀ X = Z: back substitution
+        b = min(a + block, k)
+        if b < k:
+            Y[a:b] -= L[b:, a:b].T @ Y[b:]
+        Y[a:b] = torch.linalg.solve_triangular(L[a:b, a:b].tril().mT, Y[a:b], upper=True)
+
+
 def split_sqrt(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-``r`` factors of ``U diag(S) Vh`` with ``Σ^½`` on each side.
 
