@@ -111,9 +111,9 @@ def nystrom_mlp(
     the two together never hold more than L did; that (k, k) matrix is then factorised in its own
     storage. So beyond C's lower half the working set is (k, d) and a few (block/2, n) blocks
     (measured on a 5632-channel MLP keeping 5336: 160 MB above C, against 194 MB with LAPACK's
-    in-place Cholesky and a QR of ``L[S]ᵀ``, which write the other half). ``on_channels(S)`` is called as soon as
-    the channels are chosen, before the refit's working set is made (MoDeGPT replaces the input
-    projections there, so their full-width weights are not held through it).
+    in-place Cholesky and a QR of ``L[S]ᵀ``, which write the other half). ``on_channels(S)`` is
+    called as soon as the channels are chosen, before the refit's working set is made (MoDeGPT
+    replaces the input projections there, so their full-width weights are not held through it).
     """
     mean_diag = float(C.diagonal().mean())
     lam = ridge * mean_diag if mean_diag > 0 else ridge
