@@ -341,3 +341,86 @@ def test_release_tail_gives_rows_back_and_keeps_the_rest():
     assert torch.equal(t[:1000], head)  # what the released rows hold is undefined; never read again
     heap.release_tail(t, 4096)  # nothing past the end: a no-op
     heap.release_tail(torch.empty(0, 3), 0)
+
+
+def _poison_unwritten(G: torch.Tensor) -> torch.Tensor:
+    """NaN wherever the statistics' block triangle was never written (as fresh memory may hold)."""
+    from rankdown.stats import _lower_blocks
+
+    written = torch.zeros(G.shape, dtype=torch.bool)
+    for rows, cols in _lower_blocks(G.shape[0]):
+        written[rows, cols] = True
+    G[~written] = float("nan")
+    return written
+
+
+@pytest.mark.parametrize("center", [False, True])
+@pytest.mark.parametrize("dim", [5, 700])
+def test_moment_taken_in_place_equals_the_copies_and_writes_only_the_lower_blocks(center, dim):
+    """take_moment forms C/n (− μμᵀ) in the correlation's storage: equal on the lower triangle to
+    the copies ROM made before, nothing written above the statistics' blocks, the reference dropped."""
+    from rankdown.stats import InputStats
+
+    g = torch.Generator().manual_seed(dim)
+    X = torch.randn(900, dim, dtype=torch.float64, generator=g) * torch.linspace(0.1, 3, dim) + 0.5
+    stats = InputStats(dim)
+    stats.add(X)
+    ref = X.T @ X / X.shape[0]
+    if center:
+        ref = ref - torch.outer(X.mean(0), X.mean(0))
+    written = _poison_unwritten(stats._gram)
+    M = stats.take_moment(center)
+    low = torch.ones(dim, dim, dtype=torch.bool).tril()
+    assert torch.allclose(M[low], ref[low], rtol=1e-10, atol=1e-12)
+    assert bool(M[~written].isnan().all())  # the unwritten part untouched
+    with pytest.raises(ValueError, match="no correlation"):
+        stats.take_moment(center)
+
+
+@pytest.mark.parametrize("n", [3, 600])
+def test_in_place_eigh_reads_the_lower_triangle_and_returns_the_vectors_in_its_storage(n):
+    """guarded_eigh(inplace=True): the eigen-pairs of the symmetric matrix whose lower triangle S
+    holds (NaN above it is never read), the vectors in S's own storage; NaN below is refused."""
+    from rankdown.methods.linalg import guarded_eigh
+
+    A = torch.randn(n, n + 2, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    full = A @ A.T
+    S = full.clone()
+    S.masked_fill_(torch.ones(n, n, dtype=torch.bool).triu(1), float("nan"))
+    evals, V, guard = guarded_eigh(S, inplace=True)
+    assert V.data_ptr() == S.data_ptr() and guard is None
+    ref = torch.linalg.eigvalsh(full).flip(0)
+    assert torch.allclose(evals, ref, rtol=1e-10, atol=1e-10 * float(ref[0]))
+    assert torch.allclose((V * evals) @ V.T, full, rtol=1e-10, atol=1e-9 * float(ref[0]))
+    bad = full.clone()
+    bad[n - 1, 0] = float("inf")
+    with pytest.raises(FloatingPointError):
+        guarded_eigh(bad, inplace=True)
+
+
+@pytest.mark.parametrize("space", ["out", "in"])
+@pytest.mark.parametrize("center", [False, True])
+def test_rom_factors_from_consumed_statistics_equal_those_from_copies(space, center):
+    """ROM's layer path takes the statistics' correlation and decomposes it in place: the same
+    eigenvalues and output subspace as the copying path (output_moments + output_eig)."""
+    from rankdown.methods.rom import input_root, output_eig, output_moments
+    from rankdown.stats import InputStats
+
+    g = torch.Generator().manual_seed(7)
+    out_f, in_f = (24, 40) if space == "out" else (56, 24)
+    W = torch.randn(out_f, in_f, dtype=torch.float64, generator=g)
+    X = torch.randn(300, in_f, dtype=torch.float64, generator=g) * torch.linspace(0.2, 2, in_f) + 0.3
+    d = out_f if space == "out" else in_f
+    a, b = InputStats(d), InputStats(d)
+    for s in (a, b):
+        s.add(X @ W.T if space == "out" else X)
+    second, mean, _ = output_moments(W, a, space)
+    ev_ref, V_ref, _ = output_eig(W, second, mean, space, center, 10)
+    taken, mean, _ = output_moments(W, b, space, take=True)
+    _poison_unwritten(taken)
+    if space == "in":
+        ev, V, _ = output_eig(W, None, mean, space, center, 10, input_root(taken, mean, center, inplace=True))
+    else:
+        ev, V, _ = output_eig(W, taken, mean, space, center, 10, inplace=True)
+    assert torch.allclose(ev[:10], ev_ref[:10], rtol=1e-9)
+    assert torch.allclose(V @ V.T, V_ref @ V_ref.T, atol=1e-8)

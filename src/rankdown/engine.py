@@ -285,9 +285,9 @@ class LayerContext:
         kept = TensorStore(self.budget) if keep_outputs else None
         mask: list[torch.Tensor | None] = [None]
 
-        def add(stats: InputStats, x: torch.Tensor) -> None:
+        def add(stats: InputStats, x: torch.Tensor, shift: torch.Tensor | None = None) -> None:
             m = mask[0]
-            stats.add(x[m] if m is not None and x.shape[:-1] == m.shape else x)
+            stats.add(x[m] if m is not None and x.shape[:-1] == m.shape else x, shift=shift)
 
         def done(key: tuple[str, str]) -> None:
             seen.add(key)
@@ -331,10 +331,8 @@ class LayerContext:
 
         def post_hook(name: str) -> Callable:
             def post(mod: nn.Module, a: tuple, y: torch.Tensor) -> None:
-                y = y.to(torch.float64)
-                if getattr(mod, "bias", None) is not None:
-                    y = y - mod.bias.to(torch.float64)
-                add(outs[name], y)
+                # promoted to float64 by the statistics a block of rows at a time, not whole here
+                add(outs[name], y, getattr(mod, "bias", None))
                 done(("out", name))
 
             return post

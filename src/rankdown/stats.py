@@ -76,13 +76,17 @@ class InputStats:
             self._mirrored = True
         return self._gram
 
-    def add(self, x: torch.Tensor, rows: int = 256) -> None:
+    def add(self, x: torch.Tensor, rows: int = 256, shift: torch.Tensor | None = None) -> None:
         """Add rows ``x``: (..., dim), promoted to float64 ``rows`` at a time (an MLP's wide
-        activations are never copied whole)."""
+        activations are never copied whole); ``shift`` (dim,): added are the rows ``x − shift``."""
         x = x.reshape(-1, self.dim)
         self.n += x.shape[0]
+        if shift is not None:
+            shift = shift.to(self.sum.device, torch.float64)
         for part in x.split(rows):
             part = part.to(self.sum.device, torch.float64)
+            if shift is not None:
+                part = part - shift
             self.sum += part.sum(0)
             self.abs_sum += torch.linalg.vector_norm(part, 1, dim=0)
             if self._gram is not None:
@@ -99,6 +103,22 @@ class InputStats:
             raise ValueError("these statistics hold no correlation matrix (collected with gram=False, or taken)")
         G = self._gram if lower else self.gram
         self._gram = None
+        return G
+
+    def take_moment(self, center: bool = False) -> torch.Tensor:
+        """The second moment ``C / n`` (or, ``center``, the covariance ``C / n − μ μᵀ``), (dim, dim),
+        formed in the correlation's own storage and handed over as :meth:`take_gram` does: only the
+        lower block triangle (what :func:`syrk_lower_` wrote, diagonal included) is valid, the rest
+        is unwritten memory; for consumers that read the lower triangle only (LAPACK's eigh and
+        Cholesky). No (dim, dim) copy is made: ROM's statistics of a 2048-wide linear cost one
+        matrix here instead of four (the mirrored correlation, C/n, μμᵀ and their difference)."""
+        mean = self.mean
+        G = self.take_gram(lower=True)
+        n = max(self.n, 1)
+        for rows, cols in _lower_blocks(self.dim):
+            blk = G[rows, cols].div_(n)
+            if center:
+                blk.addr_(mean[rows], mean[cols], alpha=-1)
         return G
 
     @property

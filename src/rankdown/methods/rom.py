@@ -24,7 +24,7 @@ from rankdown.allocate import (
 from rankdown.config import ConfigError, ROMConfig
 from rankdown.methods.base import Method, install_factors
 from rankdown.methods.linalg import Guard, guarded_eigh, mm64, output_eig_in, psd_factor, tmm64
-from rankdown.stats import InputStats
+from rankdown.stats import InputStats, _lower_blocks
 
 if TYPE_CHECKING:
     from rankdown.engine import LayerContext, PlanContext
@@ -33,15 +33,19 @@ log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- math
-def output_moments(W: torch.Tensor, stats: InputStats, space: str) -> tuple[torch.Tensor, torch.Tensor, Guard | None]:
+def output_moments(
+    W: torch.Tensor, stats: InputStats, space: str, take: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, Guard | None]:
     """``E[z zᵀ]`` (d, d) and ``E[z]`` (d,) of ``z = W x`` (space "out", d = out) or ``z = x`` ("in", d = in).
 
     W: (out, in). A linear that saw no calibration token (an expert never routed to) gets the
     moments of isotropic unit inputs (``E[x xᵀ] = I``, mean 0: ROM then reduces to the weight's SVD)
-    and a guard saying so.
+    and a guard saying so. ``take``: the second moment is formed in the statistics' own storage and
+    handed over (:meth:`InputStats.take_moment`): only its lower triangle is valid, for
+    :func:`output_eig` and :func:`input_root` with ``inplace``.
     """
     if stats.n > 0:
-        return stats.second_moment, stats.mean, None
+        return (stats.take_moment() if take else stats.second_moment), stats.mean, None
     out_f, in_f = W.shape
     if space == "out":
         second = mm64(W, W.T.to(torch.float64))
@@ -50,9 +54,21 @@ def output_moments(W: torch.Tensor, stats: InputStats, space: str) -> tuple[torc
     return second, second.new_zeros(second.shape[0]), Guard("no_calibration_tokens", 0.0)
 
 
+def _centered(second: torch.Tensor, mean: torch.Tensor, center: bool, inplace: bool) -> torch.Tensor:
+    """``second − mean meanᵀ`` (center) or ``second``; ``inplace``: in second's storage, on its lower
+    block triangle only (the upper one may be unwritten memory)."""
+    if not center:
+        return second
+    if not inplace:
+        return second - torch.outer(mean, mean)
+    for rows, cols in _lower_blocks(second.shape[0]):
+        second[rows, cols].addr_(mean[rows], mean[cols], alpha=-1)
+    return second
+
+
 def output_eig(
     W: torch.Tensor, second: torch.Tensor, mean: torch.Tensor, space: str, center: bool, vectors: bool | int = True,
-    root: tuple[torch.Tensor, Guard | None] | None = None,
+    root: tuple[torch.Tensor, Guard | None] | None = None, inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, Guard | None]:
     """Leading eigen-pairs of the outputs' covariance ``Σ = E[zzᵀ] − E[z]E[z]ᵀ`` (center) or ``E[zzᵀ]``.
 
@@ -65,23 +81,28 @@ def output_eig(
     Returns eigenvalues (k,) descending and non-negative, eigenvectors (out, ≤k) or None, and any
     clamping guard; k = out in space "out", in otherwise. ``root``: in space "in", the square root
     of the inputs' covariance (:func:`input_root`) when already computed for another linear.
+    Only the lower triangle of ``second`` is read. ``inplace``: second is consumed (centred and
+    decomposed in its own storage, the eigenvectors of space "out" returned in it): no (d, d) copy.
     """
     if space == "in" and root is not None:
         return output_eig_in(W, None, vectors, root)
-    S = second - torch.outer(mean, mean) if center else second
+    S = _centered(second, mean, center, inplace)
     if space == "out":
-        evals, V, guard = guarded_eigh(S, bool(vectors))
+        evals, V, guard = guarded_eigh(S, bool(vectors), inplace=inplace)
         if V is not None and vectors is not True:
             V = V[:, : int(vectors)]
         return evals, V, guard
-    return output_eig_in(W, S, vectors)
+    return output_eig_in(W, S, vectors, psd_factor(S, inplace) if inplace else None)
 
 
-def input_root(second: torch.Tensor, mean: torch.Tensor, center: bool) -> tuple[torch.Tensor, Guard | None]:
+def input_root(
+    second: torch.Tensor, mean: torch.Tensor, center: bool, inplace: bool = False,
+) -> tuple[torch.Tensor, Guard | None]:
     """``R`` with ``R Rᵀ`` = the inputs' covariance (center) or second moment: what the space "in"
     route of :func:`output_eig` needs first, shared by the linears fed the same inputs (a Cholesky
-    factor when the covariance is definite, else its symmetric root)."""
-    return psd_factor(second - torch.outer(mean, mean) if center else second)
+    factor when the covariance is definite, else its symmetric root). ``inplace``: second is
+    consumed (see :func:`output_eig`)."""
+    return psd_factor(_centered(second, mean, center, inplace), inplace)
 
 
 def rom_factors(
@@ -146,14 +167,22 @@ class ROM(Method):
         """W (out, in, the module's own tensor), eigenvalues, eigenvectors, output mean μ = E[W x]
         (out,) in float64, guard. ``roots``: input roots by statistics object, shared by the calls
         for one pass's linears (gate and up read the same inputs: one eigendecomposition)."""
-        W = ctx.module(name).weight.detach()
-        second, mean, guard = output_moments(W, stats, space)
-        root = None
-        if space == "in":
-            if id(stats) not in roots:
-                roots[id(stats)] = input_root(second, mean, self.config.center)
-            root = roots[id(stats)]
-        evals, V, eig_guard = output_eig(W, second, mean, space, self.config.center, vectors, root)
+        W, center = ctx.module(name).weight.detach(), self.config.center
+        # the statistics' correlation is consumed in place: ROM's peak is a layer's largest
+        # eigenproblem, and a copy of a 2048² matrix is 32 MB of it
+        if space == "in" and id(stats) in roots:  # the root of inputs another linear was fed too
+            mean, root = stats.mean, roots[id(stats)]
+            guard = None if stats.n > 0 else Guard("no_calibration_tokens", 0.0)
+            evals, V, eig_guard = output_eig(W, None, mean, space, center, vectors, root)
+        else:
+            second, mean, guard = output_moments(W, stats, space, take=True)
+            if space == "in":
+                roots[id(stats)] = input_root(second, mean, center, inplace=True)
+                del second  # freed unless the root is its storage
+                evals, V, eig_guard = output_eig(W, None, mean, space, center, vectors, roots[id(stats)])
+            else:
+                evals, V, eig_guard = output_eig(W, second, mean, space, center, vectors, inplace=True)
+                del second  # V, when asked for, is its storage
         mu = mean if space == "out" else mm64(W, mean[:, None])[:, 0]
         return W, evals, V, mu, guard or eig_guard
 
