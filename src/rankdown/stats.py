@@ -44,6 +44,14 @@ def zeros_lower(dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
     return G
 
 
+def sub_outer_lower_(G: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``G −= u uᵀ`` on the lower block triangle that :func:`syrk_lower_` writes only (the rest
+    may be unwritten memory), in place. Returns G."""
+    for rows, cols in _lower_blocks(G.shape[0]):
+        G[rows, cols].addr_(u[rows], u[cols], alpha=-1)
+    return G
+
+
 def mirror_lower_(G: torch.Tensor) -> torch.Tensor:
     """Make G exactly symmetric from its lower triangle (after :func:`syrk_lower_`), in place, a
     block at a time. Returns G."""
@@ -116,10 +124,8 @@ class InputStats:
         G = self.take_gram(lower=True)
         n = max(self.n, 1)
         for rows, cols in _lower_blocks(self.dim):
-            blk = G[rows, cols].div_(n)
-            if center:
-                blk.addr_(mean[rows], mean[cols], alpha=-1)
-        return G
+            G[rows, cols].div_(n)
+        return sub_outer_lower_(G, mean) if center else G
 
     @property
     def mean(self) -> torch.Tensor:

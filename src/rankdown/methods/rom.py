@@ -24,7 +24,7 @@ from rankdown.allocate import (
 from rankdown.config import ConfigError, ROMConfig
 from rankdown.methods.base import Method, install_factors
 from rankdown.methods.linalg import Guard, guarded_eigh, mm64, output_eig_in, psd_factor, tmm64
-from rankdown.stats import InputStats, _lower_blocks
+from rankdown.stats import InputStats, sub_outer_lower_
 
 if TYPE_CHECKING:
     from rankdown.engine import LayerContext, PlanContext
@@ -59,11 +59,7 @@ def _centered(second: torch.Tensor, mean: torch.Tensor, center: bool, inplace: b
     block triangle only (the upper one may be unwritten memory)."""
     if not center:
         return second
-    if not inplace:
-        return second - torch.outer(mean, mean)
-    for rows, cols in _lower_blocks(second.shape[0]):
-        second[rows, cols].addr_(mean[rows], mean[cols], alpha=-1)
-    return second
+    return sub_outer_lower_(second, mean) if inplace else second - torch.outer(mean, mean)
 
 
 def output_eig(
