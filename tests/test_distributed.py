@@ -147,7 +147,7 @@ def test_a_missing_process_is_an_error_not_a_hang(monkeypatch):
 
 
 def test_one_process_is_left_alone():
-    assert distributed.setup("cuda") == torch.device("cuda") and distributed.world() == 1
+    assert distributed.setup("cpu") == torch.device("cpu") and distributed.world() == 1
     assert distributed.shard([1, 2, 3]) == [1, 2, 3] and distributed.all_sum([2, 3]) == [2.0, 3.0]
 
 

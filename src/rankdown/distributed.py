@@ -59,6 +59,9 @@ def setup(device: str | torch.device = "cpu", timeout: float | None = None) -> t
     start and at every exchange (default ``$RANKDOWN_DIST_TIMEOUT`` or 1800); a process that never
     comes is a :class:`ConfigError` after it, never a hang."""
     dev = local_device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} was asked for but this machine has no CUDA GPU that torch can use "
+                          f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use --device cpu")
     if _env_world() <= 1 or dist.is_initialized():
         return dev
     if timeout is None:
