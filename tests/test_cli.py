@@ -156,3 +156,19 @@ def test_modegpt_keeps_more_channels_than_calibration_tokens():
     widths = [m["out"] for p, m in report.modules.items() if p.endswith("up_proj")]
     assert max(widths) > ids.numel() and abs(report.ratio_achieved - 0.1) <= 0.01
     assert torch.isfinite(model(ids).logits).all()
+
+
+def test_demo_compares_every_method_with_the_dense_model(capsys):
+    """`rankdown demo` (the README's first command): every method at the asked ratio, each row's
+    perplexity measured on the held-out text against the dense model's."""
+    from rankdown import cli
+
+    assert cli.build_parser().parse_args(["demo"]).methods == "svd,asvd,svd-llm,rom,modegpt,lillama"  # all
+    methods = "svd,modegpt"  # each evaluated on the whole held-out text: two keep the test short
+    rc = cli.main(["demo", "--methods", methods, "--ratio", "0.2", "--nsamples", "16", "--seqlen", "128", "--json"])
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    assert rc == 0 and [r["model"] for r in rows] == ["dense", *methods.split(",")]
+    dense = rows[0]
+    for r in rows[1:]:
+        assert abs(r["removed"] - 0.2) <= 0.01 and r["params"] < dense["params"]
+        assert dense["heldout_ppl"] < r["heldout_ppl"] < 1.5 * dense["heldout_ppl"]

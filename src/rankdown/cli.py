@@ -540,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("demo", help="compress the built-in reference model and compare methods")
-    p.add_argument("--methods", default="svd,asvd,svd-llm,rom")
+    p.add_argument("--methods", default="svd,asvd,svd-llm,rom,modegpt,lillama")
     p.add_argument("--ratio", type=float, default=0.3)
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=256)
