@@ -97,6 +97,22 @@ def test_replay_check_allows_the_dtypes_rounding_and_nothing_more(dtype):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-def test_cuda_without_a_gpu_is_one_clear_error():
+def test_cuda_without_a_gpu_is_one_clear_error(tmp_path, capsys):
+    """compress, eval, bench and the speed comparison: before any model is loaded or written."""
+    from rankdown import cli
+    from rankdown.benchmark import BenchSettings, run_bench
+    from rankdown.eval.speed import compare_speed
+
     with pytest.raises(ConfigError, match="no CUDA GPU"):
         distributed.setup("cuda")
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        run_bench(BenchSettings(methods=["svd"], ratios=[0.2], device="cuda"), tmp_path / "bench")
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        compare_speed({"dense": tiny_model("llama")}, device="cuda")
+    capsys.readouterr()
+    for command in (["compress", "--method", "svd", "--ratio", "0.2", "--out", str(tmp_path / "out")],
+                    ["eval", "reference", "--ppl", "reference-heldout", "--device", "cuda"]):
+        assert cli.main([*command, "--device", "cuda", "-q"] if command[0] == "compress" else command) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no CUDA GPU" in err[0] and "use --device cpu" in err[0]
+    assert list(tmp_path.iterdir()) == []

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from rankdown.config import ConfigError
+from rankdown.distributed import check_device
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ def _check(settings: BenchSettings) -> dict[tuple[str, float], Any]:
 
     if not settings.ratios:
         raise ConfigError("no ratio given: pass --ratios, e.g. 0.1,0.2,0.3")
+    check_device(settings.device)
     configs = {}
     for spec in settings.methods:
         name, extra = parse_method(spec)
@@ -123,9 +125,10 @@ def degeneration(model: torch.nn.Module, tokenizer: Any, prompts: list[str], new
 
 
 def _evaluate(model, tok, s: BenchSettings, manager: Any) -> dict[str, Any]:
-    """Perplexity, degeneration and tasks of one model (dense or compressed)."""
+    """Perplexity, degeneration and tasks of one model (dense or compressed), moved to ``s.device``."""
     from rankdown.eval.perplexity import perplexity
 
+    model.to(s.device)
     res = perplexity(model, tok, s.ppl, seqlen=s.seqlen, max_windows=s.max_windows, device=s.device)
     row: dict[str, Any] = {"ppl": res.ppl, "ppl_tokens": res.tokens, "eval_s": res.seconds}
     if s.degeneration_tokens:
@@ -179,7 +182,6 @@ def run_bench(settings: BenchSettings, out: str | Path, *, overwrite: bool = Fal
     dense, tok = load_model(s.model, s.dtype)
     if tok is None:
         raise FileNotFoundError(f"{s.model} has no tokenizer files; the benchmark needs one")
-    dense.to(s.device)
     t0 = time.perf_counter()
     needs_calib = any(method_class(c.method).needs_calibration for c in configs.values())
     calib = calibration_data(tok, s.calib, nsamples=s.nsamples, seqlen=s.seqlen, seed=s.seed) if needs_calib else None
@@ -189,6 +191,7 @@ def run_bench(settings: BenchSettings, out: str | Path, *, overwrite: bool = Fal
         "calibration": None if calib is None else {**calib.describe(), "seed": s.seed},
         "dense": {"params": count_params(dense), **_evaluate(dense, tok, s, manager)}, "cells": [],
     }
+    dense.to("cpu")  # kept on the host between cells: one model at a time on the device
     cells = list(configs.items())
     bar = None
     if progress:
@@ -225,6 +228,8 @@ def _cell(dense, tok, spec, ratio, cfg, calib, s: BenchSettings, manager, dense_
     except Exception as e:  # one failing cell must not lose the rest of the grid
         logger.warning("bench cell %s at %g failed: %s: %s", spec, ratio, type(e).__name__, e)
         cell["error"] = f"{type(e).__name__}: {e}"
+    finally:
+        dense.to("cpu")  # the speed comparison leaves it on the device
     return cell
 
 

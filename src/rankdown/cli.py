@@ -205,7 +205,12 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         from rankdown.eval.tasks import task_manager
 
         manager = task_manager(args.tasks, args.include_path)
+    from rankdown.distributed import check_device
+
+    check_device(args.device)
     model, tokenizer = load_model(args.model, args.dtype)
+    if args.device:  # every evaluation below runs where the model is
+        model.to(args.device)
     needs = [n for n, on in (("perplexity", args.ppl), ("fidelity", args.fidelity), ("--tasks", args.tasks)) if on]
     if tokenizer is None and needs:
         raise FileNotFoundError(f"{args.model} has no tokenizer files; {needs[0]} needs one")

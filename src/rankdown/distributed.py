@@ -41,6 +41,13 @@ def _env_world() -> int:
                           "torchrun") from None
 
 
+def check_device(device: str | torch.device | None) -> None:
+    """A :class:`ConfigError` for a CUDA device on a machine where torch has none."""
+    if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} was asked for but this machine has no CUDA GPU that torch can use "
+                          f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use --device cpu")
+
+
 def local_device(device: str | torch.device) -> torch.device:
     """The device this process computes on: ``cuda`` means ``cuda:LOCAL_RANK`` under torchrun."""
     device = torch.device(device)
@@ -58,10 +65,8 @@ def setup(device: str | torch.device = "cpu", timeout: float | None = None) -> t
     the device this process computes on. ``timeout``: seconds a process waits for the others, at
     start and at every exchange (default ``$RANKDOWN_DIST_TIMEOUT`` or 1800); a process that never
     comes is a :class:`ConfigError` after it, never a hang."""
+    check_device(device)
     dev = local_device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} was asked for but this machine has no CUDA GPU that torch can use "
-                          f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use --device cpu")
     if _env_world() <= 1 or dist.is_initialized():
         return dev
     if timeout is None:

@@ -444,6 +444,8 @@ def walk_layers(
     budget = MemoryBudget() if budget is None else budget
     path, layers = spec.find_layers(model)
     calibrate = input_ids is not None
+    # where the model is kept between layers, and given back: the host, or a device it was put on
+    home = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
     was_training = model.training
     model.eval()
     inputs = None
@@ -480,13 +482,13 @@ def walk_layers(
             if source is not None:
                 source.release(i, layer, write, ctx, time.perf_counter() - t0)
             elif device.type != "cpu":
-                layer.to("cpu")
+                layer.to(home)
             seconds.append(time.perf_counter() - t0)
             bar.set_postfix(layer=i, replaced=len(ctx.replaced), s=f"{seconds[-1]:.1f}")
             log.info("%s: layer %d, %d modules replaced in %.2fs", desc, i, len(ctx.replaced), seconds[-1])
     finally:
         if device.type != "cpu" and source is None:
-            model.to("cpu")
+            model.to(home)
         model.train(was_training)
         if own_budget:
             budget.cleanup()

@@ -64,7 +64,8 @@ def perplexity(
     ``max_windows`` keeps the first windows only. ``add_special_tokens`` tokenizes the text as the
     GPTQ / SparseGPT code does (``tokenizer(text)``: e.g. one BOS at its start for Llama).
     The model runs in eval mode under ``torch.inference_mode()`` on ``device`` (default: the
-    model's) and its training mode is restored afterwards.
+    model's; a model elsewhere is moved there, and left there) and its training mode is restored
+    afterwards.
     """
     if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
         raise CalibrationError(f"seqlen must be a whole number >= 2, got {seqlen!r}; pass e.g. --seqlen 2048")
@@ -86,7 +87,12 @@ def perplexity(
     batches = ids[: windows * seqlen].view(windows, seqlen)  # (windows, seqlen)
     _warn_if_too_long(model, seqlen)
 
-    device = torch.device(device) if device is not None else _model_device(model)
+    if device is None:
+        device = _model_device(model)
+    else:
+        device = torch.device(device)
+        if _model_device(model) != device:
+            model.to(device)
     was_training = model.training
     model.eval()
     forward_kwargs = _forward_kwargs(model)

@@ -41,6 +41,7 @@ from torch import nn
 
 from rankdown.arch import UnsupportedModelError
 from rankdown.config import ConfigError
+from rankdown.distributed import check_device
 
 logger = logging.getLogger(__name__)
 
@@ -237,8 +238,7 @@ def compare_speed(
     if not models:
         raise ConfigError("no model to measure: give at least one")
     device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device} was asked for but CUDA is not available; use --device cpu")
+    check_device(device)
     vocab = min(_vocab_size(m) for m in models.values())
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, vocab, (batch_size, prompt_len), generator=generator).to(device)

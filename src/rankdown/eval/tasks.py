@@ -160,7 +160,8 @@ def evaluate_tasks(
     py_state = random.getstate()
     np_state = _numpy_state()
     try:
-        with torch.random.fork_rng(devices=[]):
+        dev = getattr(model, "device", None)  # simple_evaluate reseeds the GPU's generator too
+        with torch.random.fork_rng(devices=[dev] if isinstance(dev, torch.device) and dev.type == "cuda" else []):
             out = lm_eval.simple_evaluate(model=lm, tasks=built, task_manager=manager, limit=limit,
                                           num_fewshot=num_fewshot, log_samples=False, random_seed=seed,
                                           numpy_random_seed=seed, torch_random_seed=seed,
