@@ -8,13 +8,17 @@ from rankdown.api import compress
 from rankdown.arch import UnsupportedModelError
 from rankdown.methods import METHODS, make_config
 from rankdown.nn import LowRankLinear
-from tiny import FAMILIES, outputs, tiny_ids, tiny_model
+from tiny import FAMILIES, outputs, rel_error, tiny_ids, tiny_model, zeroed_error
 
 IDS = tiny_ids(8, 32)
 
 
 # modegpt rebuilds attention and MLP with smaller dimensions (no LowRankLinear); families it refuses
 MODEGPT_UNSUPPORTED = {"phi3", "gemma2", "mixtral", "bert"}
+# the output error at 25% as a fraction of the error of a model whose decoder linears are all zero;
+# the largest measured over the families: svd 0.62, asvd 0.62, lillama 0.44, svd-llm 0.27, rom 0.16,
+# modegpt 0.14 (random weights have flat spectra: plain SVD at 25% loses half of what zeros lose)
+OF_ZEROED = {"svd": 0.75, "asvd": 0.75, "lillama": 0.6, "svd-llm": 0.4, "rom": 0.3, "modegpt": 0.3}
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -33,8 +37,8 @@ def test_every_method_on_every_family(family, method):
     assert report.params_after == count_params(model)
     assert abs(report.ratio_achieved - 0.25) <= 0.01
     assert torch.isfinite(after).all()
-    rel = ((after - before).pow(2).mean() / before.pow(2).mean()).item()
-    assert rel < 1.0, f"relative output error {rel:.3f}"
+    rel, zeroed = rel_error(after, before), zeroed_error(family, IDS, before)
+    assert rel < OF_ZEROED[method] * zeroed, f"relative output error {rel:.4f}, {rel / zeroed:.2f} of zeroed layers'"
     replaced = [m for m in model.modules() if isinstance(m, LowRankLinear)]
     if method == "modegpt":  # smaller dense modules instead (tests/test_modegpt.py)
         assert report.modules and not replaced

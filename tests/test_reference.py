@@ -64,10 +64,10 @@ def test_svd_llm_beats_svd_at_20_percent(ppl):
 
 
 @pytest.mark.parametrize("ratio", [0.2, 0.3])
-def test_rom_beats_svd_and_asvd_and_matches_svd_llm(ppl, ratio):
+def test_rom_beats_svd_asvd_and_svd_llm(ppl, ratio):
     rom = ppl("rom", ratio)[0]
     assert rom < ppl("svd", ratio)[0] and rom < ppl("asvd", ratio)[0]
-    assert rom <= 1.02 * ppl("svd-llm", ratio)[0]
+    assert rom < ppl("svd-llm", ratio)[0]  # measured here: 13.79 vs 13.96 at 20%, 13.91 vs 14.19 at 30%
 
 
 def test_rom_global_beats_uniform_at_30_percent(ppl):

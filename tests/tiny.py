@@ -45,3 +45,21 @@ def outputs(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         out = model(input_ids=ids)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def rel_error(after: torch.Tensor, before: torch.Tensor) -> float:
+    """Mean squared difference of two outputs relative to the mean square of ``before``."""
+    return ((after - before).pow(2).mean() / before.pow(2).mean()).item()
+
+
+def zeroed_error(family: str, ids: torch.Tensor, before: torch.Tensor) -> float:
+    """:func:`rel_error` of ``family``'s tiny model with every linear of its layers set to zero:
+    what a method that throws the layers away would score, the scale for a method's output error."""
+    model = tiny_model(family)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and (".layers." in name or ".layer." in name):
+                mod.weight.zero_()
+                if mod.bias is not None:
+                    mod.bias.zero_()
+    return rel_error(outputs(model, ids), before)
