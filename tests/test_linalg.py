@@ -88,6 +88,10 @@ def test_factors_have_their_rank_and_are_finite(out_f, in_f, rank, cond, seed):
         assert A.shape == (rank, in_f) and B.shape == (out_f, rank)
         assert torch.isfinite(A).all() and torch.isfinite(B).all()
         assert torch.linalg.matrix_rank(B @ A) <= rank
+    A, B = svd_factors(W, rank)  # a random W has full rank: the truncation has exactly ``rank``, and the
+    s = torch.linalg.svdvals(W)  # Eckart-Young error
+    assert torch.linalg.matrix_rank(B @ A) == rank
+    assert torch.isclose(torch.linalg.matrix_norm(W - B @ A), s[rank:].norm(), rtol=1e-8, atol=1e-10)
 
 
 def _rom(W, X, r, center, space):
