@@ -52,10 +52,11 @@ def rel_error(after: torch.Tensor, before: torch.Tensor) -> float:
     return ((after - before).pow(2).mean() / before.pow(2).mean()).item()
 
 
-def zeroed_error(family: str, ids: torch.Tensor, before: torch.Tensor) -> float:
-    """:func:`rel_error` of ``family``'s tiny model with every linear of its layers set to zero:
-    what a method that throws the layers away would score, the scale for a method's output error."""
-    model = tiny_model(family)
+def zeroed_error(model: "str | torch.nn.Module", ids: torch.Tensor, before: torch.Tensor) -> float:
+    """:func:`rel_error` of a model (a family's tiny model, or this one, changed in place) with
+    every linear of its layers set to zero: what a method that throws the layers away would score,
+    the scale for a method's output error."""
+    model = tiny_model(model) if isinstance(model, str) else model
     with torch.no_grad():
         for name, mod in model.named_modules():
             if isinstance(mod, torch.nn.Linear) and (".layers." in name or ".layer." in name):

@@ -239,8 +239,6 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 def _eval_tasks(args: argparse.Namespace, model: Any, tokenizer: Any, manager: Any) -> dict[str, Any]:
     from rankdown.eval.tasks import evaluate_tasks
 
-    if args.device:
-        model.to(args.device)
     res = evaluate_tasks(model, tokenizer, args.tasks, include_path=args.include_path, limit=args.limit,
                          batch_size=_or(args.batch_size, 8), num_fewshot=args.num_fewshot, manager=manager)
     rows = [{"task": t, **{k: v for k, v in m.items() if k in ("acc", "acc_norm", "samples")}} for t, m in res.items()]
@@ -298,8 +296,7 @@ def _eval_fidelity(args: argparse.Namespace, model: Any, tokenizer: Any) -> dict
 
     passages = read_passages(args.texts)
     original, _ = load_model(args.fidelity, args.dtype)
-    if args.device:
-        model.to(args.device)
+    if args.device:  # the model itself is already there (cmd_eval)
         original.to(args.device)
     res = fidelity(model, original, tokenizer, passages, seqlen=_or(args.seqlen, 512),
                    batch_size=_or(args.batch_size, 8))
