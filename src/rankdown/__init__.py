@@ -24,12 +24,20 @@ from rankdown.methods import make_config, method_names
 from rankdown.reference import load_reference
 
 
-def save(model, tokenizer, out_dir, report: CompressionReport, overwrite: bool = False):
-    """Save a compressed model as a Hugging Face folder that records how it was made."""
+def save(model, tokenizer, out_dir, report: CompressionReport, overwrite: bool = False, source: dict | None = None):
+    """Save a compressed model as a Hugging Face folder that records how it was made.
+
+    ``source``, when given, is recorded as ``rankdown.source`` in config.json: what the input was
+    where its config does not say (a GGUF file: ``{"gguf_file": ..., "quantization": ...}``, see
+    :func:`rankdown.gguf_source.record`).
+    """
     from rankdown import io
 
+    record = report.record()
+    if source is not None:
+        record["source"] = source
     # io.save adds the library versions itself
-    return io.save(model, tokenizer, out_dir, record=report.record(), structure=report.structure,
+    return io.save(model, tokenizer, out_dir, record=record, structure=report.structure,
                    overwrite=overwrite, extra_files=report.artifacts)
 
 

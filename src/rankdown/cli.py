@@ -23,7 +23,8 @@ REFERENCE = "reference"
 
 # ----------------------------------------------------------------------------- model loading
 def load_model(name: str | None, dtype: str = "float32"):
-    """(model, tokenizer) from a hub id, a local folder (plain or rankdown-saved) or the reference."""
+    """(model, tokenizer) from a hub id, a local folder (plain or rankdown-saved), a GGUF file (or a
+    folder holding exactly one, dequantized to ``dtype``) or the reference."""
     import torch
 
     torch_dtype = getattr(torch, dtype)
@@ -33,14 +34,18 @@ def load_model(name: str | None, dtype: str = "float32"):
         return load_reference(torch_dtype)
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    from rankdown import io
+    from rankdown import gguf_source, io
 
+    gguf_file = gguf_source.find(name)
+    if gguf_file is not None:
+        return gguf_source.load(gguf_file, torch_dtype)
     path = Path(name).expanduser()
     if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise FileNotFoundError(f"{name}: no such model folder (and not a hub id of the form owner/name)")
     if path.exists():
         if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path} has no config.json: give a Hugging Face model folder or hub id")
+            raise FileNotFoundError(f"{path} has no config.json (nor a .gguf file): give a Hugging Face model "
+                                    "folder, a .gguf file or a hub id")
         model = io.load(path, dtype=torch_dtype)
         tokenizer = io.load_tokenizer(path) if io.has_tokenizer(path) else None
         return model, tokenizer
@@ -125,7 +130,8 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         out = None
         if args.out and distributed.is_main():
             model.to(_save_dtype(args))
-            out = str(rankdown.save(model, tokenizer, args.out, report, overwrite=args.overwrite))
+            out = str(rankdown.save(model, tokenizer, args.out, report, overwrite=args.overwrite,
+                                    source=_source_record(args.model)))
     result = {**report.summary(), "out": out, "streamed": _streaming(args)}
     if not distributed.is_main():  # process 0 speaks for all
         return result
@@ -133,6 +139,15 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     if out:
         print(f"saved to {out}")
     return result
+
+
+def _source_record(model: str | None) -> dict[str, Any] | None:
+    """What the saved folder's record says about its input, where there is more to say than the
+    model's config (a GGUF file: its name and quantization type)."""
+    from rankdown import gguf_source
+
+    gguf_file = None if model in (None, REFERENCE) else gguf_source.find(model)
+    return gguf_source.record(gguf_file) if gguf_file is not None else None
 
 
 def _torch_dtype(name: str):
@@ -148,6 +163,11 @@ def _save_dtype(args: argparse.Namespace):
     from rankdown import io
 
     found = None
+    if args.model not in (None, REFERENCE):
+        from rankdown import gguf_source
+
+        if gguf_source.find(args.model) is not None:  # quantized blocks: it is in the dtype it was dequantized to
+            return _torch_dtype(args.dtype)
     if args.model in (None, REFERENCE):
         from rankdown.reference import reference_dir
 
@@ -167,14 +187,24 @@ def _streaming(args: argparse.Namespace) -> bool:
 
     Default: yes for a local folder of safetensors weights saved to --out, unless the family's
     checkpoints cannot be mapped one layer at a time (fused experts); --stream insists, --no-stream
-    loads the whole model.
+    loads the whole model. A GGUF file is never streamed: it is dequantized whole, in memory.
     """
     if getattr(args, "_streaming", None) is not None:
         return args._streaming
+    from rankdown import gguf_source
     from rankdown.config import ConfigError
     from rankdown.stream import can_stream, streamable_family
 
     want = args.stream
+    gguf_file = None if args.model in (None, REFERENCE) else gguf_source.find(args.model)
+    if gguf_file is not None:
+        if want:
+            raise ConfigError(f"--stream reads safetensors folders layer by layer; {gguf_file.name} is a GGUF file, "
+                              "which rankdown dequantizes and compresses in memory (drop --stream)")
+        log.info("%s is a GGUF file: loaded whole and compressed in memory (streaming reads safetensors folders)",
+                 gguf_file)
+        args._streaming = False
+        return False
     possible = args.model not in (None, REFERENCE) and can_stream(args.model)
     if want and not possible:
         raise ConfigError("--stream reads a local model folder with safetensors weights; "
@@ -326,9 +356,17 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:
     from rankdown.io import read_record
 
+    from rankdown import gguf_source
+
     path = Path(args.dir)
+    gguf_file = gguf_source.find(path)
+    if gguf_file is not None:
+        info = gguf_source.describe(gguf_file)
+        print(f"{gguf_file}: a GGUF checkpoint ({info['architecture']}, {info['quantization']}, "
+              f"{info['tensors']} tensors), not compressed by rankdown")
+        return {"compressed": False, **info}
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path} is not a model folder (no config.json)")
+        raise FileNotFoundError(f"{path} is not a model folder (no config.json) nor a .gguf file")
     record = read_record(path)
     if record is None:
         print(f"{path}: a plain Hugging Face model, not compressed by rankdown")
@@ -435,10 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
         p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                       help="dtype the model is loaded in")
+                       help="dtype the model is loaded in (a GGUF file is dequantized to it)")
 
     p = sub.add_parser("compress", help="compress a model to a parameter budget")
-    p.add_argument("model", nargs="?", default=None, help="hub id or local folder (default: the reference model)")
+    p.add_argument("model", nargs="?", default=None,
+                   help="hub id, local folder or .gguf file (default: the reference model)")
     p.add_argument("--method", required=True, choices=list(METHODS))
     _add_method_flags(p)
     p.add_argument("--calib", default=None, help="wikitext2 | c4 | ptb | reference | FILE.txt | FILE.jsonl")
@@ -446,7 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=None, help="tokens per window (default 2048; 256 for the reference)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="dtype of the saved weights (default: the dtype the input model is stored in)")
+                   help="dtype of the saved weights (default: the dtype the input model is stored in; "
+                        "--dtype for a GGUF file)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
     p.add_argument("--out", default=None, help="folder to save the compressed model to")
@@ -465,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a model (perplexity; fidelity to its original; "
                                           "lm-eval tasks; speed)")
-    p.add_argument("model", help="hub id, local folder, or 'reference'")
+    p.add_argument("model", help="hub id, local folder, .gguf file, or 'reference'")
     p.add_argument("--ppl", default=None, help="wikitext2 | c4 | ptb | reference-heldout | FILE.txt")
     p.add_argument("--fidelity", default=None, metavar="ORIGINAL",
                    help="compare with the original model (hub id, folder or 'reference'): KL and top-1 "
@@ -497,7 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="compress with each method at each ratio and evaluate every result")
-    p.add_argument("model", nargs="?", default=None, help="hub id or local folder (default: the reference model)")
+    p.add_argument("model", nargs="?", default=None,
+                   help="hub id, local folder or .gguf file (default: the reference model)")
     p.add_argument("--methods", default=None,
                    help="comma-separated method specs, NAME or NAME:key=value:... (e.g. rom:allocation=uniform); "
                         f"default: all ({','.join(METHODS)})")
@@ -526,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("generate", help="continue a prompt (greedy, or sampled with --sample)")
-    p.add_argument("model", help="hub id, local folder, or 'reference'")
+    p.add_argument("model", help="hub id, local folder, .gguf file, or 'reference'")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--sample", action="store_true", help="sample (nucleus) instead of greedy decoding")
@@ -537,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("inspect", help="show the ranks and provenance recorded in a compressed model folder")
-    p.add_argument("dir")
+    p.add_argument("dir", help="a model folder (or .gguf file)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
