@@ -103,3 +103,30 @@ def test_svd_llm_from_output_correlations_equals_the_input_route(family, monkeyp
         compress(model, None, make_config("svd-llm", ratio=0.3, batch_size=4), IDS, progress=False)
         got[route] = outputs(model, IDS)
     assert torch.allclose(got["outputs"], got["inputs"], rtol=1e-4, atol=1e-5)
+
+
+FISHER_METHODS = ["svd", "asvd", "svd-llm", "rom", "lillama"]
+
+
+@pytest.mark.parametrize("method", FISHER_METHODS)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "bert"])
+def test_fisher_allocation_on_every_family(family, method):
+    """The shared fisher allocation: ratio met, outputs close, and the ranks differ from uniform's."""
+    model = tiny_model(family)
+    before = outputs(model, IDS)
+    extra = {"epochs": 0} if method == "lillama" else {}
+    report = compress(model, None, make_config(method, ratio=0.25, batch_size=4, allocation="fisher", **extra),
+                      IDS, progress=False)
+    assert abs(report.ratio_achieved - 0.25) <= 0.01
+    after = outputs(model, IDS)
+    rel, zeroed = rel_error(after, before), zeroed_error(family, IDS, before)
+    assert torch.isfinite(after).all() and rel < OF_ZEROED[method] * zeroed
+    ranks = {p: r["rank"] for p, r in report.modules.items()}
+    assert len(set(ranks.values())) > 1  # uniform gives one rank per shape; this reads the loss
+
+
+def test_fisher_allocation_refuses_an_encoder():
+    from rankdown.config import ConfigError
+
+    with pytest.raises(ConfigError, match="language-modelling head"):
+        compress(tiny_model("bert"), None, make_config("svd-llm", ratio=0.25, allocation="fisher"), IDS, progress=False)

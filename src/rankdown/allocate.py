@@ -225,7 +225,7 @@ def _hull(points: list[tuple[int, float, int | None]]) -> list[tuple[int, float,
 
 def global_ranks(
     targets: list[Target], spectra: dict[str, torch.Tensor], total_params: int, ratio: float, multiple: int,
-    with_bias: bool = False,
+    with_bias: bool = False, normalise: bool = True,
 ) -> dict[str, int]:
     """Ranks for all targets at once that minimise the summed normalised discarded energy.
 
@@ -237,16 +237,22 @@ def global_ranks(
     for its full count), so a target that gains more by staying dense than by a last rank step
     stays dense. When a long segment no longer fits, the target continues in single rank steps.
     Dense targets are left out of the result. The ratio is met to ±0.01 on exact counts.
+    ``normalise=False``: the spectra are costs in one currency across targets (the loss-weighted
+    spectra of :mod:`rankdown.sensitivity`), summed as they are instead of as fractions of each
+    target's total; they need not be descending.
     """
     goal = total_params * (1.0 - ratio)
     check_reachable(targets, total_params, ratio, multiple, with_bias)
     size = total_params - sum(t.dense - t.cost(multiple, with_bias) for t in targets)
-    kept: list[list[float]] = []  # kept[i][r]: normalised energy of the r leading eigenvalues
+    kept: list[list[float]] = []  # kept[i][r]: (normalised) energy of the r leading eigenvalues
+    full: list[float] = []  # kept by the dense layer
     for t in targets:
         s = spectra[t.path].to(torch.float64).clamp_min(0)
         total = float(s.sum())
-        c = torch.cat([s.new_zeros(1), s.cumsum(0) / total]) if total > 0 else s.new_zeros(len(s) + 1)
+        scale = total if normalise else 1.0
+        c = torch.cat([s.new_zeros(1), s.cumsum(0) / scale]) if total > 0 else s.new_zeros(len(s) + 1)
         kept.append(c.tolist())
+        full.append(kept[-1][-1] if not normalise else 1.0)
     ranks: list[int | None] = [multiple] * len(targets)
 
     def energy(i: int, r: int) -> float:
@@ -257,7 +263,7 @@ def global_ranks(
         t, r0 = targets[i], ranks[i]
         pts = [(t.cost(r, with_bias), energy(i, r), r) for r in range(r0, t.cap(with_bias) + 1, multiple)]
         if dense:
-            pts = _hull(pts + [(t.dense, 1.0, None)])
+            pts = _hull(pts + [(t.dense, full[i], None)])
         return deque((b[1] - a[1], b[0] - a[0], b[2]) for a, b in zip(pts, pts[1:]))
 
     todo = [steps(i, dense=True) for i in range(len(targets))]

@@ -25,6 +25,7 @@ class MethodConfig:
     """Settings every method shares."""
 
     method: ClassVar[str] = ""
+    allocations: ClassVar[tuple[str, ...]] = ("uniform", "fisher")
 
     ratio: float = _f(0.2, "fraction of ALL parameters to remove (embeddings and lm_head counted), in (0, 1)")
     rank_multiple: int | None = _f(
@@ -42,6 +43,13 @@ class MethodConfig:
         None, "folder keeping statistics of the dense model between runs (ROM's global allocation): another "
         "ratio or allocation of the same model and calibration skips that pass"
     )
+    allocation: str = _f(
+        "uniform",
+        "rank allocation: uniform (one kept fraction of every linear's parameters, as the baselines' papers), "
+        "or fisher (ranks where they cost the model's loss least: a second-order estimate from one backward "
+        "pass of the dense model and its output spectra; the model must be in memory)",
+    )
+    fisher_tokens: int = _f(8192, "fisher allocation: calibration tokens its backward pass reads at most (0: all)")
 
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -59,6 +67,11 @@ class MethodConfig:
             parse_bytes(self.max_memory)
         except ValueError as e:
             raise ConfigError(f"max_memory: {e}") from None
+        if self.allocation not in self.allocations:
+            raise ConfigError(f"unknown allocation {self.allocation!r} for {self.method}; "
+                              f"choose one of: {', '.join(self.allocations)}")
+        if not isinstance(self.fisher_tokens, int) or self.fisher_tokens < 0:
+            raise ConfigError(f"fisher_tokens must be an integer >= 0 (0: all tokens), got {self.fisher_tokens!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
@@ -101,7 +114,7 @@ class SVDLLMConfig(MethodConfig):
     method: ClassVar[str] = "svd-llm"
 
 
-ROM_ALLOCATIONS = ("global", "uniform", "last-k")
+ROM_ALLOCATIONS = ("global", "uniform", "last-k", "fisher")
 
 
 @dataclass
@@ -109,6 +122,7 @@ class ROMConfig(MethodConfig):
     """ROM (Chavan, Lele, Gupta 2023): each linear re-parameterised in the principal subspace of its outputs."""
 
     method: ClassVar[str] = "rom"
+    allocations: ClassVar[tuple[str, ...]] = ROM_ALLOCATIONS
     center: bool = _f(
         True,
         "center the output statistics (covariance; the mean goes into the low-rank layer's bias, which adds "
@@ -117,7 +131,8 @@ class ROMConfig(MethodConfig):
     allocation: str = _f(
         "global",
         "rank allocation: global (water-filling on the dense model's output spectra; one extra statistics "
-        "pass), uniform (one module budget everywhere), last-k (the paper's: only the last K layers)",
+        "pass), uniform (one module budget everywhere), last-k (the paper's: only the last K layers), fisher "
+        "(ranks where they cost the loss least, see the shared --allocation)",
     )
     last_k: int | None = _f(
         None, "last-k allocation: number of final layers to compress (default: the smallest K at module budget >= 0.33)"
@@ -154,11 +169,14 @@ class LillamaConfig(MethodConfig):
     layer's output matches the original's, gradients kept local to the layer."""
 
     method: ClassVar[str] = "lillama"
+    allocations: ClassVar[tuple[str, ...]] = ("strategy", "fisher")
     strategy: str = _f(
         "bottom",
         "rank allocation: bottom (the paper's: matrices set to --min-rank from the first layer until the budget "
         "is met, later layers dense), top (the same from the last layer), uniform (one kept fraction everywhere)",
     )
+    allocation: str = _f("strategy", "strategy (the ranks --strategy gives) or fisher (ranks where they cost the "
+                         "loss least, see the shared --allocation)")
     min_rank: int | None = _f(None, "bottom/top: the rank a compressed matrix gets (default hidden_size/4)")
     init: str = _f("svd", "initial factors: svd (the paper's plain weight SVD) or rom (ROM's activation-aware, "
                    "uncentered factors)")
@@ -197,6 +215,7 @@ class ModeGPTConfig(MethodConfig):
     """MoDeGPT (Lin et al. 2025): matrix pairs share a smaller inner dimension (MLP width, q/k and v head sizes)."""
 
     method: ClassVar[str] = "modegpt"
+    allocations: ClassVar[tuple[str, ...]] = MODEGPT_ALLOCATIONS
     allocation: str = _f(
         "block-influence",
         "layer sparsity: block-influence (layers that change their input less lose more; one extra statistics "

@@ -107,4 +107,9 @@ class Method:
         Default: one kept-parameter fraction for all, as the baselines. ``context`` lets a method
         run a statistics pass over the dense model first (see :class:`rankdown.engine.PlanContext`).
         """
+        if self.config.allocation == "fisher":
+            from rankdown.sensitivity import fisher_ranks
+
+            return fisher_ranks(targets, total_params, ratio, multiple, context,
+                                fisher_tokens=self.config.fisher_tokens)
         return uniform_ranks(targets, total_params, ratio, multiple)

@@ -130,7 +130,11 @@ class Lillama(Method):
         self._reset()
         self._progress = True if context is None else context.progress
         cfg = self.config
-        if cfg.strategy == "uniform":
+        if cfg.allocation == "fisher":
+            from rankdown.sensitivity import fisher_ranks
+
+            ranks = fisher_ranks(targets, total_params, ratio, multiple, context, fisher_tokens=cfg.fisher_tokens)
+        elif cfg.strategy == "uniform":
             ranks = uniform_ranks(targets, total_params, ratio, multiple)
         else:
             hidden = _hidden_size(context.model if context is not None else None, targets)
@@ -139,7 +143,8 @@ class Lillama(Method):
             ranks = edge_ranks(targets, total_params, ratio, min_rank, step, from_top=cfg.strategy == "top")
         chosen = [t.layer for t in targets if t.path in ranks]
         self._last_layer = max(chosen) if chosen else None
-        log.info("lillama %s allocation: %d of %d matrices compressed, in layers %s", cfg.strategy, len(ranks),
+        log.info("lillama %s allocation: %d of %d matrices compressed, in layers %s",
+                 "fisher" if cfg.allocation == "fisher" else cfg.strategy, len(ranks),
                  len(targets), sorted(set(chosen)))
         return ranks
 

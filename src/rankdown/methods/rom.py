@@ -207,6 +207,11 @@ class ROM(Method):
             return uniform_ranks(targets, total_params, ratio, multiple, with_bias)
         if cfg.allocation == "last-k":
             return last_k_ranks(targets, total_params, ratio, multiple, cfg.last_k, with_bias)
+        if cfg.allocation == "fisher":
+            from rankdown.sensitivity import fisher_ranks
+
+            return fisher_ranks(targets, total_params, ratio, multiple, context, center=cfg.center,
+                                with_bias=with_bias, fisher_tokens=cfg.fisher_tokens, spectra_tokens=cfg.spectra_tokens)
         if context is None:
             raise ConfigError("the global allocation needs a statistics pass: call rankdown.compress(), "
                               "or use allocation='uniform'")
