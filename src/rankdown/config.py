@@ -207,7 +207,7 @@ class LillamaConfig(MethodConfig):
             raise ConfigError(f"calib_tokens must be >= 1, got {self.calib_tokens}")
 
 
-MODEGPT_ALLOCATIONS = ("block-influence", "uniform")
+MODEGPT_ALLOCATIONS = ("block-influence", "uniform", "fisher")
 
 
 @dataclass

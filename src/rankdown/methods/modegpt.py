@@ -288,7 +288,17 @@ class ModeGPT(Method):
             influence = self.block_influence(context, {s.index for s in shapes})
             weights = block_influence_sparsity([influence[s.index] for s in shapes], self.config.epsilon)
             self._allocation["block_influence"] = {str(s.index): influence[s.index] for s in shapes}
-        phis, size = solve_sparsity(shapes, weights, total_params, ratio, self.config.cap)
+        if self.config.allocation == "fisher":
+            from rankdown.methods.modegpt_alloc import fisher_sparsity
+            from rankdown.sensitivity import fisher_curves
+
+            wanted = {t.path: t for t in targets}
+            parts = [f"{s.prefix}.{n}" for s in shapes for n in (spec.q, spec.k, spec.o, spec.mlp_out)]
+            curves = fisher_curves(context, [wanted[p] for p in parts if p in wanted], False,
+                                   self.config.fisher_tokens, 32768)
+            phis, size = fisher_sparsity(shapes, curves, total_params, ratio, self.config.cap)
+        else:
+            phis, size = solve_sparsity(shapes, weights, total_params, ratio, self.config.cap)
         self._allocation.update(allocation=self.config.allocation, sparsity={str(s.index): p for s, p in zip(shapes, phis)},
                                 qk_share=share, params_after=size)
         ranks: dict[str, int] = {}

@@ -209,3 +209,98 @@ def solve_sparsity(
             f"of {shapes[0].multiple}; pass --rank-multiple 1, or a ratio closer to {achieved:.2f}"
         )
     return ps, size(ps)
+
+
+# grid of layer sparsities the fisher allocation chooses from
+FISHER_STEP = 0.025
+
+
+def _tail(curve: torch.Tensor, keep: float) -> float:
+    """Loss cost of keeping the fraction ``keep`` of a loss-weighted spectrum's directions."""
+    r = int(round(keep * len(curve)))
+    return float(curve[r:].sum())
+
+
+def layer_cost(shape: LayerShape, curves: dict[str, torch.Tensor], keep: float) -> float:
+    """Second-order loss cost (see :mod:`rankdown.sensitivity`) of ``shape``'s layer at kept fraction
+    ``keep``, read from the loss-weighted output spectra of its linears: the MLP width as a rank of the
+    down projection's outputs, the value size as one of the output projection's, the query/key size
+    as ranks of the query and key outputs. Proxies (MoDeGPT selects channels, it does not truncate
+    eigen-directions): what they give is the loss currency in which layers are compared."""
+    sp, p = shape.spec, shape.prefix
+    sizes, cost = shape.sizes(keep), 0.0
+    if "mlp" in sizes:
+        cost += _tail(curves[f"{p}.{sp.mlp_out}"], sizes["mlp"] / shape.width)
+    if "v" in sizes:
+        cost += _tail(curves[f"{p}.{sp.o}"], sizes["v"] / shape.head_dim)
+    if "qk" in sizes:
+        f = sizes["qk"] / shape.head_dim
+        cost += _tail(curves[f"{p}.{sp.q}"], f) + _tail(curves[f"{p}.{sp.k}"], f)
+    return cost
+
+
+def fisher_sparsity(
+    shapes: list[LayerShape], curves: dict[str, torch.Tensor], total_params: int, ratio: float, cap: float
+) -> tuple[list[float], int]:
+    """Layer sparsities on a grid of :data:`FISHER_STEP` that minimise the summed loss cost of the
+    layers under the budget: greedy on the cost per parameter removed of each layer's next step
+    (over the upper hull of its (parameters removed, cost) points, so a step that only pays off with
+    the next one is taken as one), then the model's size after. Raises :class:`ConfigError` when
+    the ratio cannot be met to ±0.01."""
+    goal = total_params * (1.0 - ratio)
+    grid = [i * FISHER_STEP for i in range(int(cap / FISHER_STEP + 1e-9) + 1)]
+
+    def points(s: LayerShape, start: float) -> list[tuple[float, int, float]]:
+        pts, last = [], -1
+        for phi in grid:
+            if phi + 1e-12 < start:
+                continue
+            removed = s.dense_params - s.params(1.0 - phi)
+            if removed > last:  # rounding: a step that removes nothing more is no step
+                pts.append((phi, removed, layer_cost(s, curves, 1.0 - phi)))
+                last = removed
+        return pts
+
+    def hull(pts: list[tuple[float, int, float]]) -> list[tuple[float, int, float]]:
+        """Lower convex hull of cost against parameters removed, the first point kept."""
+        out = [pts[0]]
+        for q in pts[1:]:
+            while len(out) >= 2:
+                a, b = out[-2], out[-1]
+                if (b[2] - a[2]) * (q[1] - a[1]) >= (q[2] - a[2]) * (b[1] - a[1]):
+                    out.pop()
+                else:
+                    break
+            out.append(q)
+        return out
+
+    steps = [hull(points(s, 0.0)) for s in shapes]  # per layer: (phi, params removed, cost)
+    fine = [False] * len(shapes)
+    at = [0] * len(shapes)
+    size = total_params
+    while size > goal:
+        best, pick = None, -1
+        for i, h in enumerate(steps):
+            if at[i] + 1 < len(h):
+                a, b = h[at[i]], h[at[i] + 1]
+                price = (b[2] - a[2]) / max(1, b[1] - a[1])
+                if best is None or price < best:
+                    best, pick = price, i
+        if pick < 0:
+            break
+        a, b = steps[pick][at[pick]], steps[pick][at[pick] + 1]
+        if size - (b[1] - a[1]) < goal - 0.005 * total_params and not fine[pick]:
+            # a long hull segment overshoots the budget: this layer goes on in single grid steps
+            steps[pick], at[pick], fine[pick] = points(shapes[pick], a[0]), 0, True
+            continue
+        at[pick] += 1
+        size -= b[1] - a[1]
+    phis = [steps[i][at[i]][0] for i in range(len(shapes))]
+    size = total_params - sum(s.dense_params - s.params(1.0 - p) for s, p in zip(shapes, phis))
+    achieved = 1.0 - size / total_params
+    if abs(achieved - ratio) > 0.01:
+        raise ConfigError(
+            f"ratio {ratio} can only be approximated to {achieved:.4f} by modegpt's fisher allocation (layer "
+            f"sparsities up to the cap {cap}); use --allocation uniform, a ratio closer to {achieved:.2f}, or raise --cap"
+        )
+    return phis, size
