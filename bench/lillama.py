@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "lillama.json"))
     args = ap.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
-    lil = {"epochs": args.epochs, "strategy": args.strategy, "batch_size": args.batch_size, **({"lr": args.lr} if args.lr else {})}
+    lil = {"epochs": args.epochs, "strategy": args.strategy, "allocation": "strategy", "batch_size": args.batch_size, **({"lr": args.lr} if args.lr else {})}
     methods = [(f"lillama:init={i}", "lillama", {"init": i, **lil}) for i in args.inits.split(",") if i]
     baselines = [b for b in args.baselines.split(",") if b]
     earlier = json.loads(Path(args.baselines_from).read_text()) if args.baselines_from else None

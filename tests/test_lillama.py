@@ -57,7 +57,8 @@ def test_end_to_end_ratio_for_every_strategy_and_init():
     for strategy in ("bottom", "top", "uniform"):
         for init in ("svd", "rom"):
             model = _deep_llama(4)
-            rep = compress(model, None, make_config("lillama", ratio=0.3, batch_size=4, strategy=strategy, init=init),
+            rep = compress(model, None, make_config("lillama", ratio=0.3, batch_size=4, strategy=strategy, init=init,
+                                                       allocation="strategy"),
                            IDS, progress=False)
             assert abs(rep.ratio_achieved - 0.3) <= 0.01 and rep.params_after == count_params(model)
             layers = _layers_of(rep.modules)
@@ -84,9 +85,10 @@ def test_token_loss_is_the_spec_formula_and_ignores_padding():
 
 
 def test_settings_are_checked():
-    for bad, match in ((dict(strategy="middle"), "strategy"), (dict(init="pca"), "init"), (dict(loss="kl"), "loss"),
+    for bad, match in ((dict(strategy="middle", allocation="strategy"), "strategy"), (dict(init="pca"), "init"), (dict(loss="kl"), "loss"),
                        (dict(lr=0.0), "lr"), (dict(epochs=-1), "epochs"), (dict(calib_tokens=0), "calib_tokens"),
-                       (dict(strategy="uniform", min_rank=8), "min_rank")):
+                       (dict(strategy="uniform", min_rank=8, allocation="strategy"), "min_rank"),
+                       (dict(strategy="top"), "allocation strategy")):
         with pytest.raises(ConfigError, match=match):
             make_config("lillama", **bad).validate()
 
@@ -110,7 +112,8 @@ def test_epochs_that_make_a_layer_worse_are_not_kept():
 def test_only_the_factors_train_and_the_best_checkpoint_is_kept(loss):
     model = _deep_llama(4)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
-    rep = compress(model, None, make_config("lillama", ratio=0.3, batch_size=2, epochs=3, loss=loss), IDS,
+    rep = compress(model, None, make_config("lillama", ratio=0.3, batch_size=2, epochs=3, loss=loss, init="svd",
+                                                          allocation="strategy", lr=1e-3), IDS,
                    progress=False)
     curves = rep.artifacts["lillama_losses.json"]
     assert set(curves) == {f"model.layers.{i}" for i in _layers_of(rep.modules)}
@@ -132,9 +135,10 @@ def reference_runs(reference):
     torch.set_num_threads(2)
     calib = calibration_data(tok, "reference", nsamples=32, seqlen=SEQLEN, seed=0)
     runs = {}
-    for name, method, settings in (("svd", "svd", {}), ("init", "lillama", {"epochs": 0}),
-                                   ("lillama", "lillama", {"batch_size": 2}),
-                                   ("lillama-rom", "lillama", {"batch_size": 2, "init": "rom"})):
+    old = {"allocation": "strategy", "lr": 1e-3, "epochs": 1}  # the settings these figures were measured with
+    for name, method, settings in (("svd", "svd", {}), ("init", "lillama", {**old, "init": "svd", "epochs": 0}),
+                                   ("lillama", "lillama", {**old, "batch_size": 2, "init": "svd"}),
+                                   ("lillama-rom", "lillama", {**old, "batch_size": 2, "init": "rom"})):
         m = copy.deepcopy(model)
         rep = compress(m, tok, make_config(method, ratio=0.3, **settings), calib, progress=False)
         ppl = perplexity(m, tok, "reference-heldout", seqlen=SEQLEN, max_windows=60).ppl
@@ -170,7 +174,7 @@ def test_the_disk_cache_gives_the_same_factors(caplog):
         model = _deep_llama(4)
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="rankdown.api"):
-            compress(model, None, make_config("lillama", ratio=0.35, batch_size=2, epochs=2, seed=3,
+            compress(model, None, make_config("lillama", ratio=0.35, batch_size=2, epochs=2, seed=3, allocation="strategy",
                                               max_memory=max_memory), IDS, progress=False)
         spilled = "went to disk" in caplog.text
         assert spilled == (max_memory is not None)
@@ -207,7 +211,8 @@ def test_a_token_budget_sets_the_windows_of_a_text_and_the_records_of_a_chat(tmp
 def test_loss_curves_are_saved_beside_the_model_and_the_bar_shows_layer_and_loss(tmp_path, capsys):
     model = _deep_llama(2)
     before = outputs(model, IDS)
-    rep = compress(model, None, make_config("lillama", ratio=0.2, batch_size=4, epochs=2), IDS, progress=True)
+    rep = compress(model, None, make_config("lillama", ratio=0.2, batch_size=4, epochs=2, allocation="strategy"), IDS,
+                   progress=True)
     err = capsys.readouterr().err
     assert "layer=0" in err and "loss=" in err
     tok = make_tokenizer()

@@ -488,7 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the saved weights (default: the dtype the input model is stored in; "
                         "--dtype for a GGUF file)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="calibration windows per forward pass (default 8; lillama 4: its optimiser steps)")
     p.add_argument("--out", default=None, help="folder to save the compressed model to")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--stream", dest="stream", action="store_true", default=None,

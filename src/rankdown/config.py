@@ -129,10 +129,10 @@ class ROMConfig(MethodConfig):
         "one bias to layers without one); False: the paper's uncentered correlation (--no-center)",
     )
     allocation: str = _f(
-        "global",
-        "rank allocation: global (water-filling on the dense model's output spectra; one extra statistics "
-        "pass), uniform (one module budget everywhere), last-k (the paper's: only the last K layers), fisher "
-        "(ranks where they cost the loss least, see the shared --allocation)",
+        "fisher",
+        "rank allocation: fisher (the default: ranks where they cost the model's loss least, see the shared "
+        "--allocation; the model must be in memory), global (water-filling on the dense model's output spectra; one extra statistics "
+        "pass), uniform (one module budget everywhere), last-k (the paper's: only the last K layers)",
     )
     last_k: int | None = _f(
         None, "last-k allocation: number of final layers to compress (default: the smallest K at module budget >= 0.33)"
@@ -170,27 +170,32 @@ class LillamaConfig(MethodConfig):
 
     method: ClassVar[str] = "lillama"
     allocations: ClassVar[tuple[str, ...]] = ("strategy", "fisher")
-    strategy: str = _f(
-        "bottom",
-        "rank allocation: bottom (the paper's: matrices set to --min-rank from the first layer until the budget "
+    strategy: str | None = _f(
+        None,
+        "with --allocation strategy: bottom (the default there; the paper's: matrices set to --min-rank from the first layer until the budget "
         "is met, later layers dense), top (the same from the last layer), uniform (one kept fraction everywhere)",
     )
-    allocation: str = _f("strategy", "strategy (the ranks --strategy gives) or fisher (ranks where they cost the "
-                         "loss least, see the shared --allocation)")
+    allocation: str = _f("fisher", "fisher (the default: ranks where they cost the loss least, see the shared "
+                         "--allocation) or strategy (the ranks --strategy gives)")
+    batch_size: int = _f(4, "calibration sequences per forward pass and per optimiser step")
     min_rank: int | None = _f(None, "bottom/top: the rank a compressed matrix gets (default hidden_size/4)")
-    init: str = _f("svd", "initial factors: svd (the paper's plain weight SVD) or rom (ROM's activation-aware, "
-                   "uncentered factors)")
+    init: str = _f("rom", "initial factors: rom (the default: ROM's activation-aware, uncentered factors) or svd "
+                   "(the paper's plain weight SVD, ~10^6 x dense perplexity as a start on a pretrained model)")
     loss: str = _f("teacher+student", "which inputs the layer is trained on: teacher (the dense model's), student "
                    "(the compressed layers' before it) or teacher+student (both losses summed)")
-    lr: float = _f(1e-3, "AdamW learning rate of the factors (the paper's 8.6e-5 is for bf16 billion-parameter models)")
-    epochs: int = _f(1, "passes over the calibration tokens per layer; the best of the initial and every "
+    lr: float = _f(1e-4, "AdamW learning rate of the factors (measured on SmolLM2-135M from the rom start; the "
+                   "paper's 8.6e-5 is for bf16 billion-parameter models)")
+    epochs: int = _f(2, "passes over the calibration tokens per layer; the best of the initial and every "
                      "epoch's factors is kept")
     calib_tokens: int | None = _f(None, "calibration token budget: ceil(N/seqlen) windows of a text, or chat/JSONL "
                                   "records until N real tokens (default: --nsamples windows)")
 
     def validate(self) -> None:
         super().validate()
-        for name, value, allowed in (("strategy", self.strategy, LILLAMA_STRATEGIES),
+        if self.allocation == "fisher" and (self.strategy is not None or self.min_rank is not None):
+            raise ConfigError("--strategy and --min-rank choose lillama's ranks only with --allocation strategy; "
+                              "add --allocation strategy, or drop them to keep the fisher allocation")
+        for name, value, allowed in (("strategy", self.strategy or "bottom", LILLAMA_STRATEGIES),
                                      ("init", self.init, LILLAMA_INITS), ("loss", self.loss, LILLAMA_LOSSES)):
             if value not in allowed:
                 raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(allowed)}")

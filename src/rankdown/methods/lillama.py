@@ -134,7 +134,7 @@ class Lillama(Method):
             from rankdown.sensitivity import fisher_ranks
 
             ranks = fisher_ranks(targets, total_params, ratio, multiple, context, fisher_tokens=cfg.fisher_tokens)
-        elif cfg.strategy == "uniform":
+        elif (cfg.strategy or "bottom") == "uniform":
             ranks = uniform_ranks(targets, total_params, ratio, multiple)
         else:
             hidden = _hidden_size(context.model if context is not None else None, targets)
@@ -144,7 +144,7 @@ class Lillama(Method):
         chosen = [t.layer for t in targets if t.path in ranks]
         self._last_layer = max(chosen) if chosen else None
         log.info("lillama %s allocation: %d of %d matrices compressed, in layers %s",
-                 "fisher" if cfg.allocation == "fisher" else cfg.strategy, len(ranks),
+                 "fisher" if cfg.allocation == "fisher" else cfg.strategy or "bottom", len(ranks),
                  len(targets), sorted(set(chosen)))
         return ranks
 
