@@ -22,8 +22,10 @@ demo: setup
 real-models: setup
 	$(PY) scripts/real_models.py || echo "real-models: not available; the tests that need it will skip"
 
+# two tiers: the fast tests first, then the slow quality tests (the real model's among them)
 test: setup real-models
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m slow
 
 bench: setup
 	$(VENV)/bin/rankdown bench --ratios 0.1,0.2,0.3,0.4,0.5 --speed --out bench/results/reference --overwrite
