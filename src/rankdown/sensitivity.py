@@ -38,7 +38,7 @@ from rankdown.allocate import Target, check_reachable, global_ranks
 from rankdown.config import ConfigError
 
 if TYPE_CHECKING:
-    from rankdown.engine import LayerContext, PlanContext
+    from rankdown.engine import PlanContext
 
 log = logging.getLogger(__name__)
 
@@ -120,29 +120,16 @@ def weighted_spectra(context: "PlanContext", targets: list[Target], fisher: dict
     target's output (co)variance on the dense model, ``w_i = Σ_j u_ij² D_j``; its tail sums are the
     loss cost of each rank (see the module docstring)."""
     from rankdown.config import ROMConfig
-    from rankdown.methods.rom import ROM, _forget
+    from rankdown.methods.rom import ROM
 
-    rom = ROM(ROMConfig(center=center, allocation="uniform"))
-    out: dict[str, torch.Tensor] = {}
+    def weigh(path: str, evals: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        D = fisher[path].to(V.device, torch.float64)
+        w = (V.to(torch.float64).pow(2) * D[:, None]).sum(0)  # (k,)
+        k = min(len(evals), len(w))
+        return (evals[:k].clamp_min(0) * w[:k]).cpu()
 
-    def visit(ctx: "LayerContext") -> None:
-        names = [t.path[len(ctx.prefix) + 1 :] for t in targets if t.path.startswith(ctx.prefix + ".")]
-        if not names:
-            return
-        moments, roots = rom._moments(ctx, names, keep_outputs=True), {}
-        for name in names:
-            stats, space = moments.pop(name)
-            _, evals, V, _, _ = rom._eig(ctx, name, stats, space, vectors=True, roots=roots)
-            _forget(roots, stats, moments)
-            path = f"{ctx.prefix}.{name}"
-            D = fisher[path].to(V.device, torch.float64)
-            w = (V.to(torch.float64).pow(2) * D[:, None]).sum(0)  # (k,)
-            k = min(len(evals), len(w))
-            out[path] = (evals[:k].clamp_min(0) * w[:k]).cpu()
-            del V
-
-    context.walk_dense(visit, spectra_tokens)
-    return out
+    rom = ROM(ROMConfig(center=center, allocation="uniform", spectra_tokens=spectra_tokens))
+    return rom.walk_spectra(targets, context, weigh, vectors=True)
 
 
 def fisher_curves(context: "PlanContext", targets: list[Target], center: bool, fisher_tokens: int,

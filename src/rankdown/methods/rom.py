@@ -13,7 +13,7 @@ forming the ``(out, out)`` matrix (see :func:`output_eig`).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -236,6 +236,14 @@ class ROM(Method):
         return context.cached("rom-spectra", settings, lambda: self._spectra(targets, context))
 
     def _spectra(self, targets: list[Target], context: "PlanContext") -> dict[str, torch.Tensor]:
+        return self.walk_spectra(targets, context, lambda path, evals, V: evals.cpu(), vectors=False)
+
+    def walk_spectra(
+        self, targets: list[Target], context: "PlanContext",
+        keep: "Callable[[str, torch.Tensor, torch.Tensor | None], torch.Tensor]", vectors: bool,
+    ) -> dict[str, torch.Tensor]:
+        """Path -> ``keep(path, eigenvalues, eigenvectors or None)`` for every target's output
+        statistics on the dense model, one layer at a time (only one layer's statistics alive)."""
         spectra: dict[str, torch.Tensor] = {}
 
         def visit(ctx: "LayerContext") -> None:
@@ -245,9 +253,10 @@ class ROM(Method):
             moments, roots = self._moments(ctx, names, keep_outputs=True), {}
             for name in names:
                 stats, space = moments.pop(name)
-                _, evals, _, _, _ = self._eig(ctx, name, stats, space, vectors=False, roots=roots)
+                _, evals, V, _, _ = self._eig(ctx, name, stats, space, vectors=vectors, roots=roots)
                 _forget(roots, stats, moments)
-                spectra[f"{ctx.prefix}.{name}"] = evals.cpu()
+                spectra[f"{ctx.prefix}.{name}"] = keep(f"{ctx.prefix}.{name}", evals, V)
+                del V
 
         context.walk_dense(visit, self.config.spectra_tokens)
         return spectra
