@@ -136,3 +136,15 @@ def test_fisher_allocation_refuses_an_encoder():
 
     with pytest.raises(ConfigError, match="language-modelling head"):
         compress(tiny_model("bert"), None, make_config("svd-llm", ratio=0.25, allocation="fisher"), IDS, progress=False)
+
+
+@pytest.mark.parametrize("family, same_as", [("llama", "fisher"), ("bert", "global")])
+def test_rom_auto_allocation_is_fisher_where_it_can_run(family, same_as):
+    """rom's default: the fisher allocation for a causal LM in memory, the global one for an encoder."""
+    ranks = {}
+    for allocation in ("auto", same_as):
+        model = tiny_model(family)
+        rep = compress(model, None, make_config("rom", ratio=0.25, batch_size=4, allocation=allocation), IDS,
+                       progress=False)
+        ranks[allocation] = {p: r["rank"] for p, r in rep.modules.items()}
+    assert ranks["auto"] == ranks[same_as]

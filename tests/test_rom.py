@@ -291,7 +291,7 @@ def test_uncentered_uniform_rom_matches_svd_llm_on_a_tiny_model():
 def test_config_round_trip_and_errors():
     cfg = make_config("rom", ratio=0.3, allocation="last-k", last_k=3, center=False)
     assert ROMConfig.from_dict(cfg.to_dict()) == cfg
-    assert ROMConfig().center is True and ROMConfig().allocation == "fisher" and ROMConfig().last_k is None
+    assert ROMConfig().center is True and ROMConfig().allocation == "auto" and ROMConfig().last_k is None
     for bad, match in (({"allocation": "bottom"}, "global, uniform, last-k"), ({"last_k": 2}, "only used by"),
                        ({"allocation": "last-k", "last_k": 0}, ">= 1"), ({"center": "no"}, "true or false")):
         with pytest.raises(ConfigError, match=match):

@@ -114,7 +114,7 @@ class SVDLLMConfig(MethodConfig):
     method: ClassVar[str] = "svd-llm"
 
 
-ROM_ALLOCATIONS = ("global", "uniform", "last-k", "fisher")
+ROM_ALLOCATIONS = ("auto", "fisher", "global", "uniform", "last-k")
 
 
 @dataclass
@@ -129,9 +129,9 @@ class ROMConfig(MethodConfig):
         "one bias to layers without one); False: the paper's uncentered correlation (--no-center)",
     )
     allocation: str = _f(
-        "fisher",
-        "rank allocation: fisher (the default: ranks where they cost the model's loss least, see the shared "
-        "--allocation; the model must be in memory), global (water-filling on the dense model's output spectra; one extra statistics "
+        "auto",
+        "rank allocation: auto (the default: fisher where it can run, else global), fisher (ranks where they cost "
+        "the model's loss least, see the shared --allocation; the model must be in memory), global (water-filling on the dense model's output spectra; one extra statistics "
         "pass), uniform (one module budget everywhere), last-k (the paper's: only the last K layers)",
     )
     last_k: int | None = _f(
@@ -169,14 +169,14 @@ class LillamaConfig(MethodConfig):
     layer's output matches the original's, gradients kept local to the layer."""
 
     method: ClassVar[str] = "lillama"
-    allocations: ClassVar[tuple[str, ...]] = ("strategy", "fisher")
+    allocations: ClassVar[tuple[str, ...]] = ("auto", "fisher", "strategy")
     strategy: str | None = _f(
         None,
         "with --allocation strategy: bottom (the default there; the paper's: matrices set to --min-rank from the first layer until the budget "
         "is met, later layers dense), top (the same from the last layer), uniform (one kept fraction everywhere)",
     )
-    allocation: str = _f("fisher", "fisher (the default: ranks where they cost the loss least, see the shared "
-                         "--allocation) or strategy (the ranks --strategy gives)")
+    allocation: str = _f("auto", "auto (the default: fisher where it can run, else strategy), fisher (ranks where "
+                         "they cost the loss least, see the shared --allocation) or strategy (the ranks --strategy gives)")
     batch_size: int = _f(4, "calibration sequences per forward pass and per optimiser step")
     min_rank: int | None = _f(None, "bottom/top: the rank a compressed matrix gets (default hidden_size/4)")
     init: str = _f("rom", "initial factors: rom (the default: ROM's activation-aware, uncentered factors) or svd "
@@ -192,7 +192,7 @@ class LillamaConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.allocation == "fisher" and (self.strategy is not None or self.min_rank is not None):
+        if self.allocation in ("auto", "fisher") and (self.strategy is not None or self.min_rank is not None):
             raise ConfigError("--strategy and --min-rank choose lillama's ranks only with --allocation strategy; "
                               "add --allocation strategy, or drop them to keep the fisher allocation")
         for name, value, allowed in (("strategy", self.strategy or "bottom", LILLAMA_STRATEGIES),

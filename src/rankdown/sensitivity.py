@@ -47,6 +47,29 @@ log = logging.getLogger(__name__)
 DEFAULT_FISHER_TOKENS = 8192
 
 
+def unavailable(context: "PlanContext | None") -> str | None:
+    """Why the fisher allocation cannot run on this model (None when it can)."""
+    if context is None:
+        return "it needs a calibration pass (call rankdown.compress())"
+    if context.source is not None:
+        return "the model is streamed layer by layer and its backward pass needs it whole in memory (--no-stream)"
+    model = context.model
+    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+        return f"{type(model).__name__} has no language-modelling head to take the loss of"
+    return None
+
+
+def resolve(allocation: str, context: "PlanContext | None", fallback: str) -> str:
+    """``auto`` -> fisher where it can run, else ``fallback`` (said in the log); others unchanged."""
+    if allocation != "auto":
+        return allocation
+    why = unavailable(context)
+    if why is None:
+        return "fisher"
+    log.info("allocation auto: %s instead of fisher, because %s", fallback, why)
+    return fallback
+
+
 def output_fisher(context: "PlanContext", targets: list[Target], max_tokens: int = DEFAULT_FISHER_TOKENS,
                   ) -> dict[str, torch.Tensor]:
     """path -> ``diag E[g gᵀ]`` (out,) float64: the mean over predicted calibration tokens of the

@@ -129,8 +129,11 @@ class Lillama(Method):
     ) -> dict[str, int]:
         self._reset()
         self._progress = True if context is None else context.progress
+        from rankdown.sensitivity import resolve
+
         cfg = self.config
-        if cfg.allocation == "fisher":
+        allocation = resolve(cfg.allocation, context, "strategy")
+        if allocation == "fisher":
             from rankdown.sensitivity import fisher_ranks
 
             ranks = fisher_ranks(targets, total_params, ratio, multiple, context, fisher_tokens=cfg.fisher_tokens)
@@ -144,7 +147,7 @@ class Lillama(Method):
         chosen = [t.layer for t in targets if t.path in ranks]
         self._last_layer = max(chosen) if chosen else None
         log.info("lillama %s allocation: %d of %d matrices compressed, in layers %s",
-                 "fisher" if cfg.allocation == "fisher" else cfg.strategy or "bottom", len(ranks),
+                 "fisher" if allocation == "fisher" else cfg.strategy or "bottom", len(ranks),
                  len(targets), sorted(set(chosen)))
         return ranks
 

@@ -137,7 +137,7 @@ def _space(linear: nn.Module) -> str:
 
 # ----------------------------------------------------------------------------- method
 class ROM(Method):
-    """ROM (METHODS.md §2). ``allocation``: global (default), uniform, or last-k (the paper's)."""
+    """ROM (METHODS.md §2). ``allocation``: auto (default: fisher, or global where fisher cannot run), fisher, global, uniform, or last-k (the paper's)."""
 
     config_class = ROMConfig
     config: ROMConfig
@@ -202,12 +202,15 @@ class ROM(Method):
         self, targets: list[Target], total_params: int, ratio: float, multiple: int,
         context: "PlanContext | None" = None,
     ) -> dict[str, int]:
+        from rankdown.sensitivity import resolve
+
         cfg, with_bias = self.config, self.config.center
-        if cfg.allocation == "uniform":
+        allocation = resolve(cfg.allocation, context, "global")
+        if allocation == "uniform":
             return uniform_ranks(targets, total_params, ratio, multiple, with_bias)
-        if cfg.allocation == "last-k":
+        if allocation == "last-k":
             return last_k_ranks(targets, total_params, ratio, multiple, cfg.last_k, with_bias)
-        if cfg.allocation == "fisher":
+        if allocation == "fisher":
             from rankdown.sensitivity import fisher_ranks
 
             return fisher_ranks(targets, total_params, ratio, multiple, context, center=cfg.center,
