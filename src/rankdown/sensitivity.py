@@ -78,13 +78,10 @@ def output_fisher(context: "PlanContext", targets: list[Target], max_tokens: int
     One forward and backward of the whole dense model per batch (weights frozen, nothing of the
     model changed): the model must be in memory, not streamed.
     """
-    if context.source is not None:
-        raise ConfigError("the fisher allocation runs a backward pass of the whole model, which a streamed "
-                          "model cannot: add --no-stream (the model must fit in memory), or choose another allocation")
+    why = unavailable(context)
+    if why is not None:
+        raise ConfigError(f"the fisher allocation cannot run: {why}; choose another --allocation")
     model = context.model
-    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
-        raise ConfigError(f"the fisher allocation needs a language-modelling head (its loss is the next-token loss); "
-                          f"{type(model).__name__} has none: choose another allocation")
     data = context.calibration()
     ids, mask = data.input_ids, data.attention_mask
     if max_tokens > 0:
