@@ -37,7 +37,9 @@ def _folder(tmp_path: Path, family: str, shard: str | None = None) -> Path:
 ])
 def test_streamed_equals_in_memory(tmp_path, family, method, shard, mem):
     src = _folder(tmp_path, family, shard)
-    config = rankdown.make_config(method, ratio=0.3, batch_size=2, max_memory=mem)
+    # rom's default (auto) is fisher in memory and global streamed: the same allocation both ways here
+    extra = {"allocation": "global"} if method == "rom" else {}
+    config = rankdown.make_config(method, ratio=0.3, batch_size=2, max_memory=mem, **extra)
     model = tiny_model(family)
     report = rankdown.compress(model, None, config, IDS, progress=False)
     rankdown.save(model, None, tmp_path / "memory", report)
@@ -85,7 +87,7 @@ def test_only_one_layer_is_materialised_at_a_time(tmp_path):
 
 def test_reference_folder_through_the_cli(tmp_path):
     """`rankdown compress FOLDER --out` streams by default and gives the in-memory model."""
-    common = ["--method", "rom", "--ratio", "0.3", "--calib", "reference", "--seqlen", "128", "--nsamples", "8",
+    common = ["--method", "rom", "--allocation", "global", "--ratio", "0.3", "--calib", "reference", "--seqlen", "128", "--nsamples", "8",
               "-q", "--json"]
     res = last_json(cli("compress", str(reference_dir()), *common, "--out", str(tmp_path / "s")))
     assert res["streamed"] is True
