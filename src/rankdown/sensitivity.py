@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 # calibration tokens the backward pass reads at most (the first windows): the diagonal of a
 # gradient covariance settles long before the statistics of a 4096-wide layer do
 DEFAULT_FISHER_TOKENS = 8192
+# calibration tokens the spectra walk reads at most: ROM's global allocation's default
+DEFAULT_SPECTRA_TOKENS = 32768
 
 
 def unavailable(context: "PlanContext | None") -> str | None:
@@ -168,7 +170,7 @@ def fisher_curves(context: "PlanContext", targets: list[Target], center: bool, f
 def fisher_ranks(
     targets: list[Target], total_params: int, ratio: float, multiple: int, context: "PlanContext | None",
     *, center: bool = False, with_bias: bool = False, fisher_tokens: int = DEFAULT_FISHER_TOKENS,
-    spectra_tokens: int = 32768,
+    spectra_tokens: int = DEFAULT_SPECTRA_TOKENS,
 ) -> dict[str, int]:
     """Ranks minimising the summed second-order loss cost ``Σ c_u(r_u)`` under the budget."""
     if context is None:

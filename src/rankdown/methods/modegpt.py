@@ -290,12 +290,12 @@ class ModeGPT(Method):
             self._allocation["block_influence"] = {str(s.index): influence[s.index] for s in shapes}
         if self.config.allocation == "fisher":
             from rankdown.methods.modegpt_alloc import fisher_sparsity
-            from rankdown.sensitivity import fisher_curves
+            from rankdown.sensitivity import DEFAULT_SPECTRA_TOKENS, fisher_curves
 
             wanted = {t.path: t for t in targets}
             parts = [f"{s.prefix}.{n}" for s in shapes for n in (spec.q, spec.k, spec.o, spec.mlp_out)]
             curves = fisher_curves(context, [wanted[p] for p in parts if p in wanted], False,
-                                   self.config.fisher_tokens, 32768)
+                                   self.config.fisher_tokens, DEFAULT_SPECTRA_TOKENS)
             phis, size = fisher_sparsity(shapes, curves, total_params, ratio, self.config.cap)
         else:
             phis, size = solve_sparsity(shapes, weights, total_params, ratio, self.config.cap)
