@@ -100,3 +100,45 @@ def test_default_methods_are_the_registry():
     from rankdown.methods import METHODS
 
     assert BenchSettings().resolve().methods == list(METHODS)
+
+
+def test_interrupted_grid_resumes(tmp_path, monkeypatch):
+    """results.json is written after every cell; the same settings carry the grid on from there, other
+    settings are refused, --overwrite starts over."""
+    import rankdown.benchmark as bench
+
+    out = tmp_path / "grid"
+    settings = BenchSettings(methods=["svd"], ratios=[0.1, 0.3], nsamples=2, seqlen=64, max_windows=2,
+                             degeneration_tokens=0)
+    real_cell, calls = bench._cell, []
+
+    def cell_then_stop(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(args[3])
+        return real_cell(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "_cell", cell_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(settings, out, progress=False)
+    partial = json.loads((out / "results.json").read_text())
+    assert partial["complete"] is False and [c["ratio"] for c in partial["cells"]] == [0.1]
+    assert "Unfinished" in (out / "results.md").read_text()
+
+    with pytest.raises(FileExistsError, match="other settings.*seqlen"):
+        run_bench(BenchSettings(methods=["svd"], ratios=[0.1, 0.3], nsamples=2, seqlen=32, max_windows=2,
+                                degeneration_tokens=0), out, progress=False)
+
+    seen = []
+    monkeypatch.setattr(bench, "_cell", lambda *a, **k: seen.append(a[3]) or real_cell(*a, **k))
+    res = run_bench(settings, out, progress=False)
+    assert seen == [0.3]  # only the missing cell is compressed again
+    assert res["complete"] is True and [c["ratio"] for c in res["cells"]] == [0.1, 0.3]
+    assert res["cells"][0] == partial["cells"][0] and res["dense"] == partial["dense"]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["complete"] is True and "Unfinished" not in (out / "results.md").read_text()
+    with pytest.raises(FileExistsError, match="already holds results.json"):
+        run_bench(settings, out, progress=False)
+    seen.clear()
+    run_bench(settings, out, overwrite=True, progress=False)
+    assert seen == [0.1, 0.3]

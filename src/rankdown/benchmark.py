@@ -7,6 +7,9 @@ ones), then for each cell compresses a fresh copy of the dense model with :func:
 and evaluates it. A cell that raises is recorded with its error; the grid goes on. It writes
 ``results.json`` (every figure, the settings and the library versions), ``results.md`` (tables:
 rows methods, columns ratios) and ``ppl_vs_ratio.png`` / ``speedup_vs_ratio.png`` into one folder.
+results.json and results.md are rewritten after every cell, marked ``"complete": false`` until the
+last: the same command run again after an interruption carries the grid on from the cells it has
+(failed cells are tried again); other settings are refused, ``--overwrite`` starts over.
 """
 
 from __future__ import annotations
@@ -172,8 +175,7 @@ def run_bench(settings: BenchSettings, out: str | Path, *, overwrite: bool = Fal
     s = settings.resolve()
     configs = _check(s)
     out = Path(out)
-    if (out / "results.json").exists() and not overwrite:
-        raise FileExistsError(f"{out} already holds results.json: choose another --out or pass --overwrite")
+    done = _resumable(out, s, overwrite)
     manager = None
     if s.tasks:
         from rankdown.eval.tasks import task_manager
@@ -189,28 +191,72 @@ def run_bench(settings: BenchSettings, out: str | Path, *, overwrite: bool = Fal
         "settings": asdict(s), "versions": _versions(bool(s.tasks)),
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, {s.device}",
         "calibration": None if calib is None else {**calib.describe(), "seed": s.seed},
-        "dense": {"params": count_params(dense), **_evaluate(dense, tok, s, manager)}, "cells": [],
+        "complete": False, "seconds": 0.0,
     }
+    if done is not None:  # a grid interrupted earlier: its dense row and finished cells are kept
+        results.update(dense=done["dense"], cells=list(done["cells"]), seconds=done.get("seconds") or 0.0)
+        logger.warning("bench: resuming the grid in %s, %d of %d cells already done", out, len(done["cells"]),
+                       len(configs))
+    else:
+        results.update(dense={"params": count_params(dense), **_evaluate(dense, tok, s, manager)}, cells=[])
     dense.to("cpu")  # kept on the host between cells: one model at a time on the device
-    cells = list(configs.items())
+    finished = {(c["method"], c["ratio"]) for c in results["cells"]}
+    cells = [(key, cfg) for key, cfg in configs.items() if key not in finished]
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(cells), desc="bench", unit="cell")
+        bar = tqdm(total=len(configs), initial=len(configs) - len(cells), desc="bench", unit="cell")
     try:
         for (spec, ratio), cfg in cells:
             if bar is not None:
                 bar.set_postfix_str(f"{spec} {ratio:g}")
             results["cells"].append(_cell(dense, tok, spec, ratio, cfg, calib, s, manager, results["dense"]))
+            results["cells"].sort(key=lambda c: list(configs).index((c["method"], c["ratio"])))
+            _save_partial(results, out, t0)
             if bar is not None:
                 bar.update(1)
     finally:
         if bar is not None:
             bar.close()
-    results["seconds"] = time.perf_counter() - t0
+    results["seconds"] += time.perf_counter() - t0
+    results["complete"] = True
     results["files"] = write_results(results, out)
     return results
+
+
+def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings a resumed grid must share with the one it carries on (methods and ratios may grow)."""
+    return {k: v for k, v in settings.items() if k not in ("methods", "ratios")}
+
+
+def _resumable(out: Path, s: BenchSettings, overwrite: bool) -> dict[str, Any] | None:
+    """The unfinished grid in ``out`` to carry on, or None to start afresh; refuses to mix settings."""
+    path = out / "results.json"
+    if not path.exists() or overwrite:
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise FileExistsError(f"{out} holds a results.json that cannot be read ({e}): choose another --out "
+                              "or pass --overwrite to replace it") from None
+    if old.get("complete", True):
+        raise FileExistsError(f"{out} already holds results.json: choose another --out or pass --overwrite")
+    before, now = _comparable(old.get("settings", {})), _comparable(json.loads(json.dumps(asdict(s))))
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if changed:
+        raise FileExistsError(f"{out} holds an unfinished grid run with other settings ({', '.join(changed)} "
+                              "differ): run the same command to carry it on, choose another --out, or pass "
+                              "--overwrite to start over")
+    wanted = {(m, r) for m in s.methods for r in s.ratios}
+    old["cells"] = [c for c in old.get("cells", []) if (c["method"], c["ratio"]) in wanted and "error" not in c]
+    return old
+
+
+def _save_partial(results: dict[str, Any], out: Path, t0: float) -> None:
+    """results.json and results.md after each cell, marked unfinished: an interrupted grid keeps its cells."""
+    partial = {**results, "seconds": results["seconds"] + time.perf_counter() - t0}
+    partial["files"] = write_results(partial, out, plots=False)
 
 
 def _cell(dense, tok, spec, ratio, cfg, calib, s: BenchSettings, manager, dense_row) -> dict[str, Any]:
@@ -256,6 +302,10 @@ def markdown(results: dict[str, Any]) -> str:
            f"seqlen {s['seqlen']}); calibration {s['calib']}, {s['nsamples']} windows, seed {s['seed']}. "
            f"Dense model: {dense['params']:,} parameters, perplexity {dense['ppl']:.3f}.", "",
            "## Perplexity", "", *_grid(results, lambda c: f"{c['ppl']:.3f}")]
+    if not results.get("complete", True):
+        total = len(s["methods"]) * len(s["ratios"])
+        out[4:4] = [f"**Unfinished**: {len(results['cells'])} of {total} cells so far; the same command run again "
+                    "carries the grid on.", ""]
     if "repetition" in dense:
         out += ["", f"## Degeneration (repeated 4-grams in greedy continuations; dense {dense['repetition']:.3f})", "",
                 *_grid(results, lambda c: f"{c['repetition']:.3f}")]
@@ -313,13 +363,22 @@ def _plots(results: dict[str, Any], out: Path) -> list[str]:
     return files
 
 
-def write_results(results: dict[str, Any], out: str | Path) -> list[str]:
-    """Write results.json, results.md and the plots into ``out``; returns the file names."""
+def write_results(results: dict[str, Any], out: str | Path, *, plots: bool = True) -> list[str]:
+    """Write results.json, results.md and the plots into ``out``; returns the file names.
+
+    Each file is written beside its final name and renamed over it, so an interrupted write never
+    leaves a truncated results.json."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(markdown(results))
-    files = ["results.json", "results.md", *_plots(results, out)]
+    _write_atomic(out / "results.md", markdown(results))
+    files = ["results.json", "results.md", *(_plots(results, out) if plots else [])]
     clean = json.loads(json.dumps({**results, "files": files}, default=str),
                        parse_constant=lambda c: None)  # NaN/inf -> null: strict JSON
-    (out / "results.json").write_text(json.dumps(clean, indent=1))
+    _write_atomic(out / "results.json", json.dumps(clean, indent=1))
     return files
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
