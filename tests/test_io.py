@@ -236,12 +236,17 @@ def test_existing_folder_is_refused_and_untouched(tmp_path):
 
 
 def test_overwrite_replaces_the_folder_completely(tmp_path):
+    """--overwrite replaces a folder rankdown saved (a folder holding anything else is refused: see
+    tests/test_nothing_lost.py), and only once the new one is complete."""
     model, structure = _compressed("llama")
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
+    io.save(_compressed("llama_sharded")[0], None, out, RECORD, _compressed("llama_sharded")[1],
+            max_shard_size="100KB")
+    assert len(os.listdir(out)) > 5
     assert io.save(model, None, out, RECORD, structure, overwrite=True) == out
-    assert "stale.txt" not in os.listdir(out) and (out / "model.safetensors").is_file()
+    assert sorted(os.listdir(out)) == ["config.json", "configuration_rankdown.py", "generation_config.json",
+                                       "model.safetensors", "modeling_rankdown.py"]
+    assert io.read_record(out)["files"] == sorted(os.listdir(out))
     assert sorted(os.listdir(tmp_path)) == ["out"]
     assert torch.equal(_out(io.load(out), IDS), _out(model, IDS))
 
@@ -257,9 +262,9 @@ def test_empty_existing_folder_is_used(tmp_path):
 def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch, overwrite):
     model, structure = _compressed("llama")
     out = tmp_path / "out"
-    if overwrite:
-        out.mkdir()
-        (out / "keep.txt").write_text("old")
+    if overwrite:  # an earlier save, to be replaced
+        io.save(model, None, out, {**RECORD, "method": "old"}, structure)
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
@@ -269,7 +274,7 @@ def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch, overwrite):
         io.save(model, None, out, RECORD, structure, overwrite=overwrite)
     assert sorted(os.listdir(tmp_path)) == (["out"] if overwrite else [])
     if overwrite:
-        assert os.listdir(out) == ["keep.txt"]
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_structure_that_does_not_match_the_model_is_refused(tmp_path):

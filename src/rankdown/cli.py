@@ -107,13 +107,11 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     config = _method_config(args)
     config.validate()
     distributed.setup(config.device)  # under torchrun: join the other processes (see rankdown/distributed.py)
-    if args.out and Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.overwrite:
-        from rankdown.io import OutputExistsError
+    if args.out:  # before any work: an --out that is taken, or is (or holds, or is inside) the input
+        from rankdown.io import _check_out_dir, check_writable
 
-        raise OutputExistsError(f"{args.out} exists and is not empty: choose another --out or pass --overwrite")
-    if args.out:
-        from rankdown.io import check_writable
-
+        local = [] if args.model in (None, REFERENCE) else [Path(args.model).expanduser()]
+        _check_out_dir(Path(args.out).expanduser().absolute(), args.overwrite, [p for p in local if p.exists()])
         check_writable(args.out)
     if _streaming(args):
         from rankdown.stream import compress_folder
@@ -375,9 +373,13 @@ def cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:
     rows = [{"module": k, **{c: v.get(c, "") for c in ("type", "in", "out", "rank", "bias")}} for k, v in modules.items()]
     print(table(rows, ["module", "type", "in", "out", "rank", "bias"]) if rows else "no module replaced")
     print()
-    prov = {k: v for k, v in record.items() if k not in ("structure", "guards")}
+    prov = {k: v for k, v in record.items() if k not in ("structure", "guards", "files")}
     for key, val in prov.items():
-        print(f"{key:>16}: {json.dumps(val) if isinstance(val, (dict, list)) else val}")
+        if key != "passes":
+            print(f"{key:>16}: {json.dumps(val) if isinstance(val, (dict, list)) else val}")
+    for n, p in enumerate(prov.get("passes") or [], 1):
+        print(f"{f'pass {n}':>16}: {p.get('method')} at ratio {p.get('ratio_requested')}, "
+              f"{p.get('params_before', 0):,} -> {p.get('params_after', 0):,} parameters")
     return {"compressed": True, "modules": len(modules), **prov}
 
 

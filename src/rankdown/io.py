@@ -32,7 +32,7 @@ _PREFIX = "rankdown_"
 
 
 class OutputExistsError(FileExistsError):
-    """The output folder already exists and holds files."""
+    """The output folder cannot be written: it holds files, or it is (or holds, or is inside) the input."""
 
 
 class ModelFolderError(ValueError):
@@ -156,13 +156,74 @@ def check_writable(out_dir: str | os.PathLike) -> None:
         raise PermissionError(errno.EACCES, f"{anc} is not writable", str(p))
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+def _check_out_dir(out_dir: Path, overwrite: bool, inputs: Any = ()) -> None:
+    """Refuse an output folder that is a file, is or holds or lies inside an input, or holds files
+    (with ``overwrite``: files other than a model folder rankdown saved)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputExistsError(f"{out_dir} exists and is a file, not a folder; choose another --out")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+    out = out_dir.expanduser().resolve()
+    for given in inputs:
+        src = Path(given).expanduser().resolve()
+        how = ("is the input model" if out == src else "holds the input model" if out in src.parents
+               else "is inside the input model folder" if src in out.parents else None)
+        if how:
+            raise OutputExistsError(f"--out {out_dir} {how} {src}: writing there would replace or mix with the "
+                                    "original; choose an --out outside the input")
+    if not (out_dir.is_dir() and any(out_dir.iterdir())):
+        return
+    if not overwrite:
         raise OutputExistsError(
             f"{out_dir} already exists and is not empty; choose another --out or pass --overwrite to replace it"
         )
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in out_dir.iterdir())
+    try:
+        record = json.loads((out_dir / "config.json").read_text(encoding="utf-8"))["rankdown"]
+    except (OSError, ValueError, KeyError, TypeError):
+        record = None
+    if isinstance(record, dict) and "files" not in record:
+        raise OutputExistsError(
+            f"{out_dir} was saved by an older rankdown, which did not list the folder's files, so --overwrite cannot "
+            "tell them from files of yours; remove the folder yourself, or choose another --out")
+    foreign = [n for n in names if not isinstance(record, dict) or n not in record["files"]]
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise OutputExistsError(
+            f"{out_dir} holds {', '.join(foreign[:3])}{more}, which rankdown did not write there: --overwrite "
+            "replaces only a model folder that rankdown saved; choose another --out, or move those files away")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clear_stale(out_dir: Path) -> None:
+    """Remove what a killed save to ``out_dir`` left beside it: ``.OUT.tmp-PID`` (a half-written
+    folder) and ``.OUT.old-PID`` (the folder it was replacing: put back if ``out_dir`` is missing),
+    for processes that no longer run."""
+    import glob
+
+    for left in sorted(out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*-*")):
+        kind, _, pid = left.name[len(out_dir.name) + 2:].rpartition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if kind == "old" and not out_dir.exists():
+            logger.warning("putting back %s, which a killed run had moved aside to %s", out_dir, left)
+            os.replace(left, out_dir)
+        else:
+            logger.info("removing %s, left by a killed run (process %s)", left, pid)
+            shutil.rmtree(left, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _write(
@@ -203,9 +264,21 @@ def _write(
         "structure": structure,
         "versions": _versions(),
     }
+    # every compression of the model in order: the earlier ones, as its input recorded them, then this one
+    earlier = getattr(model.config, "rankdown", None) or {}
+    passes = earlier.get("passes") or ([_pass(earlier)] if earlier.get("method") else [])
+    cfg["rankdown"]["passes"] = [*passes, _pass(cfg["rankdown"])]
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     (tmp / CONFIG_FILE).write_text(_config_source(config_cls, _PREFIX + base_type), encoding="utf-8")
     (tmp / MODELING_FILE).write_text(_modeling_source(stock, wrapper), encoding="utf-8")
+
+
+_NOT_A_PASS = ("guards", "passes", "files", "structure", "format", "base_model_type", "base_architecture")
+
+
+def _pass(record: dict) -> dict:
+    """What a saved record says about one compression: method, config, calibration, counts, versions."""
+    return {k: v for k, v in record.items() if k not in _NOT_A_PASS}
 
 
 def save(
@@ -219,12 +292,16 @@ def save(
     max_shard_size: int | str = "5GB",
     extra_files: dict[str, Any] | None = None,
     weights: Any = None,
+    inputs: Any = (),
 ) -> Path:
     """Write ``model`` (a transformers model with rankdown modules) as a self-contained HF folder.
 
-    ``record`` (method, config, seed, ...) and ``structure`` go to config.json under ``rankdown``.
+    ``record`` (method, config, seed, ...) and ``structure`` go to config.json under ``rankdown``,
+    with ``passes``: the record of every compression the model went through, this one last.
     The folder appears complete or not at all: it is written next to ``out_dir`` and renamed into
-    place last. ``extra_files`` (file name -> JSON value) are written into the folder too.
+    place last; ``overwrite`` replaces only a folder rankdown saved, once the new one is complete.
+    ``out_dir`` may not be, hold or lie inside ``inputs`` or the folder the model was loaded from.
+    ``extra_files`` (file name -> JSON value) are written into the folder too.
     ``weights(folder)``, when given, writes the weight files instead of ``save_pretrained`` (the
     streaming path, whose model is a skeleton). Returns the folder's path.
     """
@@ -240,7 +317,10 @@ def save(
         except (TypeError, ValueError) as e:
             raise TypeError(f"{name} must hold only JSON values (str, int, float, bool, None, list, dict): {e}") from e
     out_dir = Path(out_dir).expanduser().absolute()
-    _check_out_dir(out_dir, overwrite)
+    loaded_from = Path(str(getattr(model, "name_or_path", "") or "")).expanduser()
+    inputs = [*inputs, *([loaded_from] if str(loaded_from) != "." and loaded_from.is_dir() else [])]
+    clear_stale(out_dir)
+    _check_out_dir(out_dir, overwrite, inputs)
     check_writable(out_dir)
     _check_structure(model, structure)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -253,7 +333,8 @@ def save(
         _write(model, tokenizer, tmp, record, structure, max_shard_size, weights)
         for name, value in extra_files.items():
             (tmp / name).write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
-        _check_out_dir(out_dir, overwrite)  # it may have appeared meanwhile
+        _finish(tmp)
+        _check_out_dir(out_dir, overwrite, inputs)  # it may have appeared meanwhile
         if out_dir.exists():
             logger.info("replacing %s", out_dir)
             os.replace(out_dir, trash)
@@ -270,6 +351,19 @@ def save(
         raise
     logger.info("saved %s model to %s", type(model).__name__, out_dir)
     return out_dir
+
+
+def _finish(folder: Path) -> None:
+    """Give every file the mode a new file gets (safetensors writes its files 0600), and list them
+    in the record: what a later ``overwrite`` may replace."""
+    mode = 0o666 & ~_umask()
+    for f in folder.iterdir():
+        if f.is_file():
+            f.chmod(mode)
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg["rankdown"]["files"] = sorted(p.name for p in folder.iterdir())
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _read_config(path: Path) -> dict:

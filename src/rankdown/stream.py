@@ -488,7 +488,7 @@ def compress_folder(
     heap.map_big_blocks()
     path = Path(path).expanduser().absolute()
     out = Path(out).expanduser().absolute()
-    io._check_out_dir(out, overwrite)
+    io._check_out_dir(out, overwrite, [path])
     work = partial_folder(out)
     save_dtype = save_dtype or io.checkpoint_dtype(path) or dtype
     fingerprint = _fingerprint(path, config, calibration, nsamples, seqlen, dtype, save_dtype)
@@ -507,7 +507,8 @@ def compress_folder(
             return report, out
         streamed.model.config.dtype = str(save_dtype).split(".")[1]
         saved = io.save(streamed.model, tokenizer, out, record=report.record(), structure=report.structure,
-                        overwrite=overwrite, extra_files=report.artifacts, weights=streamed.write_weights)
+                        overwrite=overwrite, extra_files=report.artifacts, weights=streamed.write_weights,
+                        inputs=[path])
         ok = True
     except (ModelFolderError, ConfigError):
         keep = False  # the same command would fail the same way: nothing worth resuming

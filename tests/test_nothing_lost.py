@@ -1,0 +1,175 @@
+"""Nothing lost, nothing half-true: --out never eats the input, resumes never mix two runs, failures
+do not loop, two runs do not share a folder, killed runs leave nothing behind, provenance is whole."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import rankdown
+from rankdown import cli, io, stream
+from rankdown.stream import StreamedModel, compress_folder, partial_folder
+from tests.test_cli import ENV
+from tests.tiny import outputs, tiny_ids, tiny_model
+
+IDS = tiny_ids(8, 32)
+SVD = ["--method", "svd", "--ratio", "0.3", "-q"]
+
+
+def _folder(tmp_path: Path, name: str = "src", tokenizer: bool = False) -> Path:
+    path = tmp_path / name
+    tiny_model("llama").save_pretrained(path)
+    if tokenizer:  # a word-level tokenizer whose ids fit the tiny vocabulary
+        import transformers as tf
+        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+        tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        words = " ".join(f"w{i}" for i in range(60))
+        tok.train_from_iterator([words], trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
+        tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(path)
+    return path
+
+
+def _contents(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _err(capsys) -> list[str]:
+    return capsys.readouterr().err.strip().splitlines()
+
+
+def _interrupt_after_layer_0(monkeypatch) -> None:
+    """Ctrl-C once layer 0 is written (as a kill would)."""
+    real = StreamedModel.release
+
+    def release(self, i, layer, write, ctx=None, seconds=0.0):
+        real(self, i, layer, write, ctx, seconds)
+        if write and i == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(StreamedModel, "release", release)
+
+
+# ----------------------------------------------------------------------------- 1. --out and the input
+def test_out_that_is_holds_or_is_inside_the_input_is_refused(tmp_path, capsys):
+    src = _folder(tmp_path / "P", "model")
+    (tmp_path / "P" / "notes.txt").write_text("mine")
+    before = _contents(tmp_path)
+    capsys.readouterr()
+    for out, words in ((src, "is the input model"), (src.parent, "holds the input model"),
+                       (src / "small", "is inside the input model folder")):
+        for stream_flag in ("--stream", "--no-stream"):
+            rc = cli.main(["compress", str(src), *SVD, "--out", str(out), "--overwrite", stream_flag])
+            err = _err(capsys)
+            assert rc == 2 and len(err) == 1 and words in err[0] and "choose an --out outside" in err[0], err
+    config = rankdown.make_config("svd", ratio=0.3)
+    with pytest.raises(io.OutputExistsError, match="is the input model"):
+        compress_folder(src, src, config, None, overwrite=True, progress=False)
+    with pytest.raises(io.OutputExistsError, match="holds the input model"):  # the folder it was loaded from
+        io.save(io.load(src), None, src.parent, {}, {"modules": {}}, overwrite=True)
+    assert _contents(tmp_path) == before
+
+
+def test_overwrite_replaces_only_a_folder_rankdown_saved(tmp_path, capsys):
+    src = _folder(tmp_path)
+    out = tmp_path / "out"
+    assert cli.main(["compress", str(src), *SVD, "--out", str(out)]) == 0
+    capsys.readouterr()
+    (out / "notes.txt").write_text("mine")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "r.json").write_text("{}")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "deep").mkdir()
+    before = _contents(tmp_path)
+    for taken, words in ((out, "holds notes.txt, which rankdown did not write"),
+                         (tmp_path / "results", "holds r.json"), (tmp_path / "sub", "holds deep/")):
+        rc = cli.main(["compress", str(src), *SVD, "--out", str(taken), "--overwrite"])
+        err = _err(capsys)
+        assert rc == 2 and len(err) == 1 and words in err[0] and "only a model folder that rankdown saved" in err[0]
+    assert _contents(tmp_path) == before
+    (out / "notes.txt").unlink()
+    cfg = json.loads((out / "config.json").read_text())
+    del cfg["rankdown"]["files"]  # as an older rankdown saved it: which files are its own is not known
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert cli.main(["compress", str(src), *SVD, "--out", str(out), "--overwrite"]) == 2
+    assert "saved by an older rankdown" in _err(capsys)[0] and (out / "config.json").read_text() == json.dumps(cfg)
+    cfg["rankdown"]["files"] = sorted(os.listdir(out))
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert cli.main(["compress", str(src), "--method", "svd", "--ratio", "0.2", "--out", str(out), "--overwrite",
+                     "-q"]) == 0
+    assert io.read_record(out)["config"]["ratio"] == 0.2
+    assert sorted(os.listdir(tmp_path)) == ["out", "results", "src", "sub"]
+
+
+# ----------------------------------------------------------------------------- 5. leftovers and signals
+def test_leftovers_of_killed_saves_are_removed_by_the_next_run(tmp_path, capsys):
+    src = _folder(tmp_path)
+    out = tmp_path / "out"
+    cmd = ["compress", str(src), *SVD, "--out", str(out), "--overwrite"]
+    assert cli.main(cmd) == 0
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        for name in (f".out.tmp-{gone.pid}", f".out.old-{gone.pid}", f".out.tmp-{alive.pid}"):
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "model.safetensors").write_bytes(b"x" * 1000)
+        assert cli.main(cmd) == 0
+        assert sorted(os.listdir(tmp_path)) == [f".out.tmp-{alive.pid}", "out", "src"]  # a live run's is its own
+    finally:
+        alive.kill()
+        alive.wait()
+    # killed between its two renames: the old folder aside, none in place; it is put back, then replaced
+    os.replace(out, tmp_path / f".out.old-{gone.pid}")
+    (tmp_path / f".out.tmp-{gone.pid}").mkdir()
+    assert cli.main(cmd) == 0
+    assert sorted(os.listdir(tmp_path)) == ["out", "src"]  # the process that left .tmp-{alive.pid} has ended too
+
+
+# ----------------------------------------------------------------------------- 9. provenance and file modes
+def test_every_compression_pass_is_recorded_in_order(tmp_path):
+    first, second = (rankdown.make_config("svd", ratio=0.05, exclude=["mlp"]),
+                     rankdown.make_config("svd", ratio=0.1, exclude=["self_attn"]))
+    model = tiny_model("llama")
+    rankdown.save(model, None, tmp_path / "a", rankdown.compress(model, None, first, progress=False))
+    compress_folder(tmp_path / "a", tmp_path / "streamed", second, None, progress=False)
+    again = io.load(tmp_path / "a")
+    rankdown.save(again, None, tmp_path / "memory", rankdown.compress(again, None, second, progress=False))
+    for folder in ("streamed", "memory"):
+        rec = io.read_record(tmp_path / folder)
+        passes = rec["passes"]
+        assert [(p["method"], p["config"]["ratio"], p["config"]["exclude"]) for p in passes] == [
+            ("svd", 0.05, ["mlp"]), ("svd", 0.1, ["self_attn"])]
+        assert passes[0]["params_after"] == passes[1]["params_before"]
+        assert passes[1]["params_after"] == rec["params_after"]
+        assert all("calibration" in p and "versions" in p for p in passes)
+        assert {k: rec[k] for k in passes[1]} == passes[1]  # the top level is still the last pass
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_saved_files_all_get_the_mode_of_a_new_file(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        model = tiny_model("llama")
+        rankdown.save(model, None, tmp_path / "memory", rankdown.compress(model, None, rankdown.make_config(
+            "svd", ratio=0.3), progress=False))
+        compress_folder(_folder(tmp_path), tmp_path / "streamed", rankdown.make_config("svd", ratio=0.3), None,
+                        progress=False)
+    finally:
+        os.umask(old)
+    for folder in ("memory", "streamed"):
+        modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / folder).iterdir()}
+        assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
