@@ -114,6 +114,41 @@ def test_overwrite_replaces_only_a_folder_rankdown_saved(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["out", "results", "src", "sub"]
 
 
+# ----------------------------------------------------------------------------- 2. a resume never mixes two runs
+@pytest.mark.parametrize("change", ["calibration", "weights"])
+def test_resume_refuses_changed_inputs(tmp_path, monkeypatch, change):
+    src = _folder(tmp_path, tokenizer=True)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(f"w{(i * 7) % 60}" for i in range(400)))
+    out = tmp_path / "out"
+    config = rankdown.make_config("svd-llm", ratio=0.3, batch_size=4)
+    run = lambda **kw: compress_folder(src, out, config, str(calib), nsamples=8, seqlen=32, progress=False, **kw)
+    with monkeypatch.context() as m:
+        _interrupt_after_layer_0(m)
+        with pytest.raises(KeyboardInterrupt):
+            run()
+    state = partial_folder(out) / "state.json"
+    assert list(json.loads(state.read_text())["layers"]) == ["0"]
+    if change == "calibration":  # same path, same size, other words
+        calib.write_text(" ".join(f"w{(i * 11) % 60}" for i in range(400)))
+    else:  # same size, same date, one weight changed
+        file = src / "model.safetensors"
+        st = file.stat()
+        tensors = load_file(file)
+        tensors["model.layers.1.mlp.up_proj.weight"][0, 0] += 1
+        save_file(tensors, file, metadata={"format": "pt"})
+        os.utime(file, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert file.stat().st_size == st.st_size
+    what = {"calibration": "the calibration changed", "weights": "the model's weights changed"}[change]
+    with pytest.raises(stream.ResumeMismatchError, match=re.escape(what) + ".*--restart"):
+        run()
+    assert list(json.loads(state.read_text())["layers"]) == ["0"]  # the partial run is left alone
+    run(resume=False)  # --restart
+    whole = tmp_path / "whole"
+    compress_folder(src, whole, config, str(calib), nsamples=8, seqlen=32, progress=False)
+    assert torch.equal(outputs(io.load(out), IDS), outputs(io.load(whole), IDS))
+
+
 # ----------------------------------------------------------------------------- 5. leftovers and signals
 def test_leftovers_of_killed_saves_are_removed_by_the_next_run(tmp_path, capsys):
     src = _folder(tmp_path)
