@@ -149,6 +149,70 @@ def test_resume_refuses_changed_inputs(tmp_path, monkeypatch, change):
     assert torch.equal(outputs(io.load(out), IDS), outputs(io.load(whole), IDS))
 
 
+# ----------------------------------------------------------------------------- 3. failures that do not loop
+def test_a_weight_of_the_wrong_shape_is_refused_before_any_work(tmp_path, capsys):
+    src = _folder(tmp_path)
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.layers.1.self_attn.q_proj.weight"] = torch.zeros(64, 60)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    rc = cli.main(["compress", str(src), *SVD, "--out", str(tmp_path / "out")])
+    err = _err(capsys)
+    assert rc == 2 and len(err) == 1, err
+    assert "model.layers.1.self_attn.q_proj.weight in model.safetensors has shape (64, 60)" in err[0]
+    assert "(64, 64)" in err[0] and "resume" not in err[0]
+    assert sorted(os.listdir(tmp_path)) == ["src"]  # no partial run to loop on
+
+
+@pytest.mark.parametrize("damage", ["truncated", "changed"])
+def test_a_damaged_finished_layer_is_computed_again(tmp_path, monkeypatch, caplog, damage):
+    src = _folder(tmp_path)
+    out = tmp_path / "out"
+    config = rankdown.make_config("svd-llm", ratio=0.3, batch_size=4)
+    with monkeypatch.context() as m:
+        _interrupt_after_layer_0(m)
+        with pytest.raises(KeyboardInterrupt) as info:
+            compress_folder(src, out, config, IDS, progress=False)
+    notes = getattr(info.value, "__notes__", [])
+    shard = partial_folder(out) / "layer-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    if damage == "truncated":
+        shard.write_bytes(data[:50])
+    else:  # same size, one byte of a weight changed
+        data[-3] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="rankdown.stream"):
+        compress_folder(src, out, config, IDS, progress=False)
+    assert "layer-00000.safetensors of the partial run is damaged" in caplog.text
+    compress_folder(src, tmp_path / "whole", config, IDS, progress=False)
+    assert torch.equal(outputs(io.load(out), IDS), outputs(io.load(tmp_path / "whole"), IDS))
+    assert sorted(os.listdir(tmp_path)) == ["out", "src", "whole"]
+    assert len(notes) == 1 and "--restart" in notes[0]  # what the CLI prints after "interrupted"
+
+
+# ----------------------------------------------------------------------------- 4. two runs, one --out
+def test_a_second_run_into_the_same_out_is_refused_at_once(tmp_path, capsys):
+    src = _folder(tmp_path)
+    out = tmp_path / "out"
+    work = partial_folder(out)
+    work.mkdir()
+    lock = os.open(work / "lock", os.O_RDWR | os.O_CREAT)  # a run that is writing to out (here: this process)
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(lock, f"{os.getpid()}\n".encode())
+    try:
+        (work / "state.json").write_text('{"fingerprint": {}, "layers": {"0": {}}}')
+        before = _contents(work)
+        for extra in ([], ["--restart"]):
+            rc = cli.main(["compress", str(src), *SVD, "--out", str(out), *extra])
+            err = _err(capsys)
+            assert rc == 2 and err == [f"rankdown compress: error: another rankdown run is writing to {out} "
+                                       f"(pid {os.getpid()}): wait for it to end, or choose another --out"]
+        assert _contents(work) == before and not out.exists()
+    finally:
+        os.close(lock)
+    assert cli.main(["compress", str(src), *SVD, "--out", str(out), "--restart"]) == 0  # once it has ended
+    assert sorted(os.listdir(tmp_path)) == ["out", "src"]
+
+
 # ----------------------------------------------------------------------------- 5. leftovers and signals
 def test_leftovers_of_killed_saves_are_removed_by_the_next_run(tmp_path, capsys):
     src = _folder(tmp_path)
@@ -172,6 +236,47 @@ def test_leftovers_of_killed_saves_are_removed_by_the_next_run(tmp_path, capsys)
     (tmp_path / f".out.tmp-{gone.pid}").mkdir()
     assert cli.main(cmd) == 0
     assert sorted(os.listdir(tmp_path)) == ["out", "src"]  # the process that left .tmp-{alive.pid} has ended too
+
+
+KILLER = r"""
+import os, signal, sys
+from rankdown import cli, io, stream
+when, sig = sys.argv[1], getattr(signal, sys.argv[2])
+if when == "layer":
+    real = stream.StreamedModel.release
+    def release(self, i, layer, write, ctx=None, seconds=0.0):
+        real(self, i, layer, write, ctx, seconds)
+        if write and i == 0:
+            os.kill(os.getpid(), sig)
+    stream.StreamedModel.release = release
+else:
+    real_write = io._write
+    def write(model, tokenizer, tmp, *a, **k):
+        real_write(model, tokenizer, tmp, *a, **k)
+        os.kill(os.getpid(), sig)  # the new folder is half written
+    io._write = write
+sys.exit(cli.main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("when,sig,rc,words", [
+    ("layer", "SIGINT", 130, "rankdown compress: interrupted; the partial run in {work} is kept (finished layers: 1)"),
+    ("save", "SIGTERM", 143, "rankdown compress: terminated (SIGTERM); the partial run in {work} is kept "
+                             "(finished layers: 2)"),
+])
+def test_ctrl_c_and_sigterm_print_one_line_and_leave_a_run_to_resume(tmp_path, capsys, when, sig, rc, words):
+    src = _folder(tmp_path)
+    out = tmp_path / "out"
+    args = ["compress", str(src), *SVD, "--out", str(out)]
+    proc = subprocess.run([sys.executable, "-c", KILLER, when, sig, *args], env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == rc and len(err) == 1, proc.stderr
+    assert err[0] == words.format(work=partial_folder(out)) + (": run the same command again to resume, or add "
+                                                               "--restart to start over")
+    assert sorted(os.listdir(tmp_path)) == [partial_folder(out).name, "src"]  # no half-written folder
+    assert cli.main(args) == 0
+    assert "resuming: " in capsys.readouterr().out and sorted(os.listdir(tmp_path)) == ["out", "src"]
 
 
 # ----------------------------------------------------------------------------- 9. provenance and file modes

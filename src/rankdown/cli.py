@@ -615,6 +615,19 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 _DISK_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.ENOTDIR, errno.EPERM}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: the same clean-up, one line, no traceback."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _notes(e: BaseException) -> str:
+    """What the library added to an error on its way out (a partial run kept to resume from)."""
+    return "".join(f"; {n}" for n in getattr(e, "__notes__", ()))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only process 0 logs and prints
@@ -624,20 +637,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    import signal
+    import threading
+
+    handle = threading.current_thread() is threading.main_thread()  # only there can Python handle signals
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if handle else None
     try:
         result = args.func(args)
+    except KeyboardInterrupt as e:
+        term = isinstance(e, Terminated)
+        print(f"rankdown {args.command}: {'terminated (SIGTERM)' if term else 'interrupted'}{_notes(e)}",
+              file=sys.stderr)
+        return 128 + (signal.SIGTERM if term else signal.SIGINT)
     except _user_errors() as e:
         who = "" if main_process else f" (process {os.environ.get('RANK')})"
-        print(f"rankdown {args.command}{who}: error: {e}", file=sys.stderr)
+        print(f"rankdown {args.command}{who}: error: {e}{_notes(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # a full, read-only or unwritable disk: the data is fine, the place is not
         if e.errno not in _DISK_ERRNOS:
             raise
         where = f" ({e.filename})" if e.filename else ""
         print(f"rankdown {args.command}: error: cannot write{where}: {e.strerror or e}; free some space or "
-              "choose a writable --out (nothing incomplete was left behind)", file=sys.stderr)
+              f"choose a writable --out (nothing incomplete was left behind){_notes(e)}", file=sys.stderr)
         return 2
     finally:
+        if handle:
+            signal.signal(signal.SIGTERM, previous)
         if "torch" in sys.modules:
             from rankdown.distributed import shutdown
 

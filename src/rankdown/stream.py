@@ -16,6 +16,7 @@ memory (tested: same logits), and appears complete or not at all.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -178,6 +179,25 @@ class StreamedModel:
                 "compress in memory (--no-stream), which converts them"
             )
         self.outside = [n for n in persistent if not n.startswith(self.layers_path + ".")]
+        self._check_shapes(persistent)
+
+    def _check_shapes(self, names: set[str]) -> None:
+        """Refuse, before any work, a tensor whose stored shape is not the one config.json implies."""
+        from safetensors import safe_open
+
+        want = self.model.state_dict(keep_vars=True)
+        by_file: dict[Path, list[str]] = {}
+        for n in sorted(names):
+            by_file.setdefault(self.weights.files[n], []).append(n)
+        for file, keys in by_file.items():
+            with safe_open(file, "pt") as f:
+                for n in keys:
+                    stored = tuple(f.get_slice(n).get_shape())
+                    if stored != tuple(want[n].shape):
+                        raise ModelFolderError(
+                            f"{n} in {file.name} has shape {stored}, but {self.path / 'config.json'} makes it "
+                            f"{tuple(want[n].shape)}: the weights do not belong to this config; fix the folder "
+                            "or fetch the model again")
 
     def _persistent_buffer(self, name: str) -> bool:
         owner_name, _, leaf = name.rpartition(".")
@@ -286,16 +306,18 @@ class StreamedModel:
 
     def release(self, i: int, layer: nn.Module, write: bool, ctx: Any = None, seconds: float = 0.0) -> None:
         if write and self.finished(i) is None and distributed.is_main():  # under torchrun: process 0 writes
-            self._write_layer(i, layer)
+            sha = self._write_layer(i, layer)
             if self.state is not None and ctx is not None:  # after the shard: a kill in between redoes the layer
                 self.state.layers[str(i)] = {
                     "modules": {f"{ctx.prefix}.{k}": v for k, v in ctx.replaced.items()},
-                    "guards": {f"{ctx.prefix}.{k}": v for k, v in ctx.guards.items()}, "seconds": seconds}
+                    "guards": {f"{ctx.prefix}.{k}": v for k, v in ctx.guards.items()}, "seconds": seconds,
+                    "sha256": sha}
                 self.state.save()
         layer.to("meta")
         heap.trim()
 
-    def _write_layer(self, i: int, layer: nn.Module) -> None:
+    def _write_layer(self, i: int, layer: nn.Module) -> str:
+        """Write layer ``i``'s shard; return its sha256 (checked before a resumed run trusts it)."""
         from safetensors.torch import save_file
 
         assert self.work is not None
@@ -304,7 +326,9 @@ class StreamedModel:
                    if self._persistent_in_layer(layer, n)}
         tmp = self.work / f".layer-{i:05d}.tmp"
         save_file(tensors, tmp, metadata={"format": "pt"})
+        sha = _sha256(tmp)
         os.replace(tmp, self.work / f"layer-{i:05d}.safetensors")
+        return sha
 
     @staticmethod
     def _persistent_in_layer(layer: nn.Module, name: str) -> bool:
@@ -365,6 +389,11 @@ class StreamedModel:
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
+def _sha256(file: Path) -> str:
+    with open(file, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def weights_digest(path: Path, weights: FolderWeights) -> str:
     """sha256 over the content of config.json and every weight file of a model folder: any change
     to any byte changes it. It costs one read of the weights (about 0.5 to 2 GB/s on one core, e.g.
@@ -420,6 +449,25 @@ class RunState:
             return cls(work, d["fingerprint"], d.get("ranks"), d.get("layers"))
         except (OSError, json.JSONDecodeError, KeyError, TypeError):
             return None
+
+    def check(self) -> None:
+        """Forget each finished layer whose shard is missing, unreadable or changed since it was
+        written (its sha256): the resumed run computes it again."""
+        from safetensors import safe_open
+
+        for key in sorted(self.layers, key=int):
+            shard = self.work / f"layer-{int(key):05d}.safetensors"
+            try:
+                sha = self.layers[key].get("sha256")
+                if sha is not None and _sha256(shard) != sha:
+                    raise ValueError("its content changed since it was written")
+                with safe_open(shard, "pt") as f:  # a state without checksums: read every tensor
+                    for k in f.keys() if sha is None else ():
+                        f.get_tensor(k)
+            except Exception as e:
+                log.warning("%s of the partial run is damaged (%s): layer %s is computed again", shard, e, key)
+                del self.layers[key]
+        self.save()
 
     def save(self) -> None:
         if not distributed.is_main():  # under torchrun process 0 keeps the state
@@ -489,9 +537,12 @@ def compress_folder(
     stays float16 on disk).
 
     Resumable: finished layers are kept beside ``out`` (``.OUT.rankdown-partial``) until the folder
-    is written; the same call after a crash or a kill continues after the last finished layer and
-    gives the same model. A partial run of other settings is refused (:class:`ResumeMismatchError`
-    names what differs); ``resume=False`` discards it.
+    is written; after an interruption (Ctrl-C, SIGTERM, a kill, a full disk, no memory left) the same
+    call continues after the last finished layer and gives the same model. After any other failure
+    (bad input: the same call would fail the same way) nothing is kept. A partial run of other
+    settings or inputs is refused (:class:`ResumeMismatchError` names what differs); ``resume=False``
+    discards it. A run holds a lock on the partial folder: a second run into ``out`` meanwhile is
+    refused (:class:`OutputBusyError`).
 
     Under torchrun every process calls this with the same arguments and computes the same model
     (see :mod:`rankdown.distributed`); only process 0 writes: the folder, the shards, the state.
@@ -507,19 +558,22 @@ def compress_folder(
     out = Path(out).expanduser().absolute()
     io._check_out_dir(out, overwrite, [path])
     work = partial_folder(out)
-    tokenizer = io.load_tokenizer(path) if io.has_tokenizer(path) else None
-    save_dtype = save_dtype or io.checkpoint_dtype(path) or dtype
-    method = method_class(config.method)
-    if method.needs_calibration:  # the run depends on the tokens, not on the name of their source
-        calibration = _calibration(tokenizer, calibration, nsamples, seqlen, config.seed,
-                                   getattr(config, "calib_tokens", None))
-    fingerprint = _fingerprint(path, config, calibration, nsamples, seqlen, dtype, save_dtype)
-    resumable = getattr(method, "resumable", True)
-    # process 0 reads or starts the state; under torchrun the others get a copy they never write
-    state = distributed.on_main(lambda: _open_state(out, work, fingerprint, resume and resumable))
-    ok = False
-    keep = True  # an interruption or a full disk leaves finished layers to resume from; bad input does not
+    fresh = not work.exists()
+    lock = distributed.on_main(lambda: _lock(out, work))
+    state = None
     try:
+        if distributed.is_main():
+            io.clear_stale(out)
+        tokenizer = io.load_tokenizer(path) if io.has_tokenizer(path) else None
+        save_dtype = save_dtype or io.checkpoint_dtype(path) or dtype
+        method = method_class(config.method)
+        if method.needs_calibration:  # the run depends on the tokens, not on the name of their source
+            calibration = _calibration(tokenizer, calibration, nsamples, seqlen, config.seed,
+                                       getattr(config, "calib_tokens", None))
+        resumable = getattr(method, "resumable", True)
+        # process 0 reads or starts the state; under torchrun the others get a copy they never write
+        state = distributed.on_main(lambda: _open_state(
+            work, _fingerprint(path, config, calibration, nsamples, seqlen, dtype, save_dtype), resume and resumable))
         streamed = StreamedModel(path, dtype, work, state if resumable else None, save_dtype)
         report = compress(streamed.model, tokenizer, config, calibration, nsamples=nsamples, seqlen=seqlen,
                           progress=progress, source=streamed)
@@ -530,35 +584,85 @@ def compress_folder(
         saved = io.save(streamed.model, tokenizer, out, record=report.record(), structure=report.structure,
                         overwrite=overwrite, extra_files=report.artifacts, weights=streamed.write_weights,
                         inputs=[path])
-        ok = True
-    except (ModelFolderError, ConfigError):
-        keep = False  # the same command would fail the same way: nothing worth resuming
+    except BaseException as e:
+        if distributed.is_main():
+            _after_failure(e, work, state, fresh)
         raise
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     finally:
-        if not distributed.is_main():  # the work folder is process 0's
-            pass
-        elif ok or not keep or not state.layers:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            log.warning("%d finished layers kept in %s: run the same command again to resume", len(state.layers), work)
+        if distributed.is_main():
+            os.close(lock)  # after the work folder is gone: a run that waited finds none
     return report, saved
 
 
-def _open_state(out: Path, work: Path, fingerprint: dict, resume: bool) -> RunState:
-    """The state of the partial run in ``work`` to resume, or a new one (``work`` emptied)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+class OutputBusyError(FileExistsError):
+    """Another process is writing to the same output folder."""
+
+
+def _lock(out: Path, work: Path) -> int:
+    """Take ``WORK/lock`` (``fcntl.flock``, let go by the system however the process ends) for as
+    long as this run writes to ``out``; refuse at once if another process holds it."""
+    import fcntl
+
+    while True:
+        work.mkdir(parents=True, exist_ok=True)
+        fd = os.open(work / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 20).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise OutputBusyError(f"another rankdown run is writing to {out} (pid {pid}): wait for it to end, or "
+                                  "choose another --out") from None
+        try:  # the run that held it may have removed the folder meanwhile: lock the new one
+            same = os.stat(work / "lock").st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)
+
+
+def _interruption(e: BaseException) -> bool:
+    """Whether the same command may succeed where this one stopped: Ctrl-C or SIGTERM (the CLI
+    raises KeyboardInterrupt for both), a full disk, no memory left."""
+    return (isinstance(e, (KeyboardInterrupt, MemoryError, torch.OutOfMemoryError))
+            or (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS)))
+
+
+def _after_failure(e: BaseException, work: Path, state: RunState | None, fresh: bool) -> None:
+    """Keep the partial run after an interruption (and say so on the exception); else remove it:
+    the same command would fail the same way. A partial run this one never took is left alone."""
+    if state is None:
+        if fresh:
+            shutil.rmtree(work, ignore_errors=True)
+    elif _interruption(e) and (state.layers or state.ranks):
+        e.add_note(f"the partial run in {work} is kept (finished layers: {len(state.layers)}): run the same "
+                   "command again to resume, or add --restart to start over")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _open_state(work: Path, fingerprint: dict, resume: bool) -> RunState:
+    """The state of the partial run in ``work`` to resume (its damaged layers forgotten), or a new
+    one (``work`` emptied but for the lock)."""
     state = RunState.read(work) if resume else None
     if state is not None and state.fingerprint != fingerprint:
         raise ResumeMismatchError(
             f"{work} holds a partial run of other settings or inputs ({_differences(state.fingerprint, fingerprint)}); "
             "resume it with the settings and inputs it began with, or pass --restart to discard it and start over")
     if state is not None and (state.layers or state.ranks):
-        log.warning("resuming the partial run in %s: %d layers done", work, len(state.layers))
-        print(f"resuming: {len(state.layers)} layers were finished by an earlier run ({work})", flush=True)
+        state.check()
+        log.info("resuming the partial run in %s: %d layers done", work, len(state.layers))
+        print(f"resuming: {len(state.layers)} layers were finished by an earlier run ({work}; --restart starts "
+              "over)", flush=True)
         return state
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
+    for entry in work.iterdir():
+        if entry.name != "lock":
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     state = RunState(work, fingerprint)
     state.save()
     return state
-
