@@ -51,6 +51,17 @@ def load_model(name: str | None, dtype: str = "float32"):
         return model, tokenizer
     try:
         config = AutoConfig.from_pretrained(name)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"could not load {name!r}: it is not a local folder and the hub could not provide it ({e}). "
+            "Give a local model folder, or check the hub id and your network."
+        ) from None
+    except ValueError as e:  # a model_type this transformers does not know
+        from rankdown.arch import UnsupportedModelError, supported_model_types
+
+        raise UnsupportedModelError(
+            f"{name}: {str(e).splitlines()[0]} rankdown supports: {', '.join(supported_model_types())}") from None
+    try:
         auto = AutoModelForCausalLM if config.model_type not in ("bert", "roberta", "xlm-roberta") else AutoModel
         model = auto.from_pretrained(name, dtype=torch_dtype).eval()
         return model, AutoTokenizer.from_pretrained(name)
@@ -95,17 +106,75 @@ def _method_config(args: argparse.Namespace) -> MethodConfig:
 
 def _calib_defaults(args: argparse.Namespace) -> None:
     ref = args.model in (None, REFERENCE)
-    args.calib = args.calib or (REFERENCE if ref else "wikitext2")
-    args.seqlen = args.seqlen or (256 if ref else 2048)
+    args.calib = _or(args.calib, REFERENCE if ref else "wikitext2")
+    args.seqlen = _or(args.seqlen, 256 if ref else 2048)
+
+
+def _uses_calibration(config: MethodConfig) -> bool:
+    """Whether compressing with ``config`` reads calibration text (svd does not, unless its ranks
+    come from the fisher allocation)."""
+    return METHODS[config.method].needs_calibration or config.allocation == "fisher"
+
+
+def _check_inputs(args: argparse.Namespace, config: MethodConfig, calib_given: bool) -> None:
+    """What can be checked before a model is loaded: the calibration source, size and window length
+    (against the model's config.json where there is one), and the statistics cache's folder."""
+    from rankdown.calib import CalibrationError, check_seqlen, check_size, check_source
+    from rankdown.calib.sources import is_record_source
+    from rankdown.config import ConfigError
+
+    if args.out is not None and not args.out.strip():
+        raise ConfigError("--out '' names no folder: give the folder to save to (or leave --out out to save nothing)")
+    uses = _uses_calibration(config)
+    try:
+        check_source(args.calib)
+    except CalibrationError as e:
+        if uses:
+            raise
+        raise CalibrationError(f"{e} ({config.method} uses no calibration: drop --calib)") from None
+    if not uses and calib_given:
+        log.warning("%s uses no calibration data: --calib %s is not read", config.method, args.calib)
+    if args.nsamples < 1:
+        raise ConfigError(f"--nsamples must be >= 1 (calibration windows), got {args.nsamples}; e.g. --nsamples 128")
+    if args.seqlen < 2:
+        raise ConfigError(f"--seqlen must be >= 2 (a token and its successor), got {args.seqlen}; e.g. --seqlen 2048")
+    if uses and not is_record_source(args.calib):
+        check_size(args.nsamples, args.seqlen)
+    if uses:
+        cfg = _config_json(args.model)
+        if cfg is not None:
+            check_seqlen(cfg, args.seqlen)
+    if config.stats_cache:
+        from rankdown.io import check_writable
+
+        try:
+            check_writable(config.stats_cache)
+        except OSError as e:
+            raise ConfigError(f"--stats-cache {config.stats_cache} cannot be written ({e.strerror}): give a folder "
+                              "rankdown can write to, or drop --stats-cache") from None
+
+
+def _config_json(model: str | None) -> dict | None:
+    """config.json of the reference or of a local model folder; None for a hub id or a GGUF file."""
+    from rankdown import io
+
+    if model in (None, REFERENCE):
+        from rankdown.reference import reference_dir
+
+        return io._read_config(reference_dir())
+    path = Path(model).expanduser()
+    return io._read_config(path) if (path / "config.json").is_file() else None
 
 
 def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     import rankdown
     from rankdown import distributed
 
+    calib_given = args.calib is not None
     _calib_defaults(args)
     config = _method_config(args)
     config.validate()
+    _check_inputs(args, config, calib_given)
     distributed.setup(config.device)  # under torchrun: join the other processes (see rankdown/distributed.py)
     if args.out and Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.overwrite:
         from rankdown.io import OutputExistsError
@@ -238,19 +307,29 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from rankdown.distributed import check_device
 
     check_device(args.device)
+    if args.seqlen is not None and args.seqlen < 2:
+        raise ConfigError(f"--seqlen must be >= 2 (a token and its successor), got {args.seqlen}; e.g. --seqlen 2048")
+    if args.ppl is not None:
+        from rankdown.calib import check_source
+
+        check_source(args.ppl)
     model, tokenizer = load_model(args.model, args.dtype)
     if args.device:  # every evaluation below runs where the model is
         model.to(args.device)
     needs = [n for n, on in (("perplexity", args.ppl), ("fidelity", args.fidelity), ("--tasks", args.tasks)) if on]
     if tokenizer is None and needs:
-        raise FileNotFoundError(f"{args.model} has no tokenizer files; {needs[0]} needs one")
+        raise FileNotFoundError(_no_tokenizer(args.model, needs[0]))
+    if args.seqlen is not None:
+        from rankdown.calib import check_seqlen
+
+        check_seqlen(model, args.seqlen)
     result: dict[str, Any] = {"model": args.model}
     if args.ppl is not None:
         from rankdown.eval.perplexity import perplexity
 
-        seqlen = args.seqlen or (256 if args.model in (None, REFERENCE) else 2048)
+        seqlen = _or(args.seqlen, 256 if args.model in (None, REFERENCE) else 2048)
         res = perplexity(model, tokenizer, args.ppl, seqlen=seqlen, batch_size=_or(args.batch_size, 1),
-                         device=args.device, max_windows=args.max_windows)
+                         device=args.device, max_windows=args.max_windows, progress=not args.quiet)
         result.update(res.to_dict())
         print(table([result], ["model", "source", "seqlen", "tokens", "ppl", "seconds"]))
     if args.fidelity is not None:
@@ -329,7 +408,7 @@ def _eval_fidelity(args: argparse.Namespace, model: Any, tokenizer: Any) -> dict
     if args.device:  # the model itself is already there (cmd_eval)
         original.to(args.device)
     res = fidelity(model, original, tokenizer, passages, seqlen=_or(args.seqlen, 512),
-                   batch_size=_or(args.batch_size, 8))
+                   batch_size=_or(args.batch_size, 8), progress=not args.quiet)
     row = {"model": args.model, "original": args.fidelity, **res.to_dict()}
     metrics = ["kl", "top1_agreement"] if res.kind == "causal" else ["cosine", "neighbour_agreement"]
     print(table([row], ["model", "original", "passages", "tokens", *metrics, "seconds"]))
@@ -341,12 +420,19 @@ def _or(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
+def _no_tokenizer(model: str, what: str) -> str:
+    if Path(model).expanduser().is_dir():
+        return (f"{model} has no tokenizer files, and {what} needs them: copy the tokenizer files "
+                "(tokenizer.json, tokenizer_config.json ...) of the model it was made from into it")
+    return f"{model} carries no tokenizer, and {what} needs one: give the model as a folder with its tokenizer files"
+
+
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     from rankdown.eval.generate import generate_text
 
     model, tokenizer = load_model(args.model, args.dtype)
     if tokenizer is None:
-        raise FileNotFoundError(f"{args.model} has no tokenizer files; generation needs one")
+        raise FileNotFoundError(_no_tokenizer(args.model, "generation"))
     res = generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, sample=args.sample,
                         temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     print(res.text)
@@ -383,17 +469,24 @@ def cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     import rankdown
+    from rankdown.calib import check_seqlen
+    from rankdown.config import ConfigError
     from rankdown.eval.perplexity import perplexity
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = _names(args.methods, "--methods", "svd,rom")
     for m in methods:
         if m not in METHODS:
-            from rankdown.config import ConfigError
-
             raise ConfigError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    for m in methods:  # every setting checked before the minutes of evaluation
+        rankdown.make_config(m, ratio=args.ratio, seed=args.seed).validate()
+    if args.nsamples < 1:
+        raise ConfigError(f"--nsamples must be >= 1 (calibration windows), got {args.nsamples}; e.g. --nsamples 128")
+    if args.seqlen < 2:
+        raise ConfigError(f"--seqlen must be >= 2 (a token and its successor), got {args.seqlen}; e.g. --seqlen 256")
     model, tok = load_model(REFERENCE)
+    check_seqlen(model, args.seqlen)
     t0 = time.perf_counter()
-    dense = perplexity(model, tok, "reference-heldout", seqlen=args.seqlen)
+    dense = perplexity(model, tok, "reference-heldout", seqlen=args.seqlen, progress=not args.quiet)
     rows = [{"model": "dense", "params": sum(p.numel() for p in model.parameters()), "removed": 0.0,
              "heldout_ppl": dense.ppl, "ppl_change": "", "compress_s": "", "eval_s": time.perf_counter() - t0}]
     print(f"reference model: {rows[0]['params']:,} parameters, held-out perplexity {dense.ppl:.3f} "
@@ -402,9 +495,9 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
         model, tok = load_model(REFERENCE)
         cfg = rankdown.make_config(m, ratio=args.ratio, seed=args.seed)
         report = rankdown.compress(model, tok, cfg, REFERENCE, nsamples=args.nsamples, seqlen=args.seqlen,
-                                   progress=False)
+                                   progress=not args.quiet)
         t1 = time.perf_counter()
-        res = perplexity(model, tok, "reference-heldout", seqlen=args.seqlen)
+        res = perplexity(model, tok, "reference-heldout", seqlen=args.seqlen, progress=not args.quiet)
         rows.append({"model": m, "params": report.params_after, "removed": report.ratio_achieved,
                      "heldout_ppl": res.ppl, "ppl_change": f"{100 * (res.ppl / dense.ppl - 1):+.1f}%",
                      "compress_s": report.seconds, "eval_s": time.perf_counter() - t1})
@@ -415,13 +508,18 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     from rankdown.benchmark import BenchSettings, run_bench
+    from rankdown.config import ConfigError
+
+    if not args.out.strip():
+        raise ConfigError("--out '' names no folder: give the folder for results.json, results.md and the plots")
 
     settings = BenchSettings(
-        model=args.model or REFERENCE, methods=[m.strip() for m in (args.methods or "").split(",") if m.strip()],
+        model=_or(args.model, REFERENCE),
+        methods=[] if args.methods is None else _names(args.methods, "--methods", "svd,rom"),
         ratios=_float_list(args.ratios, "--ratios"), ppl=args.ppl, seqlen=args.seqlen, max_windows=args.max_windows,
         calib=args.calib, nsamples=args.nsamples, seed=args.seed, dtype=args.dtype, device=args.device,
         degeneration_tokens=args.degeneration_tokens,
-        tasks=[t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None,
+        tasks=None if args.tasks is None else _names(args.tasks, "--tasks", "arc_easy,piqa"),
         include_path=args.include_path, limit=args.limit, speed=args.speed, speed_batch_size=args.speed_batch_size,
         speed_prompt_len=args.speed_prompt_len, speed_new_tokens=args.speed_new_tokens,
         speed_repeats=args.repeats)
@@ -431,6 +529,17 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     if "ppl_vs_ratio.png" not in results["files"]:
         print("no plots: matplotlib is not installed (pip install 'rankdown[eval]')")
     return results
+
+
+def _names(text: str, flag: str, example: str) -> list[str]:
+    """The comma-separated names of ``flag``; none at all is a mistake, not a request for the default."""
+    from rankdown.config import ConfigError
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ConfigError(f"{flag} {text!r} names nothing: give names separated by commas, e.g. {flag} {example} "
+                          f"(leave {flag} out for the default)")
+    return names
 
 
 def _float_list(text: str, flag: str) -> list[float]:
@@ -534,6 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=64, help="with --speed: decode steps (default 64)")
     p.add_argument("--repeats", type=int, default=3, help="with --speed: measured runs, the fastest kept (default 3)")
     p.add_argument("--device", default=None)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     common(p)
     p.set_defaults(func=cmd_eval)
 
@@ -589,6 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_demo)
     return ap
@@ -610,7 +721,20 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-_DISK_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.ENOTDIR, errno.EPERM}
+def _disk_advice(args: argparse.Namespace, e: OSError) -> str:
+    """What a failed write into --out means and what to do."""
+    path = e.filename or getattr(args, "out", None)
+    flag = "--out"  # (the statistics cache reports its own: see stats_cache.py)
+    where = f" {path}" if path else ""
+    if e.errno == errno.ENOTDIR and path:
+        p = Path(path).expanduser().absolute()
+        file = next((a for a in (p, *p.parents) if a.exists() and not a.is_dir()), None)
+        if file is not None:
+            return f"cannot write{where}: {file} is a file, not a folder; choose another {flag}"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"cannot write{where}: {e.strerror or e}; free some space or choose another {flag} "
+                "(nothing incomplete was left behind)")
+    return f"cannot write{where}: {e.strerror or e}; choose a writable {flag} (nothing incomplete was left behind)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -628,12 +752,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         who = "" if main_process else f" (process {os.environ.get('RANK')})"
         print(f"rankdown {args.command}{who}: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # a full, read-only or unwritable disk: the data is fine, the place is not
-        if e.errno not in _DISK_ERRNOS:
+    except Exception as e:  # a full, read-only or unwritable disk: the data is fine, the place is not
+        from rankdown.io import as_disk_error
+
+        disk = as_disk_error(e)
+        if disk is None:
             raise
-        where = f" ({e.filename})" if e.filename else ""
-        print(f"rankdown {args.command}: error: cannot write{where}: {e.strerror or e}; free some space or "
-              "choose a writable --out (nothing incomplete was left behind)", file=sys.stderr)
+        print(f"rankdown {args.command}: error: {_disk_advice(args, disk)}", file=sys.stderr)
         return 2
     finally:
         if "torch" in sys.modules:
