@@ -220,8 +220,8 @@ def test_a_stats_cache_that_fails_mid_run_names_the_flag(tmp_path, monkeypatch, 
 def test_a_full_disk_is_one_line_streamed_or_not_and_leaves_nothing(tmp_path, monkeypatch, capsys, stream):
     src = Path(shutil.copytree(reference_dir(), tmp_path / "model"))
     _disk_fails(monkeypatch, "No space left on device (os error 28)")
-    rc, err = _run(["compress", str(src), *SVD, "--out", str(tmp_path / "out"), "--stream" if stream else "--no-stream"],
-                   capsys)
+    how = "--stream" if stream else "--no-stream"
+    rc, err = _run(["compress", str(src), *SVD, "--out", str(tmp_path / "out"), how], capsys)
     lines = [line for line in err.splitlines() if line.startswith("rankdown ")]
     assert rc == 2 and len(lines) == 1 and "Traceback" not in err
     assert f"cannot write {tmp_path / 'out'}: No space left on device; free some space" in lines[0]
@@ -295,7 +295,8 @@ def test_tqdm_disable_silences_the_bars():
 
     env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "rankdown.cli", "eval", "reference", "--ppl", "reference-heldout",
-                           "--seqlen", "64", "--max-windows", "3"], capture_output=True, text=True, env=env, timeout=300)
+                           "--seqlen", "64", "--max-windows", "3"], capture_output=True, text=True, env=env,
+                          timeout=300)
     assert proc.returncode == 0 and "ppl" in proc.stdout and "perplexity" not in proc.stderr, proc.stderr
 
 

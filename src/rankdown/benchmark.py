@@ -204,9 +204,9 @@ def run_bench(settings: BenchSettings, out: str | Path, *, overwrite: bool = Fal
         manager = task_manager(s.tasks, s.include_path)
     dense, tok = load_model(s.model, s.dtype)
     if tok is None:
-        from rankdown.cli import _no_tokenizer
+        from rankdown.cli_checks import no_tokenizer
 
-        raise FileNotFoundError(_no_tokenizer(s.model, "the benchmark"))
+        raise FileNotFoundError(no_tokenizer(s.model, "the benchmark"))
     check_seqlen(dense, s.seqlen)
     t0 = time.perf_counter()
     needs_calib = any(method_class(c.method).needs_calibration for c in configs.values())

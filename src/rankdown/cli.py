@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import json
 import logging
 import os
@@ -13,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from rankdown.cli_checks import check_compress, disk_advice, names, no_tokenizer
 from rankdown.config import MethodConfig
 from rankdown.methods import METHODS
 
@@ -110,62 +110,6 @@ def _calib_defaults(args: argparse.Namespace) -> None:
     args.seqlen = _or(args.seqlen, 256 if ref else 2048)
 
 
-def _uses_calibration(config: MethodConfig) -> bool:
-    """Whether compressing with ``config`` reads calibration text (svd does not, unless its ranks
-    come from the fisher allocation)."""
-    return METHODS[config.method].needs_calibration or config.allocation == "fisher"
-
-
-def _check_inputs(args: argparse.Namespace, config: MethodConfig, calib_given: bool) -> None:
-    """What can be checked before a model is loaded: the calibration source, size and window length
-    (against the model's config.json where there is one), and the statistics cache's folder."""
-    from rankdown.calib import CalibrationError, check_seqlen, check_size, check_source
-    from rankdown.calib.sources import is_record_source
-    from rankdown.config import ConfigError
-
-    if args.out is not None and not args.out.strip():
-        raise ConfigError("--out '' names no folder: give the folder to save to (or leave --out out to save nothing)")
-    uses = _uses_calibration(config)
-    try:
-        check_source(args.calib)
-    except CalibrationError as e:
-        if uses:
-            raise
-        raise CalibrationError(f"{e} ({config.method} uses no calibration: drop --calib)") from None
-    if not uses and calib_given:
-        log.warning("%s uses no calibration data: --calib %s is not read", config.method, args.calib)
-    if args.nsamples < 1:
-        raise ConfigError(f"--nsamples must be >= 1 (calibration windows), got {args.nsamples}; e.g. --nsamples 128")
-    if args.seqlen < 2:
-        raise ConfigError(f"--seqlen must be >= 2 (a token and its successor), got {args.seqlen}; e.g. --seqlen 2048")
-    if uses and not is_record_source(args.calib):
-        check_size(args.nsamples, args.seqlen)
-    if uses:
-        cfg = _config_json(args.model)
-        if cfg is not None:
-            check_seqlen(cfg, args.seqlen)
-    if config.stats_cache:
-        from rankdown.io import check_writable
-
-        try:
-            check_writable(config.stats_cache)
-        except OSError as e:
-            raise ConfigError(f"--stats-cache {config.stats_cache} cannot be written ({e.strerror}): give a folder "
-                              "rankdown can write to, or drop --stats-cache") from None
-
-
-def _config_json(model: str | None) -> dict | None:
-    """config.json of the reference or of a local model folder; None for a hub id or a GGUF file."""
-    from rankdown import io
-
-    if model in (None, REFERENCE):
-        from rankdown.reference import reference_dir
-
-        return io._read_config(reference_dir())
-    path = Path(model).expanduser()
-    return io._read_config(path) if (path / "config.json").is_file() else None
-
-
 def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     import rankdown
     from rankdown import distributed
@@ -174,7 +118,7 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     _calib_defaults(args)
     config = _method_config(args)
     config.validate()
-    _check_inputs(args, config, calib_given)
+    check_compress(args, config, calib_given)
     distributed.setup(config.device)  # under torchrun: join the other processes (see rankdown/distributed.py)
     if args.out and Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.overwrite:
         from rankdown.io import OutputExistsError
@@ -318,7 +262,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         model.to(args.device)
     needs = [n for n, on in (("perplexity", args.ppl), ("fidelity", args.fidelity), ("--tasks", args.tasks)) if on]
     if tokenizer is None and needs:
-        raise FileNotFoundError(_no_tokenizer(args.model, needs[0]))
+        raise FileNotFoundError(no_tokenizer(args.model, needs[0]))
     if args.seqlen is not None:
         from rankdown.calib import check_seqlen
 
@@ -420,19 +364,12 @@ def _or(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
-def _no_tokenizer(model: str, what: str) -> str:
-    if Path(model).expanduser().is_dir():
-        return (f"{model} has no tokenizer files, and {what} needs them: copy the tokenizer files "
-                "(tokenizer.json, tokenizer_config.json ...) of the model it was made from into it")
-    return f"{model} carries no tokenizer, and {what} needs one: give the model as a folder with its tokenizer files"
-
-
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     from rankdown.eval.generate import generate_text
 
     model, tokenizer = load_model(args.model, args.dtype)
     if tokenizer is None:
-        raise FileNotFoundError(_no_tokenizer(args.model, "generation"))
+        raise FileNotFoundError(no_tokenizer(args.model, "generation"))
     res = generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, sample=args.sample,
                         temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     print(res.text)
@@ -473,7 +410,7 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from rankdown.config import ConfigError
     from rankdown.eval.perplexity import perplexity
 
-    methods = _names(args.methods, "--methods", "svd,rom")
+    methods = names(args.methods, "--methods", "svd,rom")
     for m in methods:
         if m not in METHODS:
             raise ConfigError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
@@ -515,11 +452,11 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     settings = BenchSettings(
         model=_or(args.model, REFERENCE),
-        methods=[] if args.methods is None else _names(args.methods, "--methods", "svd,rom"),
+        methods=[] if args.methods is None else names(args.methods, "--methods", "svd,rom"),
         ratios=_float_list(args.ratios, "--ratios"), ppl=args.ppl, seqlen=args.seqlen, max_windows=args.max_windows,
         calib=args.calib, nsamples=args.nsamples, seed=args.seed, dtype=args.dtype, device=args.device,
         degeneration_tokens=args.degeneration_tokens,
-        tasks=None if args.tasks is None else _names(args.tasks, "--tasks", "arc_easy,piqa"),
+        tasks=None if args.tasks is None else names(args.tasks, "--tasks", "arc_easy,piqa"),
         include_path=args.include_path, limit=args.limit, speed=args.speed, speed_batch_size=args.speed_batch_size,
         speed_prompt_len=args.speed_prompt_len, speed_new_tokens=args.speed_new_tokens,
         speed_repeats=args.repeats)
@@ -529,17 +466,6 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     if "ppl_vs_ratio.png" not in results["files"]:
         print("no plots: matplotlib is not installed (pip install 'rankdown[eval]')")
     return results
-
-
-def _names(text: str, flag: str, example: str) -> list[str]:
-    """The comma-separated names of ``flag``; none at all is a mistake, not a request for the default."""
-    from rankdown.config import ConfigError
-
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names:
-        raise ConfigError(f"{flag} {text!r} names nothing: give names separated by commas, e.g. {flag} {example} "
-                          f"(leave {flag} out for the default)")
-    return names
 
 
 def _float_list(text: str, flag: str) -> list[float]:
@@ -721,22 +647,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _disk_advice(args: argparse.Namespace, e: OSError) -> str:
-    """What a failed write into --out means and what to do."""
-    path = e.filename or getattr(args, "out", None)
-    flag = "--out"  # (the statistics cache reports its own: see stats_cache.py)
-    where = f" {path}" if path else ""
-    if e.errno == errno.ENOTDIR and path:
-        p = Path(path).expanduser().absolute()
-        file = next((a for a in (p, *p.parents) if a.exists() and not a.is_dir()), None)
-        if file is not None:
-            return f"cannot write{where}: {file} is a file, not a folder; choose another {flag}"
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return (f"cannot write{where}: {e.strerror or e}; free some space or choose another {flag} "
-                "(nothing incomplete was left behind)")
-    return f"cannot write{where}: {e.strerror or e}; choose a writable {flag} (nothing incomplete was left behind)"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only process 0 logs and prints
@@ -758,7 +668,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         disk = as_disk_error(e)
         if disk is None:
             raise
-        print(f"rankdown {args.command}: error: {_disk_advice(args, disk)}", file=sys.stderr)
+        print(f"rankdown {args.command}: error: {disk_advice(args, disk)}", file=sys.stderr)
         return 2
     finally:
         if "torch" in sys.modules:

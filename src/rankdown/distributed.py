@@ -49,7 +49,8 @@ def check_device(device: str | torch.device | None) -> None:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise ConfigError(f"--device {device!r} is not a device: give cpu, cuda or cuda:N (e.g. --device cuda:0)") from None
+        raise ConfigError(f"--device {device!r} is not a device: give cpu, cuda or cuda:N "
+                          "(e.g. --device cuda:0)") from None
     if dev.type == "mps" and torch.backends.mps.is_available():  # Apple GPUs, where torch has them
         return
     if dev.type not in ("cpu", "cuda"):
