@@ -164,7 +164,10 @@ CASES = {
                             ["model-00002-of-00002.safetensors is listed in", "fetch the model again"]),
     "missing tokenizer, eval": (lambda f, t: ["eval", str(f["no_tokenizer"]), *PPL],
                                 ["has no tokenizer files", "copy the tokenizer files"]),
-    "out is a file": (lambda f, t: ["compress", *SVD, "--out", __file__], [f"{__file__} is a file, not a folder"]),
+    "out is a file": (lambda f, t: ["compress", *SVD, "--out", __file__],
+                      [f"cannot write {__file__}: it is a file, not a folder; choose another --out"]),
+    "out inside a file": (lambda f, t: ["compress", *SVD, "--out", f"{__file__}/out"],
+                          [f"{__file__} is a file, not a folder; choose another --out"]),
 }
 
 
@@ -178,7 +181,7 @@ def test_bad_input_is_one_clear_error(case, folders, tmp_path, capsys):
         assert w in lines[0], lines[0]
     if case.startswith("missing tensor"):
         assert "--no-stream" not in lines[0]  # that advice failed too
-    if case == "out is a file":
+    if case.startswith("out i"):
         assert "free some space" not in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
 

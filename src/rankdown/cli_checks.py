@@ -100,7 +100,8 @@ def disk_advice(args: argparse.Namespace, e: OSError) -> str:
         p = Path(path).expanduser().absolute()
         file = next((a for a in (p, *p.parents) if a.exists() and not a.is_dir()), None)
         if file is not None:
-            return f"cannot write{where}: {file} is a file, not a folder; choose another {flag}"
+            what = "it is" if file == p else f"{file} is"
+            return f"cannot write{where}: {what} a file, not a folder; choose another {flag}"
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return (f"cannot write{where}: {e.strerror or e}; free some space or choose another {flag} "
                 "(nothing incomplete was left behind)")
