@@ -119,8 +119,9 @@ def test_interrupted_grid_resumes(tmp_path, monkeypatch):
         return real_cell(*args, **kwargs)
 
     monkeypatch.setattr(bench, "_cell", cell_then_stop)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as stopped:
         run_bench(settings, out, progress=False)
+    assert "1 finished cells are kept" in stopped.value.__notes__[0] and "same command" in stopped.value.__notes__[0]
     partial = json.loads((out / "results.json").read_text())
     assert partial["complete"] is False and [c["ratio"] for c in partial["cells"]] == [0.1]
     assert "Unfinished" in (out / "results.md").read_text()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -15,7 +14,7 @@ from torch import nn
 from rankdown import distributed, heap
 from rankdown.allocate import Target, count_params, default_multiple
 from rankdown.arch import ArchSpec, spec_for
-from rankdown.config import ConfigError, MethodConfig
+from rankdown.config import ConfigError, MethodConfig, exclude_pattern
 from rankdown.engine import PlanContext, run_sequential
 from rankdown.methods import method_class
 from rankdown.spill import MemoryBudget, parse_bytes
@@ -76,17 +75,28 @@ class CompressionReport:
 def find_targets(model: nn.Module, spec: ArchSpec, exclude: list[str] | tuple[str, ...] = ()) -> list[Target]:
     """Every linear of every layer that a method may replace, in layer and group order."""
     path, layers = spec.find_layers(model)
-    patterns = [re.compile(p) for p in exclude]
+    patterns = [exclude_pattern(p) for p in exclude]
+    matched: set[str] = set()
+    names: list[str] = []
     targets = []
     for i, layer in enumerate(layers):
         for group in spec.groups(layer):
             for name in group:
                 full = f"{path}.{i}.{name}"
-                if any(p.search(full) for p in patterns) or name in spec.exclude:
+                names.append(full)
+                hits = [p.pattern for p in patterns if p.search(full)]
+                matched.update(hits)
+                if hits or name in spec.exclude:
                     continue
                 mod = layer.get_submodule(name)
                 if isinstance(mod, nn.Linear):
                     targets.append(Target(full, mod.out_features, mod.in_features, mod.bias is not None, i))
+    unused = [p.pattern for p in patterns if p.pattern not in matched]
+    if unused:
+        first = [n for n in names if n.startswith(f"{path}.0.")][:8]
+        raise ConfigError(f"--exclude {unused[0]!r} matches no module of this model; the modules it is searched in "
+                          f"are named like {', '.join(first)} (regular expressions, e.g. --exclude 'mlp' or "
+                          f"--exclude '{path}\\.0\\.')")
     if not targets:
         if (getattr(model.config, "rankdown", None) or {}).get("structure"):
             raise ConfigError("every linear of this model was already replaced by rankdown (see `rankdown "
@@ -136,13 +146,18 @@ def compress(
     earlier = (getattr(model.config, "rankdown", None) or {}).get("structure") or {}
     unfused = list(earlier.get("unfused_experts", [])) + spec.prepare(model)
     targets = find_targets(model, spec, config.exclude)
+    check_finite(model, source, progress)  # a NaN met at the last layer would waste the others
     multiple = config.rank_multiple or default_multiple(_hidden_size(model))
     loaded: list[Any] = []  # calibration tokens, loaded once on first use (by plan() or below)
 
     def load_calibration() -> Any:
         if not loaded:
-            loaded.append(_calibration(tokenizer, calibration, nsamples, seqlen, config.seed,
-                                       getattr(config, "calib_tokens", None)))  # Lillama's token budget
+            from rankdown.calib import check_seqlen
+
+            data = _calibration(tokenizer, calibration, nsamples, seqlen, config.seed,
+                                getattr(config, "calib_tokens", None))  # Lillama's token budget
+            check_seqlen(model, data.seqlen)
+            loaded.append(data)
             heap.trim()  # what tokenizing left in the tokenizer threads' arenas
         return loaded[0]
 
@@ -175,6 +190,24 @@ def compress(
     log.info("%s: %d -> %d parameters (%.4f removed) in %.1fs", config.method, report.params_before,
              report.params_after, report.ratio_achieved, report.seconds)
     return report
+
+
+def check_finite(model: nn.Module, source: Any = None, progress: bool = False) -> None:
+    """Refuse a model with a NaN or Inf weight before compressing it (a streamed one: every tensor
+    of its files, read block by block), naming the tensor."""
+    from rankdown.io import ModelFolderError
+
+    if source is not None:
+        source.weights.check_finite(progress=progress)
+        return
+    for name, t in model.state_dict().items():
+        if not t.is_floating_point() or t.device.type == "meta":
+            continue
+        flat = t.detach().reshape(-1)
+        for a in range(0, flat.numel(), 2**24):  # a bounded temporary, whatever the tensor's size
+            if not bool(torch.isfinite(flat[a : a + 2**24]).all()):
+                raise ModelFolderError(f"{name} holds NaN or Inf values: the weights are corrupt (or overflowed "
+                                       "when converted to a narrower dtype); fix the model before compressing")
 
 
 def _check_enough_tokens(data: Any, ranks: dict[str, Any]) -> None:

@@ -68,16 +68,20 @@ class BenchSettings:
         """A copy with the model-dependent defaults filled in."""
         ref = self.model in (None, REFERENCE)
         s = copy.deepcopy(self)
-        s.model = s.model or REFERENCE
-        s.ppl = s.ppl or ("reference-heldout" if ref else "wikitext2")
-        s.calib = s.calib or (REFERENCE if ref else "wikitext2")
-        s.seqlen = s.seqlen or (256 if ref else 2048)
-        s.prompts = list(s.prompts or (CODE_PROMPTS if ref else TEXT_PROMPTS))
+        s.model = _or(s.model, REFERENCE)  # a given '' or 0 reaches the checks and their errors
+        s.ppl = _or(s.ppl, "reference-heldout" if ref else "wikitext2")
+        s.calib = _or(s.calib, REFERENCE if ref else "wikitext2")
+        s.seqlen = _or(s.seqlen, 256 if ref else 2048)
+        s.prompts = list(_or(s.prompts, CODE_PROMPTS if ref else TEXT_PROMPTS))
         if not s.methods:
             from rankdown.methods import METHODS
 
             s.methods = list(METHODS)
         return s
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
@@ -99,8 +103,19 @@ def _check(settings: BenchSettings) -> dict[tuple[str, float], Any]:
     """Every cell's config, validated: unknown methods or settings fail before any work."""
     from rankdown.methods import METHODS, make_config
 
+    from rankdown.calib import check_size, check_source
+
     if not settings.ratios:
         raise ConfigError("no ratio given: pass --ratios, e.g. 0.1,0.2,0.3")
+    if not settings.prompts and settings.degeneration_tokens:
+        raise ConfigError("no prompt for the degeneration measure: give prompts, or degeneration_tokens=0")
+    if settings.nsamples < 1:
+        raise ConfigError(f"--nsamples must be >= 1 (calibration windows), got {settings.nsamples}")
+    if settings.seqlen < 2:
+        raise ConfigError(f"--seqlen must be >= 2 (a token and its successor), got {settings.seqlen}")
+    check_source(settings.calib)
+    check_source(settings.ppl)
+    check_size(settings.nsamples, settings.seqlen)
     check_device(settings.device)
     configs = {}
     for spec in settings.methods:
@@ -119,23 +134,29 @@ def _check(settings: BenchSettings) -> dict[tuple[str, float], Any]:
     return configs
 
 
-def degeneration(model: torch.nn.Module, tokenizer: Any, prompts: list[str], new_tokens: int) -> float:
+def degeneration(model: torch.nn.Module, tokenizer: Any, prompts: list[str], new_tokens: int,
+                 progress: bool = False) -> float:
     """Mean fraction of repeated 4-grams in greedy continuations of ``prompts`` (0: none repeat)."""
     from rankdown.eval.generate import generate_text
 
+    if progress:
+        from tqdm.auto import tqdm
+
+        prompts = tqdm(prompts, desc="degeneration", unit="prompt", leave=False)
     fractions = [generate_text(model, tokenizer, p, max_new_tokens=new_tokens).repetition for p in prompts]
     return sum(fractions) / len(fractions)
 
 
-def _evaluate(model, tok, s: BenchSettings, manager: Any) -> dict[str, Any]:
+def _evaluate(model, tok, s: BenchSettings, manager: Any, progress: bool = False) -> dict[str, Any]:
     """Perplexity, degeneration and tasks of one model (dense or compressed), moved to ``s.device``."""
     from rankdown.eval.perplexity import perplexity
 
     model.to(s.device)
-    res = perplexity(model, tok, s.ppl, seqlen=s.seqlen, max_windows=s.max_windows, device=s.device)
+    res = perplexity(model, tok, s.ppl, seqlen=s.seqlen, max_windows=s.max_windows, device=s.device,
+                     progress=progress)
     row: dict[str, Any] = {"ppl": res.ppl, "ppl_tokens": res.tokens, "eval_s": res.seconds}
     if s.degeneration_tokens:
-        row["repetition"] = degeneration(model, tok, s.prompts, s.degeneration_tokens)
+        row["repetition"] = degeneration(model, tok, s.prompts, s.degeneration_tokens, progress)
     if s.tasks:
         from rankdown.eval.tasks import evaluate_tasks
 
@@ -168,7 +189,7 @@ def run_bench(settings: BenchSettings, out: str | Path, *, overwrite: bool = Fal
               progress: bool = True) -> dict[str, Any]:
     """Run the grid of ``settings`` and write its results into the folder ``out``; returns results.json's dict."""
     from rankdown.allocate import count_params
-    from rankdown.calib import calibration_data
+    from rankdown.calib import calibration_data, check_seqlen
     from rankdown.cli import load_model
     from rankdown.methods import method_class
 
@@ -183,7 +204,10 @@ def run_bench(settings: BenchSettings, out: str | Path, *, overwrite: bool = Fal
         manager = task_manager(s.tasks, s.include_path)
     dense, tok = load_model(s.model, s.dtype)
     if tok is None:
-        raise FileNotFoundError(f"{s.model} has no tokenizer files; the benchmark needs one")
+        from rankdown.cli_checks import no_tokenizer
+
+        raise FileNotFoundError(no_tokenizer(s.model, "the benchmark"))
+    check_seqlen(dense, s.seqlen)
     t0 = time.perf_counter()
     needs_calib = any(method_class(c.method).needs_calibration for c in configs.values())
     calib = calibration_data(tok, s.calib, nsamples=s.nsamples, seqlen=s.seqlen, seed=s.seed) if needs_calib else None
@@ -198,8 +222,9 @@ def run_bench(settings: BenchSettings, out: str | Path, *, overwrite: bool = Fal
         logger.warning("bench: resuming the grid in %s, %d of %d cells already done", out, len(done["cells"]),
                        len(configs))
     else:
-        results.update(dense={"params": count_params(dense), **_evaluate(dense, tok, s, manager)}, cells=[])
+        results.update(dense={"params": count_params(dense), **_evaluate(dense, tok, s, manager, progress)}, cells=[])
     dense.to("cpu")  # kept on the host between cells: one model at a time on the device
+    _save_partial(results, out, t0)  # the dense row: an interruption now does not evaluate it again
     finished = {(c["method"], c["ratio"]) for c in results["cells"]}
     cells = [(key, cfg) for key, cfg in configs.items() if key not in finished]
     bar = None
@@ -211,11 +236,16 @@ def run_bench(settings: BenchSettings, out: str | Path, *, overwrite: bool = Fal
         for (spec, ratio), cfg in cells:
             if bar is not None:
                 bar.set_postfix_str(f"{spec} {ratio:g}")
-            results["cells"].append(_cell(dense, tok, spec, ratio, cfg, calib, s, manager, results["dense"]))
+            results["cells"].append(_cell(dense, tok, spec, ratio, cfg, calib, s, manager, results["dense"],
+                                          progress))
             results["cells"].sort(key=lambda c: list(configs).index((c["method"], c["ratio"])))
             _save_partial(results, out, t0)
             if bar is not None:
                 bar.update(1)
+    except KeyboardInterrupt as e:
+        e.add_note(f"the {len(results['cells'])} finished cells are kept in {out / 'results.json'}: run the same "
+                   "command again to carry the grid on, or add --overwrite to start over")
+        raise
     finally:
         if bar is not None:
             bar.close()
@@ -259,7 +289,8 @@ def _save_partial(results: dict[str, Any], out: Path, t0: float) -> None:
     partial["files"] = write_results(partial, out, plots=False)
 
 
-def _cell(dense, tok, spec, ratio, cfg, calib, s: BenchSettings, manager, dense_row) -> dict[str, Any]:
+def _cell(dense, tok, spec, ratio, cfg, calib, s: BenchSettings, manager, dense_row,
+          progress: bool = False) -> dict[str, Any]:
     import rankdown
 
     cell: dict[str, Any] = {"method": spec, "ratio": ratio}
@@ -267,7 +298,7 @@ def _cell(dense, tok, spec, ratio, cfg, calib, s: BenchSettings, manager, dense_
         model = copy.deepcopy(dense)
         rep = rankdown.compress(model, tok, cfg, calib, nsamples=s.nsamples, seqlen=s.seqlen, progress=False)
         cell.update(ratio_achieved=rep.ratio_achieved, params=rep.params_after, compress_s=rep.seconds)
-        cell.update(_evaluate(model, tok, s, manager))
+        cell.update(_evaluate(model, tok, s, manager, progress))
         cell["ppl_change"] = cell["ppl"] / dense_row["ppl"] - 1
         if s.speed:
             cell["speed"] = _speed(dense, model, s)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import json
 import logging
 import os
@@ -13,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from rankdown.cli_checks import check_compress, disk_advice, names, no_tokenizer
 from rankdown.config import MethodConfig
 from rankdown.methods import METHODS
 
@@ -51,6 +51,17 @@ def load_model(name: str | None, dtype: str = "float32"):
         return model, tokenizer
     try:
         config = AutoConfig.from_pretrained(name)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"could not load {name!r}: it is not a local folder and the hub could not provide it ({e}). "
+            "Give a local model folder, or check the hub id and your network."
+        ) from None
+    except ValueError as e:  # a model_type this transformers does not know
+        from rankdown.arch import UnsupportedModelError, supported_model_types
+
+        raise UnsupportedModelError(
+            f"{name}: {str(e).splitlines()[0]} rankdown supports: {', '.join(supported_model_types())}") from None
+    try:
         auto = AutoModelForCausalLM if config.model_type not in ("bert", "roberta", "xlm-roberta") else AutoModel
         model = auto.from_pretrained(name, dtype=torch_dtype).eval()
         return model, AutoTokenizer.from_pretrained(name)
@@ -95,17 +106,19 @@ def _method_config(args: argparse.Namespace) -> MethodConfig:
 
 def _calib_defaults(args: argparse.Namespace) -> None:
     ref = args.model in (None, REFERENCE)
-    args.calib = args.calib or (REFERENCE if ref else "wikitext2")
-    args.seqlen = args.seqlen or (256 if ref else 2048)
+    args.calib = _or(args.calib, REFERENCE if ref else "wikitext2")
+    args.seqlen = _or(args.seqlen, 256 if ref else 2048)
 
 
 def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     import rankdown
     from rankdown import distributed
 
+    calib_given = args.calib is not None
     _calib_defaults(args)
     config = _method_config(args)
     config.validate()
+    check_compress(args, config, calib_given)
     distributed.setup(config.device)  # under torchrun: join the other processes (see rankdown/distributed.py)
     if args.out:  # before any work: an --out that is taken, or is (or holds, or is inside) the input
         from rankdown.io import _check_out_dir, check_writable
@@ -236,19 +249,29 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from rankdown.distributed import check_device
 
     check_device(args.device)
+    if args.seqlen is not None and args.seqlen < 2:
+        raise ConfigError(f"--seqlen must be >= 2 (a token and its successor), got {args.seqlen}; e.g. --seqlen 2048")
+    if args.ppl is not None:
+        from rankdown.calib import check_source
+
+        check_source(args.ppl)
     model, tokenizer = load_model(args.model, args.dtype)
     if args.device:  # every evaluation below runs where the model is
         model.to(args.device)
     needs = [n for n, on in (("perplexity", args.ppl), ("fidelity", args.fidelity), ("--tasks", args.tasks)) if on]
     if tokenizer is None and needs:
-        raise FileNotFoundError(f"{args.model} has no tokenizer files; {needs[0]} needs one")
+        raise FileNotFoundError(no_tokenizer(args.model, needs[0]))
+    if args.seqlen is not None:
+        from rankdown.calib import check_seqlen
+
+        check_seqlen(model, args.seqlen)
     result: dict[str, Any] = {"model": args.model}
     if args.ppl is not None:
         from rankdown.eval.perplexity import perplexity
 
-        seqlen = args.seqlen or (256 if args.model in (None, REFERENCE) else 2048)
+        seqlen = _or(args.seqlen, 256 if args.model in (None, REFERENCE) else 2048)
         res = perplexity(model, tokenizer, args.ppl, seqlen=seqlen, batch_size=_or(args.batch_size, 1),
-                         device=args.device, max_windows=args.max_windows)
+                         device=args.device, max_windows=args.max_windows, progress=not args.quiet)
         result.update(res.to_dict())
         print(table([result], ["model", "source", "seqlen", "tokens", "ppl", "seconds"]))
     if args.fidelity is not None:
@@ -327,7 +350,7 @@ def _eval_fidelity(args: argparse.Namespace, model: Any, tokenizer: Any) -> dict
     if args.device:  # the model itself is already there (cmd_eval)
         original.to(args.device)
     res = fidelity(model, original, tokenizer, passages, seqlen=_or(args.seqlen, 512),
-                   batch_size=_or(args.batch_size, 8))
+                   batch_size=_or(args.batch_size, 8), progress=not args.quiet)
     row = {"model": args.model, "original": args.fidelity, **res.to_dict()}
     metrics = ["kl", "top1_agreement"] if res.kind == "causal" else ["cosine", "neighbour_agreement"]
     print(table([row], ["model", "original", "passages", "tokens", *metrics, "seconds"]))
@@ -344,7 +367,7 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
 
     model, tokenizer = load_model(args.model, args.dtype)
     if tokenizer is None:
-        raise FileNotFoundError(f"{args.model} has no tokenizer files; generation needs one")
+        raise FileNotFoundError(no_tokenizer(args.model, "generation"))
     res = generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, sample=args.sample,
                         temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     print(res.text)
@@ -385,17 +408,24 @@ def cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     import rankdown
+    from rankdown.calib import check_seqlen
+    from rankdown.config import ConfigError
     from rankdown.eval.perplexity import perplexity
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = names(args.methods, "--methods", "svd,rom")
     for m in methods:
         if m not in METHODS:
-            from rankdown.config import ConfigError
-
             raise ConfigError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    for m in methods:  # every setting checked before the minutes of evaluation
+        rankdown.make_config(m, ratio=args.ratio, seed=args.seed).validate()
+    if args.nsamples < 1:
+        raise ConfigError(f"--nsamples must be >= 1 (calibration windows), got {args.nsamples}; e.g. --nsamples 128")
+    if args.seqlen < 2:
+        raise ConfigError(f"--seqlen must be >= 2 (a token and its successor), got {args.seqlen}; e.g. --seqlen 256")
     model, tok = load_model(REFERENCE)
+    check_seqlen(model, args.seqlen)
     t0 = time.perf_counter()
-    dense = perplexity(model, tok, "reference-heldout", seqlen=args.seqlen)
+    dense = perplexity(model, tok, "reference-heldout", seqlen=args.seqlen, progress=not args.quiet)
     rows = [{"model": "dense", "params": sum(p.numel() for p in model.parameters()), "removed": 0.0,
              "heldout_ppl": dense.ppl, "ppl_change": "", "compress_s": "", "eval_s": time.perf_counter() - t0}]
     print(f"reference model: {rows[0]['params']:,} parameters, held-out perplexity {dense.ppl:.3f} "
@@ -404,9 +434,9 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
         model, tok = load_model(REFERENCE)
         cfg = rankdown.make_config(m, ratio=args.ratio, seed=args.seed)
         report = rankdown.compress(model, tok, cfg, REFERENCE, nsamples=args.nsamples, seqlen=args.seqlen,
-                                   progress=False)
+                                   progress=not args.quiet)
         t1 = time.perf_counter()
-        res = perplexity(model, tok, "reference-heldout", seqlen=args.seqlen)
+        res = perplexity(model, tok, "reference-heldout", seqlen=args.seqlen, progress=not args.quiet)
         rows.append({"model": m, "params": report.params_after, "removed": report.ratio_achieved,
                      "heldout_ppl": res.ppl, "ppl_change": f"{100 * (res.ppl / dense.ppl - 1):+.1f}%",
                      "compress_s": report.seconds, "eval_s": time.perf_counter() - t1})
@@ -417,13 +447,18 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     from rankdown.benchmark import BenchSettings, run_bench
+    from rankdown.config import ConfigError
+
+    if not args.out.strip():
+        raise ConfigError("--out '' names no folder: give the folder for results.json, results.md and the plots")
 
     settings = BenchSettings(
-        model=args.model or REFERENCE, methods=[m.strip() for m in (args.methods or "").split(",") if m.strip()],
+        model=_or(args.model, REFERENCE),
+        methods=[] if args.methods is None else names(args.methods, "--methods", "svd,rom"),
         ratios=_float_list(args.ratios, "--ratios"), ppl=args.ppl, seqlen=args.seqlen, max_windows=args.max_windows,
         calib=args.calib, nsamples=args.nsamples, seed=args.seed, dtype=args.dtype, device=args.device,
         degeneration_tokens=args.degeneration_tokens,
-        tasks=[t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None,
+        tasks=None if args.tasks is None else names(args.tasks, "--tasks", "arc_easy,piqa"),
         include_path=args.include_path, limit=args.limit, speed=args.speed, speed_batch_size=args.speed_batch_size,
         speed_prompt_len=args.speed_prompt_len, speed_new_tokens=args.speed_new_tokens,
         speed_repeats=args.repeats)
@@ -536,6 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=64, help="with --speed: decode steps (default 64)")
     p.add_argument("--repeats", type=int, default=3, help="with --speed: measured runs, the fastest kept (default 3)")
     p.add_argument("--device", default=None)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     common(p)
     p.set_defaults(func=cmd_eval)
 
@@ -591,6 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_demo)
     return ap
@@ -610,9 +647,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     except ImportError:  # pragma: no cover
         pass
     return tuple(errors)
-
-
-_DISK_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.ENOTDIR, errno.EPERM}
 
 
 class Terminated(KeyboardInterrupt):
@@ -653,12 +687,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         who = "" if main_process else f" (process {os.environ.get('RANK')})"
         print(f"rankdown {args.command}{who}: error: {e}{_notes(e)}", file=sys.stderr)
         return 2
-    except OSError as e:  # a full, read-only or unwritable disk: the data is fine, the place is not
-        if e.errno not in _DISK_ERRNOS:
+    except Exception as e:  # a full, read-only or unwritable disk: the data is fine, the place is not
+        from rankdown.io import as_disk_error
+
+        disk = as_disk_error(e)
+        if disk is None:
             raise
-        where = f" ({e.filename})" if e.filename else ""
-        print(f"rankdown {args.command}: error: cannot write{where}: {e.strerror or e}; free some space or "
-              f"choose a writable --out (nothing incomplete was left behind){_notes(e)}", file=sys.stderr)
+        print(f"rankdown {args.command}: error: {disk_advice(args, disk, _notes(e))}", file=sys.stderr)
         return 2
     finally:
         if handle:

@@ -6,6 +6,7 @@ Each field's ``metadata["help"]`` is its documentation; the CLI turns fields int
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -18,6 +19,15 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 class ConfigError(ValueError):
     """A setting is out of its range or unknown; the message names it and the fix."""
+
+
+def exclude_pattern(text: str) -> "re.Pattern[str]":
+    """An ``exclude`` entry compiled; a :class:`ConfigError` that says how to escape it when it is not a regex."""
+    try:
+        return re.compile(text)
+    except (re.error, TypeError) as e:
+        raise ConfigError(f"--exclude {text!r} is not a valid regular expression ({e}); escape special characters "
+                          f"with a backslash (e.g. {re.escape(str(text))!r})") from None
 
 
 @dataclass
@@ -72,6 +82,11 @@ class MethodConfig:
                               f"choose one of: {', '.join(self.allocations)}")
         if not isinstance(self.fisher_tokens, int) or self.fisher_tokens < 0:
             raise ConfigError(f"fisher_tokens must be an integer >= 0 (0: all tokens), got {self.fisher_tokens!r}")
+        for pattern in self.exclude:
+            exclude_pattern(pattern)
+        from rankdown.distributed import check_device  # (distributed imports this module)
+
+        check_device(self.device)
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}

@@ -42,10 +42,26 @@ def _env_world() -> int:
 
 
 def check_device(device: str | torch.device | None) -> None:
-    """A :class:`ConfigError` for a CUDA device on a machine where torch has none."""
-    if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+    """A :class:`ConfigError` for a device string torch does not know, one that holds no data (meta),
+    or a CUDA device this machine does not have."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"--device {device!r} is not a device: give cpu, cuda or cuda:N "
+                          "(e.g. --device cuda:0)") from None
+    if dev.type == "mps" and torch.backends.mps.is_available():  # Apple GPUs, where torch has them
+        return
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device} cannot run rankdown: give cpu, cuda or cuda:N"
+                          + (" (meta tensors hold no data)" if dev.type == "meta" else ""))
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {device} was asked for but this machine has no CUDA GPU that torch can use "
                           f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}; give one of them")
 
 
 def local_device(device: str | torch.device) -> torch.device:

@@ -8,11 +8,14 @@ machine without rankdown. :func:`load` reads the same folder without running tho
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import importlib.metadata
 import json
 import logging
 import os
 import platform
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankdown.nn.portable import UnfusedExperts, apply_structure, build_module
+from rankdown.nn.portable import MODULE_TYPES, UnfusedExperts, apply_structure, build_module
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +144,20 @@ def _modeling_source(stock_cls: type, wrapper: str) -> str:
         "        return _BaseModel._can_set_attn_implementation()\n"
     )
     return _PORTABLE.read_text(encoding="utf-8").rstrip("\n") + "\n" + footer
+
+
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.ENOTDIR, errno.EPERM})
+
+
+def as_disk_error(e: BaseException) -> OSError | None:
+    """``e`` as the OSError of a full, read-only or unwritable place, else None. (safetensors reports
+    its write failures as a SafetensorError ending in "(os error 28)".)"""
+    if isinstance(e, OSError):
+        return e if e.errno in DISK_ERRNOS else None
+    found = re.search(r"\(os error (\d+)\)", str(e)) if type(e).__name__ == "SafetensorError" else None
+    if found is None or int(found.group(1)) not in DISK_ERRNOS:
+        return None
+    return OSError(int(found.group(1)), os.strerror(int(found.group(1))))
 
 
 def check_writable(out_dir: str | os.PathLike) -> None:
@@ -367,15 +384,100 @@ def _finish(folder: Path) -> None:
 
 
 def _read_config(path: Path) -> dict:
+    """config.json of a model folder, with its ``rankdown`` record (if any) checked (:func:`_check_record`)."""
     if not path.is_dir():
         raise ModelFolderError(f"{path} is not a folder; pass a folder that rankdown saved, or any HF model folder")
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise ModelFolderError(f"{path} has no config.json, so it is not a Hugging Face model folder")
     try:
-        return json.loads(cfg_path.read_text(encoding="utf-8"))
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ModelFolderError(f"{cfg_path} is not valid JSON ({e}); the folder is corrupt") from e
+    if not isinstance(cfg, dict):
+        raise ModelFolderError(f"{cfg_path} holds a JSON {type(cfg).__name__}, not an object; the folder is corrupt")
+    if cfg.get("rankdown") is not None:
+        _check_record(cfg_path, cfg["rankdown"])
+    return cfg
+
+
+def _check_record(cfg_path: Path, record: Any) -> None:
+    """Refuse a ``rankdown`` section that :func:`load` could not rebuild the model from."""
+    fix = "the file is corrupt or was edited; restore it, or compress the original model again"
+    if not isinstance(record, dict):
+        raise ModelFolderError(f"{cfg_path}: its \"rankdown\" section is a JSON {type(record).__name__}, "
+                               f"not an object; {fix}")
+    structure = record.get("structure", {})
+    if not isinstance(structure, dict):
+        raise ModelFolderError(f"{cfg_path}: rankdown.structure is {json.dumps(structure)}, not an object; {fix}")
+    modules, unfused = structure.get("modules", {}), structure.get("unfused_experts", [])
+    if not isinstance(modules, dict):
+        raise ModelFolderError(f"{cfg_path}: rankdown.structure.modules is {json.dumps(modules)[:80]}, not an "
+                               f"object of module path -> spec; {fix}")
+    if not isinstance(unfused, list) or not all(isinstance(u, str) for u in unfused):
+        raise ModelFolderError(f"{cfg_path}: rankdown.structure.unfused_experts is {json.dumps(unfused)[:80]}, not "
+                               f"a list of module paths; {fix}")
+    for name, spec in modules.items():
+        kind = spec.get("type") if isinstance(spec, dict) else None
+        if kind not in MODULE_TYPES:
+            versions = record.get("versions")
+            written = versions.get("rankdown") if isinstance(versions, dict) else None
+            mine = _versions()["rankdown"]
+            how = (f"the folder was written by rankdown {written}: install that version, or compress the original "
+                   "model again with this one") if written not in (None, mine) else fix
+            raise ModelFolderError(
+                f"{cfg_path}: module {name} is of type {json.dumps(kind if isinstance(spec, dict) else spec)[:80]}, "
+                f"which this rankdown ({mine}) does not know (it knows {', '.join(MODULE_TYPES)}); {how}")
+
+
+def check_weights(path: Path) -> None:
+    """Refuse a model folder whose weights are absent, listed but missing, or unreadable (a
+    truncated download), with what to do, before transformers meets them."""
+    from safetensors import SafetensorError, safe_open
+
+    fetch = "the download is incomplete or corrupt; fetch the model again"
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted({path / f for f in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()})
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
+            raise ModelFolderError(f"{index} is not a valid safetensors index ({e!r}); {fetch}") from None
+    elif (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    elif any((path / f).is_file() for f in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        return  # torch pickles: transformers reads (and checks) them
+    else:
+        raise ModelFolderError(
+            f"{path} has a config.json but no weights (no model.safetensors, model.safetensors.index.json or "
+            "pytorch_model.bin): the download is incomplete, or the weights are in another folder; fetch the "
+            "model again, or give the folder that holds them")
+    for file in files:
+        if not file.is_file():
+            raise ModelFolderError(f"{file.name} is listed in {index.name} but missing from {path}: {fetch}")
+        try:
+            with safe_open(file, "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise ModelFolderError(f"{file} is not a readable safetensors file ({e}): it is truncated or "
+                                   "corrupt (an incomplete download?); fetch the model again") from None
+
+
+def check_model_type(path: Path, cfg: dict) -> None:
+    """Refuse a config.json whose model_type transformers cannot build, naming it and what rankdown supports."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    from rankdown.arch import UnsupportedModelError, supported_model_types
+
+    record = cfg.get("rankdown") or {}
+    model_type = record.get("base_model_type") or cfg.get("model_type")
+    if isinstance(model_type, str) and model_type in CONFIG_MAPPING_NAMES:
+        return
+    what = f"model_type {model_type!r}" if model_type else "no model_type"
+    raise UnsupportedModelError(
+        f"{path / 'config.json'} has {what}, which is not a model family transformers {transformers.__version__} "
+        f"knows, so the model cannot be built. rankdown supports: {', '.join(supported_model_types())}. If it is "
+        "a family newer than this transformers, upgrade it (pip install -U transformers); otherwise fix config.json")
 
 
 def checkpoint_dtype(path: str | os.PathLike) -> torch.dtype | None:
@@ -388,6 +490,7 @@ def checkpoint_dtype(path: str | os.PathLike) -> torch.dtype | None:
         return getattr(torch, name)
     from safetensors import safe_open
 
+    check_weights(path)
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(file, "pt") as f:
             for key in f.keys():
@@ -423,6 +526,19 @@ def _wrapper_class(stock: type) -> type:
     return type(_wrapper_name(stock.__name__), (stock,), {**probes, "__init__": __init__, "__module__": __name__})
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' warnings silenced for the duration (its verbosity restored after)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def _check_loading_info(info: dict, path: Path, strict: bool) -> None:
     problems = []
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
@@ -436,6 +552,11 @@ def _check_loading_info(info: dict, path: Path, strict: bool) -> None:
         elif keys:
             logger.warning("%s: unexpected keys ignored: %s", path, ", ".join(keys[:3]))
     problems += [str(m) for m in info.get("error_msgs") or ()]
+    if problems and not strict:  # a plain checkpoint, as downloaded
+        raise ModelFolderError(
+            f"the weights in {path} do not match its config.json ({'; '.join(problems)}): the checkpoint is "
+            "incomplete, or config.json belongs to other weights; fetch the model again"
+        )
     if problems:
         raise ModelFolderError(
             f"the weights in {path} do not match its config.json ({'; '.join(problems)}): the folder is "
@@ -495,6 +616,8 @@ def load(
 
     path = Path(path).expanduser().absolute()
     cfg = _read_config(path)
+    check_model_type(path, cfg)
+    check_weights(path)
     record = cfg.get("rankdown")
     # mismatched shapes are reported (then raised by _check_loading_info) rather than raised by transformers
     kwargs: dict[str, Any] = {"dtype": "auto" if dtype is None else dtype, "output_loading_info": True,
@@ -509,7 +632,8 @@ def load(
         if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
             causal = any(_is_causal_lm(a) for a in archs)
             cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-        model, info = cls.from_pretrained(path, config=config, **kwargs)
+        with _quiet_transformers():  # its load report would repeat what _check_loading_info says
+            model, info = cls.from_pretrained(path, config=config, **kwargs)
         _check_loading_info(info, path, strict=False)
         return model.eval()
 
@@ -519,6 +643,7 @@ def load(
             "Install the rankdown version recorded in config.json (rankdown.versions)"
         )
     stock, config = _base_config(path, cfg, record)
-    model, info = _wrapper_class(stock).from_pretrained(path, config=config, **kwargs)
+    with _quiet_transformers():
+        model, info = _wrapper_class(stock).from_pretrained(path, config=config, **kwargs)
     _check_loading_info(info, path, strict=True)
     return model.eval()

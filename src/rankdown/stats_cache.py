@@ -10,6 +10,8 @@ depend on the layers compressed before it, hence on the ratio.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -64,9 +66,23 @@ class StatsCache:
                 log.warning("ignoring unreadable cache file %s (%s)", path, e)
         self.misses += 1
         value = compute()
-        self.folder.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        save_file({k: v.detach().cpu().contiguous() for k, v in value.items()}, tmp)
-        os.replace(tmp, path)
-        path.with_suffix(".json").write_text(text + "\n", encoding="utf-8")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.detach().cpu().contiguous() for k, v in value.items()}, tmp)
+            os.replace(tmp, path)
+            path.with_suffix(".json").write_text(text + "\n", encoding="utf-8")
+        except Exception as e:  # (safetensors reports a full or read-only disk as its own error)
+            from rankdown.config import ConfigError
+            from rankdown.io import as_disk_error
+
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            disk = as_disk_error(e) or (e if isinstance(e, OSError) else None)
+            if disk is None:
+                raise
+            full = disk.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise ConfigError(f"--stats-cache {self.folder}: cannot write there ({disk.strerror or disk}); "
+                              + ("free some space, " if full else "") + "give a folder rankdown can write to, "
+                              "or drop --stats-cache") from None
         return value

@@ -42,33 +42,23 @@ class FolderWeights:
     """Where each tensor of a safetensors model folder lives; reads one tensor at a time."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        from safetensors import SafetensorError, safe_open
+        from safetensors import safe_open
+
+        from rankdown.io import check_weights
 
         self.path = Path(path)
-        if (self.path / INDEX).is_file():
-            try:
-                index = json.loads((self.path / INDEX).read_text(encoding="utf-8"))
-                self.files = {k: self.path / f for k, f in index["weight_map"].items()}
-            except (json.JSONDecodeError, KeyError, AttributeError) as e:
-                raise ModelFolderError(f"{self.path / INDEX} is not a valid safetensors index ({e!r})") from e
-        elif (self.path / SINGLE).is_file():
-            with safe_open(self.path / SINGLE, "pt") as f:
-                self.files = {k: self.path / SINGLE for k in f.keys()}
-        else:
+        if not ((self.path / INDEX).is_file() or (self.path / SINGLE).is_file()):
             raise ModelFolderError(
                 f"{self.path} holds no {SINGLE} or {INDEX}: streaming reads safetensors weights only "
                 "(convert .bin checkpoints with save_pretrained, or compress without --stream)"
             )
-        for file in sorted(set(self.files.values())):
-            if not file.is_file():
-                raise ModelFolderError(f"{file.name} is listed in {INDEX} but missing from {self.path}: "
-                                       "the download is incomplete; fetch the model again")
-            try:
-                with safe_open(file, "pt"):
-                    pass
-            except (SafetensorError, OSError) as e:
-                raise ModelFolderError(f"{file} is not a readable safetensors file ({e}); the folder is "
-                                       "corrupt; fetch the model again") from e
+        check_weights(self.path)  # every file listed is there and readable
+        if (self.path / INDEX).is_file():
+            index = json.loads((self.path / INDEX).read_text(encoding="utf-8"))
+            self.files = {k: self.path / f for k, f in index["weight_map"].items()}
+        else:
+            with safe_open(self.path / SINGLE, "pt") as f:
+                self.files = {k: self.path / SINGLE for k in f.keys()}
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
@@ -99,6 +89,32 @@ class FolderWeights:
             out[a : a + step].copy_(blk)
             del blk
         return out
+
+    def check_finite(self, names: list[str] | None = None, progress: bool = False) -> None:
+        """Read every tensor (or ``names``) block by block and refuse NaN or Inf before any work:
+        reading is cheap next to compressing, and a bad tensor found at the last layer wastes the rest."""
+        from safetensors import safe_open
+
+        names = sorted(self.files) if names is None else names
+        if progress:
+            from tqdm.auto import tqdm
+
+            names = tqdm(names, desc="checking weights", unit="tensor", leave=False)
+        for name in names:
+            with safe_open(self.files[name], "pt") as f:
+                sl = f.get_slice(name)
+                shape, dtype = sl.get_shape(), sl.get_dtype()
+            if dtype not in ("F64", "F32", "F16", "BF16"):
+                continue
+            if not shape:
+                with safe_open(self.files[name], "pt") as f:
+                    self._check(name, f.get_tensor(name))
+                continue
+            row = max(1, _nbytes(shape[1:], dtype))
+            step = max(1, 64 * 2**20 // row)
+            for a in range(0, shape[0], step):
+                with safe_open(self.files[name], "pt") as f:
+                    self._check(name, f.get_slice(name)[a : a + step])
 
     def _check(self, name: str, t: torch.Tensor) -> None:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -139,6 +155,7 @@ class StreamedModel:
         self.work = work
         self.state = state  # what a killed run finished already (resume), and where to record progress
         cfg = io._read_config(self.path)
+        io.check_model_type(self.path, cfg)
         record = cfg.get("rankdown")
         with init_empty_weights(include_buffers=False):  # buffers (rotary frequencies) stay real
             if record is None:
@@ -173,10 +190,16 @@ class StreamedModel:
         missing = sorted(n for n in persistent if n not in self.weights)
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            others = sorted(k for k in self.weights.files if k not in state and k not in self.tied)
+            if not others:  # every tensor of the files is one the model has: the missing ones are simply not there
+                raise ModelFolderError(
+                    f"{self.path} is incomplete: {', '.join(missing[:3])}{more} is in none of its weight files "
+                    f"({', '.join(sorted({f.name for f in self.weights.files.values()}))}); fetch the model again")
             raise ModelFolderError(
-                f"{self.path} lacks tensors the model needs ({', '.join(missing[:3])}{more}), or names them "
-                "differently (an older checkpoint layout): streaming needs the names transformers uses; "
-                "compress in memory (--no-stream), which converts them"
+                f"{self.path} lacks tensors the model needs ({', '.join(missing[:3])}{more}) and holds others it "
+                f"does not know ({', '.join(others[:3])}{' ...' if len(others) > 3 else ''}): an older checkpoint "
+                "layout; streaming needs the names transformers uses: compress in memory (--no-stream), which "
+                "converts them"
             )
         self.outside = [n for n in persistent if not n.startswith(self.layers_path + ".")]
         self._check_shapes(persistent)

@@ -11,6 +11,7 @@ right-padded, with ``attention_mask`` 0 on the padding.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -144,7 +145,9 @@ def calibration_data(tokenizer: Any, source: str, nsamples: int = 128, seqlen: i
     if is_record_source(source):
         return _record_samples(tokenizer, source, nsamples, seqlen, seed, generator, tokens)
 
+    check_size(nsamples, seqlen)
     ids = tokenize_text(tokenizer, source_text(tokenizer, source))
+    warn_if_degenerate(ids, source)
     ntokens = ids.numel()
     if ntokens < seqlen:
         raise CalibrationError(
@@ -156,6 +159,45 @@ def calibration_data(tokenizer: Any, source: str, nsamples: int = 128, seqlen: i
     logger.info("calibration: %d windows of %d tokens from %s (%d tokens, seed %d)",
                 nsamples, seqlen, source, ntokens, seed)
     return CalibrationData(input_ids, torch.ones_like(input_ids), source, seed)
+
+
+def check_seqlen(model: Any, seqlen: int) -> None:
+    """Refuse windows longer than the model's ``max_position_embeddings``: it never saw (or has no
+    embedding for) positions past it, so statistics or a perplexity there mean nothing."""
+    config = getattr(model, "config", model)  # a model, its config, or config.json's dict
+    limit = config.get("max_position_embeddings") if isinstance(config, dict) else \
+        getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and not isinstance(seqlen, bool) and isinstance(seqlen, int) and seqlen > limit:
+        raise CalibrationError(f"--seqlen {seqlen} exceeds the model's max_position_embeddings ({limit}): it has "
+                               f"never seen positions past {limit}; lower --seqlen to {limit} or less")
+
+
+def check_size(nsamples: int, seqlen: int) -> None:
+    """Refuse ``nsamples`` windows of ``seqlen`` tokens whose token ids alone would not fit in this
+    machine's memory (their activations take hundreds of times more)."""
+    need = 2 * 8 * nsamples * seqlen  # input_ids and attention_mask, int64
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system: nothing to compare with
+        return
+    if need > have:
+        raise CalibrationError(
+            f"--nsamples {nsamples:,} windows of --seqlen {seqlen:,} tokens is {nsamples * seqlen:,} tokens: their "
+            f"ids alone need {need / 2**30:,.0f} GiB and this machine has {have / 2**30:,.0f} GiB of memory; "
+            "lower --nsamples (the papers use 128)")
+
+
+def warn_if_degenerate(ids: torch.Tensor, source: str) -> None:
+    """Warn when a calibration text is degenerate (a few distinct tokens repeated, e.g. a file of NUL
+    bytes): statistics from it say nothing about the text the model will see."""
+    if ids.numel() == 0:
+        return
+    values, counts = ids.unique(return_counts=True)
+    top = float(counts.max()) / ids.numel()
+    if values.numel() < 16 or top > 0.5:
+        logger.warning("calibration text %s is degenerate: its %d tokens hold %d distinct ones, the commonest "
+                       "%.0f%% of them; statistics from it do not represent real text: give natural text of the "
+                       "kind the model will see", source, ids.numel(), values.numel(), 100 * top)
 
 
 def _record_samples(tokenizer: Any, source: str, nsamples: int, seqlen: int, seed: int,

@@ -174,7 +174,17 @@ def _reference_path(source: str) -> Path:
     return path
 
 
+def check_source(source: str) -> None:
+    """Fail fast on a source that cannot be read: an unknown name, a missing or unreadable file
+    (the Hub corpora are only fetched when used)."""
+    if source in SOURCE_NAMES:
+        return
+    _local_path(source)
+
+
 def _local_path(source: str) -> Path:
+    if not str(source).strip():
+        raise CalibrationError(f"no source given (an empty name); pass {_ACCEPTED}")
     path = Path(source).expanduser()
     if path.is_file():
         return path

@@ -101,7 +101,7 @@ def _check_vocab(model: nn.Module, original: nn.Module, tokenizer: Any) -> None:
 
 
 def fidelity(model: nn.Module, original: nn.Module, tokenizer: Any, passages: list[str], seqlen: int = 512,
-             batch_size: int = 8) -> FidelityResult:
+             batch_size: int = 8, progress: bool = False) -> FidelityResult:
     """Agreement of ``model`` (compressed) with ``original`` on ``passages``, each truncated to
     ``seqlen`` tokens and tokenized with ``tokenizer`` (the compressed model's; both models must
     share its vocabulary). Encoders need at least 3 passages (a nearest neighbour among the
@@ -121,10 +121,15 @@ def fidelity(model: nn.Module, original: nn.Module, tokenizer: Any, passages: li
     emb_a: list[torch.Tensor] = []
     emb_b: list[torch.Tensor] = []
     kinds: set[str] = set()
+    batches = _batches(tokenizer, passages, seqlen, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, total=-(-len(passages) // batch_size), desc="fidelity", unit="batch", leave=False)
     t0 = time.perf_counter()
     try:
         with torch.inference_mode():
-            for input_ids, mask in _batches(tokenizer, passages, seqlen, batch_size):
+            for input_ids, mask in batches:
                 kind_a, out_a = _run(model, input_ids, mask)
                 kind_b, out_b = _run(original, input_ids, mask)
                 kinds.update((kind_a, kind_b))

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankdown.calib.sampling import source_text, tokenize_text
+from rankdown.calib.sampling import check_seqlen, source_text, tokenize_text
 from rankdown.calib.sources import CalibrationError
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ def perplexity(
         raise CalibrationError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
     if max_windows is not None and (not isinstance(max_windows, int) or max_windows < 1):
         raise CalibrationError(f"max_windows must be None or a whole number >= 1, got {max_windows!r}")
+    check_seqlen(model, seqlen)
     if text is None:
         text = source_text(tokenizer, source_or_text, split="test")
     ids = tokenize_text(tokenizer, text, add_special_tokens=add_special_tokens)  # (ntokens,)
@@ -85,7 +86,6 @@ def perplexity(
     if max_windows is not None:
         windows = min(windows, max_windows)
     batches = ids[: windows * seqlen].view(windows, seqlen)  # (windows, seqlen)
-    _warn_if_too_long(model, seqlen)
 
     if device is None:
         device = _model_device(model)
@@ -100,7 +100,7 @@ def perplexity(
     if progress:
         from tqdm.auto import tqdm
 
-        starts = tqdm(starts, total=math.ceil(windows / batch_size), desc="perplexity", unit="batch")
+        starts = tqdm(starts, total=math.ceil(windows / batch_size), desc="perplexity", unit="batch", leave=False)
     total_nll = 0.0
     t0 = time.perf_counter()
     try:
@@ -141,10 +141,3 @@ def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
     except (TypeError, ValueError):
         return {}
     return {"use_cache": False} if "use_cache" in params else {}
-
-
-def _warn_if_too_long(model: nn.Module, seqlen: int) -> None:
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(limit, int) and seqlen > limit:
-        logger.warning("seqlen %d exceeds the model's max_position_embeddings %d; perplexity past "
-                       "that length is not meaningful (lower --seqlen)", seqlen, limit)

@@ -308,6 +308,9 @@ def unfuse_experts(model: nn.Module, path: str) -> UnfusedExperts:
     return new
 
 
+MODULE_TYPES = ("lowrank", "linear", "attention")  # the "type" of a structure entry
+
+
 def build_module(spec: dict, like: nn.Module) -> nn.Module:
     """An empty module of the recorded ``spec``, on the device and dtype of the module it replaces."""
     p = next(like.parameters())
