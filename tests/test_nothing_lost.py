@@ -313,3 +313,20 @@ def test_saved_files_all_get_the_mode_of_a_new_file(tmp_path, umask):
     for folder in ("memory", "streamed"):
         modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / folder).iterdir()}
         assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
+
+
+def test_the_statistics_cache_key_follows_the_weights_content(tmp_path):
+    """The --stats-cache key is the content digest: a same-size, same-date weight change gives another key
+    (it used to be names, sizes and dates), and the digest is read once a process for unchanged files."""
+    src = _folder(tmp_path)
+    key = lambda: stream.StreamedModel(src).digest()
+    before = key()
+    assert key() == before
+    file = src / "model.safetensors"
+    st = file.stat()
+    tensors = load_file(file)
+    tensors["model.layers.1.mlp.up_proj.weight"][0, 0] += 1
+    save_file(tensors, file, metadata={"format": "pt"})
+    os.utime(file, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert file.stat().st_size == st.st_size and file.stat().st_mtime_ns == st.st_mtime_ns
+    assert key() != before

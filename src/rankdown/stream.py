@@ -17,6 +17,7 @@ memory (tested: same logits), and appears complete or not at all.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -282,12 +283,9 @@ class StreamedModel:
                 if any(p is q for q in emb.parameters())}
 
     def digest(self) -> str:
-        """A fingerprint of the input folder's weights (names, sizes, dates of its files) and the dtype."""
-        import hashlib
-
-        files = sorted(set(self.weights.files.values()))
-        text = json.dumps([str(self.path), str(self.dtype)] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns]
-                                                              for f in files])
+        """A fingerprint of the input folder's weights (the content of its files, as the resume
+        fingerprint reads it: computed once a process) and the dtype: the statistics cache's key."""
+        text = json.dumps([str(self.path), str(self.dtype), weights_digest(self.path, self.weights)])
         return hashlib.sha1(text.encode()).hexdigest()
 
     # -- the engine's layer source --------------------------------------------------------------
@@ -420,9 +418,23 @@ def _sha256(file: Path) -> str:
 def weights_digest(path: Path, weights: FolderWeights) -> str:
     """sha256 over the content of config.json and every weight file of a model folder: any change
     to any byte changes it. It costs one read of the weights (about 0.5 to 2 GB/s on one core, e.g.
-    10 to 30 s for a 7B model in float16), small beside the compression that reads them anyway."""
+    10 to 30 s for a 7B model in float16), small beside the compression that reads them anyway; a
+    process reads them once: the files' paths, inodes, sizes and change times (st_ctime, which every
+    write and every date change moves) key the remembered digest."""
+    files = [Path(path) / "config.json", *sorted(set(weights.files.values()))]
+    return _content_digest(tuple((str(f), *_stat_key(f)) for f in files))
+
+
+def _stat_key(file: Path) -> tuple[int, int, int]:
+    st = file.stat()
+    return st.st_ino, st.st_size, st.st_ctime_ns
+
+
+@functools.lru_cache(maxsize=8)
+def _content_digest(files: tuple[tuple[str, int, int, int], ...]) -> str:
     h = hashlib.sha256()
-    for file in [path / "config.json", *sorted(set(weights.files.values()))]:
+    for name, *_ in files:
+        file = Path(name)
         h.update(f"{file.name}\0{file.stat().st_size}\0".encode())
         with open(file, "rb") as f:
             h.update(hashlib.file_digest(f, "sha256").digest())
