@@ -132,13 +132,7 @@ def test_resume_refuses_changed_inputs(tmp_path, monkeypatch, change):
     if change == "calibration":  # same path, same size, other words
         calib.write_text(" ".join(f"w{(i * 11) % 60}" for i in range(400)))
     else:  # same size, same date, one weight changed
-        file = src / "model.safetensors"
-        st = file.stat()
-        tensors = load_file(file)
-        tensors["model.layers.1.mlp.up_proj.weight"][0, 0] += 1
-        save_file(tensors, file, metadata={"format": "pt"})
-        os.utime(file, ns=(st.st_atime_ns, st.st_mtime_ns))
-        assert file.stat().st_size == st.st_size
+        _change_one_weight_keeping_size_and_date(src / "model.safetensors")
     what = {"calibration": "the calibration changed", "weights": "the model's weights changed"}[change]
     with pytest.raises(stream.ResumeMismatchError, match=re.escape(what) + ".*--restart"):
         run()
@@ -322,11 +316,14 @@ def test_the_statistics_cache_key_follows_the_weights_content(tmp_path):
     key = lambda: stream.StreamedModel(src).digest()
     before = key()
     assert key() == before
-    file = src / "model.safetensors"
+    _change_one_weight_keeping_size_and_date(src / "model.safetensors")
+    assert key() != before
+
+
+def _change_one_weight_keeping_size_and_date(file):
     st = file.stat()
     tensors = load_file(file)
     tensors["model.layers.1.mlp.up_proj.weight"][0, 0] += 1
     save_file(tensors, file, metadata={"format": "pt"})
     os.utime(file, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert file.stat().st_size == st.st_size and file.stat().st_mtime_ns == st.st_mtime_ns
-    assert key() != before
