@@ -104,9 +104,11 @@ def test_compress_a_gguf_file_records_it_and_saves_a_loadable_folder(compressed,
 
 
 def test_a_folder_with_two_gguf_files_is_one_error(tmp_path):
-    (tmp_path / "a.Q4_0.gguf").write_bytes(b"GGUF")
-    (tmp_path / "b.Q8_0.gguf").write_bytes(b"GGUF")
-    proc = rankdown("compress", str(tmp_path), "--method", "svd", "--ratio", "0.1", "--out", str(tmp_path / "o"), "-q")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.Q4_0.gguf").write_bytes(b"GGUF")
+    (src / "b.Q8_0.gguf").write_bytes(b"GGUF")
+    proc = rankdown("compress", str(src), "--method", "svd", "--ratio", "0.1", "--out", str(tmp_path / "o"), "-q")
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(err) == 1, proc.stderr
     assert "2 .gguf files" in err[0] and "a.Q4_0.gguf" in err[0] and "b.Q8_0.gguf" in err[0]
@@ -158,10 +160,11 @@ def test_without_the_gguf_package_a_gguf_is_one_error(tmp_path, capsys, monkeypa
     assert rc == 2 and len(err) == 1 and "pip install 'rankdown[gguf]'" in err[0]
 
 
-def test_inspect_names_the_quantization_and_stream_is_refused(smollm2_gguf, capsys):
+def test_inspect_names_the_quantization_and_stream_is_refused(smollm2_gguf, capsys, tmp_path):
     from rankdown import cli
 
-    assert cli.main(["inspect", str(smollm2_gguf.parent), "--json"]) == 0  # the folder holding one .gguf
+    (tmp_path / smollm2_gguf.name).symlink_to(smollm2_gguf)  # a folder holding one .gguf (the cache may hold more)
+    assert cli.main(["inspect", str(tmp_path), "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["compressed"] is False and res["quantization"] == "Q4_1" and res["architecture"] == "llama"
     assert cli.main(["compress", str(smollm2_gguf), "--method", "svd", "--ratio", "0.1", "--stream", "--out", "x"]) == 2

@@ -236,6 +236,7 @@ KILLER = r"""
 import os, signal, sys
 from rankdown import cli, io, stream
 when, sig = sys.argv[1], getattr(signal, sys.argv[2])
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal gives it (a background job ignores SIGINT)
 if when == "layer":
     real = stream.StreamedModel.release
     def release(self, i, layer, write, ctx=None, seconds=0.0):
