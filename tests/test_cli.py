@@ -147,7 +147,7 @@ def test_modegpt_keeps_more_channels_than_calibration_tokens():
     must span: a calibration set smaller than the kept width (here 128 tokens, widths of hundreds),
     refused for svd-llm above, is accepted, and the model is finite."""
     import rankdown as rd
-    from rankdown.config import ModeGPTConfig
+    from rankdown import ModeGPTConfig
     from rankdown.reference import load_reference
 
     model, tok = load_reference(torch.float32)
@@ -163,7 +163,9 @@ def test_demo_compares_every_method_with_the_dense_model(capsys):
     perplexity measured on the held-out text against the dense model's."""
     from rankdown import cli
 
-    assert cli.build_parser().parse_args(["demo"]).methods == "svd,asvd,svd-llm,rom,modegpt,lillama"  # all
+    from rankdown.methods import METHODS
+
+    assert cli.build_parser().parse_args(["demo"]).methods == ",".join(METHODS)  # all
     methods = "svd,modegpt"  # each evaluated on the whole held-out text: two keep the test short
     rc = cli.main(["demo", "--methods", methods, "--ratio", "0.2", "--nsamples", "16", "--seqlen", "128", "--json"])
     rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]

@@ -8,7 +8,8 @@ from rankdown.allocate import Target, count_params, discarded_energy, global_ran
 from rankdown.api import compress, find_targets
 from rankdown.arch import spec_for
 from rankdown.calib import CalibrationData
-from rankdown.config import ConfigError, ROMConfig
+from rankdown.config import ConfigError
+from rankdown.methods.rom import ROMConfig
 from rankdown.engine import LayerContext, PlanContext
 from rankdown.methods import make_config
 from rankdown.methods.linalg import guarded_eigh, whitened_svd_factors

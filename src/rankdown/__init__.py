@@ -17,10 +17,14 @@ except PackageNotFoundError:  # running from a source tree
     __version__ = "0+unknown"
 
 from rankdown.api import CompressionReport, compress
-from rankdown.config import (
-    ASVDConfig, ConfigError, LillamaConfig, MethodConfig, ModeGPTConfig, ROMConfig, SVDConfig, SVDLLMConfig,
-)
-from rankdown.methods import make_config, method_names
+from rankdown.config import ConfigError, MethodConfig
+from rankdown.methods import config_class, make_config, method_names
+from rankdown.methods.asvd import ASVDConfig
+from rankdown.methods.lillama import LillamaConfig
+from rankdown.methods.modegpt import ModeGPTConfig
+from rankdown.methods.rom import ROMConfig
+from rankdown.methods.svd import SVDConfig
+from rankdown.methods.svd_llm import SVDLLMConfig
 from rankdown.reference import load_reference
 
 
@@ -57,5 +61,5 @@ def load_tokenizer(path):
 
 __all__ = [
     "ASVDConfig", "CompressionReport", "ConfigError", "LillamaConfig", "MethodConfig", "ModeGPTConfig", "ROMConfig", "SVDConfig", "SVDLLMConfig",
-    "compress", "load", "load_reference", "load_tokenizer", "make_config", "method_names", "save", "__version__",
+    "compress", "config_class", "load", "load_reference", "load_tokenizer", "make_config", "method_names", "save", "__version__",
 ]

@@ -141,8 +141,7 @@ def weighted_spectra(context: "PlanContext", targets: list[Target], fisher: dict
     """path -> ``λ_i · w_i`` (k,) in the order of the eigenvalues ``λ_i`` (descending) of the
     target's output (co)variance on the dense model, ``w_i = Σ_j u_ij² D_j``; its tail sums are the
     loss cost of each rank (see the module docstring)."""
-    from rankdown.config import ROMConfig
-    from rankdown.methods.rom import ROM
+    from rankdown.methods.rom import ROM, ROMConfig
 
     def weigh(path: str, evals: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         D = fisher[path].to(V.device, torch.float64)

@@ -1,4 +1,10 @@
-"""The contract between the engine and a method: the engine owns the loop, a method the math."""
+"""The contract between the engine and a method: the engine owns the loop, a method the math.
+
+A method is one file in ``rankdown/methods/``: its config (a :class:`~rankdown.config.MethodConfig`
+subclass), its :class:`Method` subclass marked ``@register``, and its mathematics. The package
+imports every module in its folder, so a new file is all it takes for the library, the CLI and the
+benchmark to offer the method.
+"""
 
 from __future__ import annotations
 
@@ -50,6 +56,23 @@ def install_factors(
         ctx.note(name, guard)
 
 
+REGISTRY: dict[str, type["Method"]] = {}  # method name -> class, filled by @register on import
+
+
+def register(cls: type["Method"]) -> type["Method"]:
+    """Class decorator: offer ``cls`` under its config's ``method`` name (a second class of the same
+    name is a mistake: two files would claim one name)."""
+    name = cls.config_class.method
+    if not name:
+        raise TypeError(f"{cls.__name__}.config_class {cls.config_class.__name__} sets no `method` name")
+    other = REGISTRY.get(name)
+    if other is not None and other.__qualname__ != cls.__qualname__:
+        raise TypeError(f"method name {name!r} is claimed by both {other.__module__}.{other.__qualname__} and "
+                        f"{cls.__module__}.{cls.__qualname__}")
+    REGISTRY[name] = cls
+    return cls
+
+
 class Method:
     """Base of every method. Subclasses set ``config_class`` and override what they need.
 
@@ -68,6 +91,11 @@ class Method:
     # whether each rank is a number of directions the calibration statistics must span (so fewer
     # calibration tokens than the rank is refused); not so for kept channels (MoDeGPT's MLP width)
     ranks_from_statistics: ClassVar[bool] = True
+    # whether the method takes gradients of the model's loss (FWSVD's row weights): the model needs a
+    # language-modelling head and must be in memory, not streamed layer by layer
+    needs_loss: ClassVar[bool] = False
+    # position in lists of methods (CLI choices, demo, bench default): baselines first
+    order: ClassVar[int] = 100
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config

@@ -28,7 +28,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -36,10 +37,10 @@ from tqdm.auto import tqdm
 
 from rankdown import distributed
 from rankdown.allocate import Target, uniform_ranks
-from rankdown.config import ConfigError, LillamaConfig, ROMConfig
-from rankdown.methods.base import Method, install_factors
+from rankdown.config import ConfigError, MethodConfig, setting
+from rankdown.methods.base import Method, install_factors, register
 from rankdown.methods.linalg import svd_factors
-from rankdown.methods.rom import ROM
+from rankdown.methods.rom import ROM, ROMConfig
 from rankdown.nn.portable import LowRankLinear
 from rankdown.spill import TensorStore
 
@@ -47,6 +48,60 @@ if TYPE_CHECKING:
     from rankdown.engine import LayerContext, PlanContext
 
 log = logging.getLogger(__name__)
+
+
+LILLAMA_STRATEGIES = ("bottom", "top", "uniform")
+LILLAMA_INITS = ("svd", "rom")
+LILLAMA_LOSSES = ("teacher+student", "teacher", "student")
+
+
+@dataclass
+class LillamaConfig(MethodConfig):
+    """Lillama (Sy, Cerisara, Illina 2025): SVD-initialised low-rank factors trained so each decoder
+    layer's output matches the original's, gradients kept local to the layer."""
+
+    method: ClassVar[str] = "lillama"
+    allocations: ClassVar[tuple[str, ...]] = ("auto", "fisher", "strategy")
+    strategy: str | None = setting(
+        None,
+        "with --allocation strategy: bottom (the default there; the paper's: matrices set to --min-rank from the first layer until the budget "
+        "is met, later layers dense), top (the same from the last layer), uniform (one kept fraction everywhere)",
+    )
+    allocation: str = setting("auto", "auto (the default: fisher where it can run, else strategy), fisher (ranks where "
+                         "they cost the loss least, see the shared --allocation) or strategy (the ranks --strategy gives)")
+    batch_size: int = setting(4, "calibration sequences per forward pass and per optimiser step")
+    min_rank: int | None = setting(None, "bottom/top: the rank a compressed matrix gets (default hidden_size/4)")
+    init: str = setting("rom", "initial factors: rom (the default: ROM's activation-aware, uncentered factors) or svd "
+                   "(the paper's plain weight SVD, ~10^6 x dense perplexity as a start on a pretrained model)")
+    loss: str = setting("teacher+student", "which inputs the layer is trained on: teacher (the dense model's), student "
+                   "(the compressed layers' before it) or teacher+student (both losses summed)")
+    lr: float = setting(1e-4, "AdamW learning rate of the factors (measured on SmolLM2-135M from the rom start; the "
+                   "paper's 8.6e-5 is for bf16 billion-parameter models)")
+    epochs: int = setting(2, "passes over the calibration tokens per layer; the best of the initial and every "
+                     "epoch's factors is kept")
+    calib_tokens: int | None = setting(None, "calibration token budget: ceil(N/seqlen) windows of a text, or chat/JSONL "
+                                  "records until N real tokens (default: --nsamples windows)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.allocation in ("auto", "fisher") and (self.strategy is not None or self.min_rank is not None):
+            raise ConfigError("--strategy and --min-rank choose lillama's ranks only with --allocation strategy; "
+                              "add --allocation strategy, or drop them to keep the fisher allocation")
+        for name, value, allowed in (("strategy", self.strategy or "bottom", LILLAMA_STRATEGIES),
+                                     ("init", self.init, LILLAMA_INITS), ("loss", self.loss, LILLAMA_LOSSES)):
+            if value not in allowed:
+                raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(allowed)}")
+        if self.min_rank is not None:
+            if self.strategy == "uniform":
+                raise ConfigError("min_rank is used by --strategy bottom or top, not uniform")
+            if self.min_rank < 1:
+                raise ConfigError(f"min_rank must be >= 1, got {self.min_rank}")
+        if not self.lr > 0.0:
+            raise ConfigError(f"lr must be > 0, got {self.lr} (e.g. --lr 1e-3)")
+        if self.epochs < 0:
+            raise ConfigError(f"epochs must be >= 0 (0 keeps the initial factors), got {self.epochs}")
+        if self.calib_tokens is not None and self.calib_tokens < 1:
+            raise ConfigError(f"calib_tokens must be >= 1, got {self.calib_tokens}")
 
 
 # ----------------------------------------------------------------------------- math
@@ -103,6 +158,7 @@ def edge_ranks(
 
 
 # ----------------------------------------------------------------------------- method
+@register
 class Lillama(Method):
     """Lillama (METHODS.md §4): ``strategy`` bottom (default), top or uniform; ``init`` svd or rom."""
 
@@ -110,6 +166,7 @@ class Lillama(Method):
 
     config_class = LillamaConfig
     config: LillamaConfig
+    order = 60
 
     def __init__(self, config: LillamaConfig) -> None:
         super().__init__(config)

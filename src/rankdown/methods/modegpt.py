@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -29,10 +29,10 @@ from torch import nn
 from rankdown import heap
 from rankdown.allocate import Target
 from rankdown.arch import ArchSpec, UnsupportedModelError
-from rankdown.config import ConfigError, ModeGPTConfig
-from rankdown.methods.base import Method
+from rankdown.config import ConfigError, MethodConfig, setting
+from rankdown.methods.base import Method, register
 from rankdown.methods.linalg import Guard, _row_blocks, cholesky_lower_, guarded_eigh, mm64, solve_cholesky_
-from rankdown.methods.modegpt_alloc import LayerShape, block_influence_sparsity, solve_sparsity
+from rankdown.methods.modegpt_alloc import QK_SHARE, LayerShape, block_influence_sparsity, solve_sparsity
 from rankdown.nn.portable import ReducedAttention, ReducedLinear
 
 if TYPE_CHECKING:
@@ -40,6 +40,46 @@ if TYPE_CHECKING:
     from rankdown.stats import InputStats
 
 log = logging.getLogger(__name__)
+
+
+MODEGPT_ALLOCATIONS = ("block-influence", "uniform", "fisher")
+
+
+@dataclass
+class ModeGPTConfig(MethodConfig):
+    """MoDeGPT (Lin et al. 2025): matrix pairs share a smaller inner dimension (MLP width, q/k and v head sizes)."""
+
+    method: ClassVar[str] = "modegpt"
+    allocations: ClassVar[tuple[str, ...]] = MODEGPT_ALLOCATIONS
+    allocation: str = setting(
+        "block-influence",
+        "layer sparsity: block-influence (layers that change their input less lose more; one extra statistics "
+        "pass over the dense model) or uniform (every layer loses the same fraction)",
+    )
+    epsilon: float = setting(0.1, "block-influence temperature ε of softmax(-s/ε): smaller concentrates sparsity more")
+    cap: float = setting(0.9, "largest fraction of a module's inner dimension one layer may lose, in (0, 1)")
+    ridge: float = setting(1e-2, "Nyström ridge λ of the MLP, as a fraction of the mean diagonal of its correlation")
+    qk_share: float = setting(
+        QK_SHARE,
+        "fraction of a layer's sparsity that its query/key head size loses (the rest is paid by value/output "
+        "and MLP); 1 is the paper's rule, 0.25 measured best on the reference model",
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.qk_share <= 1.0:
+            raise ConfigError(f"qk_share must be in [0, 1] (1 = the paper's rule), got {self.qk_share}")
+        if self.allocation not in MODEGPT_ALLOCATIONS:
+            raise ConfigError(
+                f"unknown allocation {self.allocation!r}; choose one of: {', '.join(MODEGPT_ALLOCATIONS)}"
+            )
+        if not self.epsilon > 0.0:
+            raise ConfigError(f"epsilon must be > 0, got {self.epsilon}")
+        if not 0.0 < self.cap < 1.0:
+            raise ConfigError(f"cap must be in (0, 1), got {self.cap}")
+        if not self.ridge > 0.0:
+            raise ConfigError(f"ridge must be > 0 (it keeps the Nyström inverse finite), got {self.ridge}")
+
 
 EIG_FLOOR = 1e-6  # eigenvalues of the attention input correlation floored at this fraction of the largest
 
@@ -253,12 +293,14 @@ def check_supported(model: nn.Module, spec: ArchSpec) -> None:
 
 
 # ----------------------------------------------------------------------------- method
+@register
 class ModeGPT(Method):
     """MoDeGPT (METHODS.md §3). Ranks handed to :meth:`compress_layer` are kept inner sizes: the
     query/key head size (q, k), the value head size (v, o) and the MLP width (gate, up, down)."""
 
     config_class = ModeGPTConfig
     config: ModeGPTConfig
+    order = 50
     ranks_from_statistics = False  # kept channels and dimensions are chosen, not spanned by the data
 
     def __init__(self, config: ModeGPTConfig) -> None:

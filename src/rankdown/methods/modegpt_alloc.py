@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from rankdown.arch import ArchSpec
-from rankdown.config import ConfigError, ModeGPTConfig
+from rankdown.config import ConfigError
 
 
-QK_SHARE = ModeGPTConfig.qk_share  # fraction of a layer's sparsity its query/key head size loses (1: the paper's)
+QK_SHARE = 0.25  # fraction of a layer's sparsity its query/key head size loses (1: the paper's)
 
 
 def _round(x: float, unit: int, lo: int, hi: int) -> int:

@@ -13,7 +13,8 @@ forming the ``(out, out)`` matrix (see :func:`output_eig`).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -21,8 +22,8 @@ from torch import nn
 from rankdown.allocate import (
     Target, check_reachable, discarded_energy, global_ranks, last_k_ranks, uniform_ranks,
 )
-from rankdown.config import ConfigError, ROMConfig
-from rankdown.methods.base import Method, install_factors
+from rankdown.config import ConfigError, MethodConfig, setting
+from rankdown.methods.base import Method, install_factors, register
 from rankdown.methods.linalg import Guard, guarded_eigh, mm64, output_eig_in, psd_factor, tmm64
 from rankdown.stats import InputStats, sub_outer_lower_
 
@@ -30,6 +31,50 @@ if TYPE_CHECKING:
     from rankdown.engine import LayerContext, PlanContext
 
 log = logging.getLogger(__name__)
+
+
+ROM_ALLOCATIONS = ("auto", "fisher", "global", "uniform", "last-k")
+
+
+@dataclass
+class ROMConfig(MethodConfig):
+    """ROM (Chavan, Lele, Gupta 2023): each linear re-parameterised in the principal subspace of its outputs."""
+
+    method: ClassVar[str] = "rom"
+    allocations: ClassVar[tuple[str, ...]] = ROM_ALLOCATIONS
+    center: bool = setting(
+        True,
+        "center the output statistics (covariance; the mean goes into the low-rank layer's bias, which adds "
+        "one bias to layers without one); False: the paper's uncentered correlation (--no-center)",
+    )
+    allocation: str = setting(
+        "auto",
+        "rank allocation: auto (the default: fisher where it can run, else global), fisher (ranks where they cost "
+        "the model's loss least, see the shared --allocation; the model must be in memory), global (water-filling on the dense model's output spectra; one extra statistics "
+        "pass), uniform (one module budget everywhere), last-k (the paper's: only the last K layers)",
+    )
+    last_k: int | None = setting(
+        None, "last-k allocation: number of final layers to compress (default: the smallest K at module budget >= 0.33)"
+    )
+    spectra_tokens: int = setting(
+        32768,
+        "global allocation: calibration tokens its statistics pass reads at most (the first windows; 0: all). "
+        "The spectra only set the ranks; the compression itself reads every token",
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.center, bool):
+            raise ConfigError(f"center must be true or false, got {self.center!r}")
+        if self.allocation not in ROM_ALLOCATIONS:
+            raise ConfigError(f"unknown allocation {self.allocation!r}; choose one of: {', '.join(ROM_ALLOCATIONS)}")
+        if self.last_k is not None:
+            if self.allocation != "last-k":
+                raise ConfigError(f"last_k is only used by --allocation last-k, not {self.allocation!r}")
+            if self.last_k < 1:
+                raise ConfigError(f"last_k must be >= 1, got {self.last_k}")
+        if not isinstance(self.spectra_tokens, int) or self.spectra_tokens < 0:
+            raise ConfigError(f"spectra_tokens must be an integer >= 0 (0: all tokens), got {self.spectra_tokens!r}")
 
 
 # ----------------------------------------------------------------------------- math
@@ -136,11 +181,13 @@ def _space(linear: nn.Module) -> str:
 
 
 # ----------------------------------------------------------------------------- method
+@register
 class ROM(Method):
     """ROM (METHODS.md §2). ``allocation``: auto (default: fisher, or global where fisher cannot run), fisher, global, uniform, or last-k (the paper's)."""
 
     config_class = ROMConfig
     config: ROMConfig
+    order = 40
 
     def _moments(
         self, ctx: "LayerContext", names: list[str], keep_outputs: bool = False, replay: bool = False,

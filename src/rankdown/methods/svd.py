@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import torch
 
-from rankdown.config import SVDConfig
-from rankdown.methods.base import Method
+from dataclasses import dataclass
+from typing import ClassVar
+
+from rankdown.config import MethodConfig
+from rankdown.methods.base import Method, register
 from rankdown.methods.linalg import svd_factors
 
 
+@dataclass
+class SVDConfig(MethodConfig):
+    """Plain truncated SVD of each weight (data-free baseline)."""
+
+    method: ClassVar[str] = "svd"
+
+
+@register
 class SVD(Method):
     config_class = SVDConfig
     needs_calibration = False
+    order = 10
 
     def factorize(self, W: torch.Tensor, stats, rank: int):
         A, B = svd_factors(W.to(torch.float64), rank)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from rankdown.config import SVDLLMConfig
-from rankdown.methods.base import Method, install_factors
+from rankdown.config import MethodConfig
+from rankdown.methods.base import Method, install_factors, register
 from rankdown.methods.linalg import output_gram_factors, whitened_svd_factors
 from rankdown.stats import InputStats
 
@@ -15,8 +16,17 @@ if TYPE_CHECKING:
     from rankdown.engine import LayerContext
 
 
+@dataclass
+class SVDLLMConfig(MethodConfig):
+    """SVD-LLM (Wang et al. 2024): truncation-aware whitening by the Cholesky factor of C_in."""
+
+    method: ClassVar[str] = "svd-llm"
+
+
+@register
 class SVDLLM(Method):
     config_class = SVDLLMConfig
+    order = 30
 
     def factorize(self, W: torch.Tensor, stats: InputStats, rank: int):
         if stats.n == 0:  # a linear no token reached (an expert never routed to): the weight's own SVD
