@@ -183,7 +183,7 @@ def compress(
     report = CompressionReport(
         method=config.method, config=config.to_dict(), ratio_requested=config.ratio,
         params_before=params_before, params_after=count_params(model), seconds=time.perf_counter() - t0,
-        calibration=None if data is None else {**data.describe(), "seed": config.seed},
+        calibration=None if not loaded else {**loaded[0].describe(), "seed": config.seed},  # read by plan() or the loop
         modules={**earlier.get("modules", {}), **modules}, unfused_experts=unfused, guards=guards, layer_seconds=layer_seconds,
         device=config.device, artifacts=method.artifacts(),
     )

@@ -222,7 +222,12 @@ def _streaming(args: argparse.Namespace) -> bool:
                           f"{args.model or REFERENCE!r} is not one (drop --stream)")
     if want and not args.out:
         raise ConfigError("--stream writes the model as it goes: give --out FOLDER")
-    decided = bool(possible and args.out and want is not False and (want or streamable_family(args.model)))
+    whole = METHODS[args.method].needs_loss  # a backward pass of the whole model
+    if want and whole:
+        raise ConfigError(f"--method {args.method} takes gradients of the model's loss, which needs the whole "
+                          "model in memory: drop --stream")
+    decided = bool(possible and args.out and want is not False and not whole
+                   and (want or streamable_family(args.model)))
     args._streaming = decided
     return decided
 
@@ -622,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("demo", help="compress the built-in reference model and compare methods")
-    p.add_argument("--methods", default="svd,asvd,svd-llm,rom,modegpt,lillama")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"default: all ({','.join(METHODS)})")
     p.add_argument("--ratio", type=float, default=0.3)
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=256)
