@@ -1,4 +1,4 @@
-"""Lillama (METHODS.md §4): allocation, loss, distillation on the reference model, the disk cache,
+"""Lillama (docs/METHODS.md §4): allocation, loss, distillation on the reference model, the disk cache,
 token-budget and chat calibration, loss curves beside the model, the progress bar."""
 
 import copy

@@ -1,4 +1,4 @@
-"""MoDeGPT (METHODS.md §3): its three decompositions, the reduced modules, allocation, save/load,
+"""MoDeGPT (docs/METHODS.md §3): its three decompositions, the reduced modules, allocation, save/load,
 numerical safety on nearly singular statistics, and quality on the reference model."""
 
 from __future__ import annotations

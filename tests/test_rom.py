@@ -1,4 +1,4 @@
-"""ROM (METHODS.md §2): its math against Eckart–Young and SVD-LLM, its allocations on tiny models."""
+"""ROM (docs/METHODS.md §2): its math against Eckart–Young and SVD-LLM, its allocations on tiny models."""
 
 import pytest
 import torch

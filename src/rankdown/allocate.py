@@ -1,6 +1,6 @@
 """Budgets: a whole-model ratio -> a rank for every target linear.
 
-The ratio is the fraction of ALL parameters removed (METHODS.md §0), so the budget is met on the
+The ratio is the fraction of ALL parameters removed (docs/METHODS.md §0), so the budget is met on the
 exact count after rounding: the search runs on rounded ranks, not on a continuous relaxation.
 """
 
@@ -26,7 +26,7 @@ def count_params(model: nn.Module) -> int:
 
 
 def default_multiple(hidden_size: int) -> int:
-    """Ranks are multiples of 8 (fast GEMMs), or of 1 on small models (METHODS.md §0)."""
+    """Ranks are multiples of 8 (fast GEMMs), or of 1 on small models (docs/METHODS.md §0)."""
     return 8 if hidden_size >= 1024 else 1
 
 

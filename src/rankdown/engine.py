@@ -1,4 +1,4 @@
-"""The sequential layer loop (METHODS.md §0). The engine owns the loop; a method owns the math.
+"""The sequential layer loop (docs/METHODS.md §0). The engine owns the loop; a method owns the math.
 
 1. Capture what every layer is called with, per calibration batch: the first layer's hidden
    states and every layer's other arguments (attention masks, rotary cos/sin, position ids ...),

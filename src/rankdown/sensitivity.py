@@ -6,7 +6,7 @@ normalised per linear (ROM's ``global``) and one fraction everywhere (``uniform`
 on a pretrained LLM a direction of one layer's output can matter a hundred times more to the loss
 than a direction of equal energy elsewhere.
 
-Second-order estimate (``METHODS.md`` §6, "second order"). With ``g = ∂L/∂y`` the gradient of the
+Second-order estimate (docs/METHODS.md §6.3). With ``g = ∂L/∂y`` the gradient of the
 calibration loss with respect to a linear's output ``y``, an output error ``Δy`` raises the loss by
 about ``½ E[(gᵀΔy)²]`` (the first-order term vanishes near a minimum). Truncating a linear in the
 eigenbasis ``u_i`` of its outputs' (co)variance, with eigenvalues ``λ_i``, drops the components

@@ -61,7 +61,7 @@ class ArchSpec:
     def groups(self, layer: nn.Module) -> list[list[str]]:
         """Linears of one layer in compression order; the linears of a group share an input.
 
-        ``[q,k,v] -> [o] -> [mlp inputs] -> [mlp output]`` (METHODS.md §0). With unfused experts
+        ``[q,k,v] -> [o] -> [mlp inputs] -> [mlp output]`` (docs/METHODS.md §0). With unfused experts
         the MLP groups hold every expert's projections.
         """
         attn_in = list(dict.fromkeys([self.q, self.k, self.v]))

@@ -1,4 +1,4 @@
-"""Baseline: activation-aware SVD (Yuan et al. 2023). METHODS.md §1."""
+"""Baseline: activation-aware SVD (Yuan et al. 2023). docs/METHODS.md §1.2."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Lillama: low-rank feature distillation (Sy, Cerisara, Illina 2025). METHODS.md §4.
+"""Lillama: low-rank feature distillation (Sy, Cerisara, Illina 2025). docs/METHODS.md §4.
 
 Weights are not low-rank but activations are: each linear starts as a low-rank factorisation (the
 weight's SVD, or ROM's activation-aware factors) and the factors of one decoder layer are then
@@ -160,7 +160,7 @@ def edge_ranks(
 # ----------------------------------------------------------------------------- method
 @register
 class Lillama(Method):
-    """Lillama (METHODS.md §4): ``strategy`` bottom (default), top or uniform; ``init`` svd or rom."""
+    """Lillama (docs/METHODS.md §4): ``strategy`` bottom (default), top or uniform; ``init`` svd or rom."""
 
     resumable = False  # the teacher's activations carry over from layer to layer
 

@@ -2,7 +2,7 @@
 the weights the ``*64`` helpers take: those may stay in the model's dtype, and are promoted to
 float64 a block of rows at a time, so no float64 copy of a whole weight is ever made.
 
-Conventions (METHODS.md §0): a weight ``W`` is (out, in); a rank-``r`` factorisation returns
+Conventions (docs/METHODS.md §0): a weight ``W`` is (out, in); a rank-``r`` factorisation returns
 ``A``: (r, in) and ``B``: (out, r) with ``W ≈ B @ A``.
 """
 

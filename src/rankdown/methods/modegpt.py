@@ -1,4 +1,4 @@
-"""MoDeGPT: modular decomposition (Lin et al., ICLR 2025). METHODS.md §3.
+"""MoDeGPT: modular decomposition (Lin et al., ICLR 2025). docs/METHODS.md §3.
 
 Pairs of matrices that meet in one inner dimension are compressed together, so that dimension
 shrinks and no matrix is added: the compressed model is the same architecture, narrower.
@@ -295,7 +295,7 @@ def check_supported(model: nn.Module, spec: ArchSpec) -> None:
 # ----------------------------------------------------------------------------- method
 @register
 class ModeGPT(Method):
-    """MoDeGPT (METHODS.md §3). Ranks handed to :meth:`compress_layer` are kept inner sizes: the
+    """MoDeGPT (docs/METHODS.md §3). Ranks handed to :meth:`compress_layer` are kept inner sizes: the
     query/key head size (q, k), the value head size (v, o) and the MLP width (gate, up, down)."""
 
     config_class = ModeGPTConfig

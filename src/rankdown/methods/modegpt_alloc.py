@@ -1,4 +1,4 @@
-"""MoDeGPT's budgets (METHODS.md §3, global allocation): layer sparsities -> kept inner sizes.
+"""MoDeGPT's budgets (docs/METHODS.md §3.4): layer sparsities -> kept inner sizes.
 
 A layer of sparsity ``φ`` keeps the fraction ``1 − φ`` of its MLP width (rounded to ``multiple``)
 and of its value head size, and ``1 − qk_share·φ`` of its query/key head size (RoPE pairs).

@@ -1,4 +1,4 @@
-"""ROM: reduced order modelling of layer features (Chavan, Lele, Gupta 2023). METHODS.md §2.
+"""ROM: reduced order modelling of layer features (Chavan, Lele, Gupta 2023). docs/METHODS.md §2.
 
 Each linear ``y = W x + b`` is re-parameterised in the principal subspace of its outputs on the
 calibration data: ``V_r`` = the ``r`` leading eigenvectors of the outputs' covariance (centered,
@@ -183,7 +183,7 @@ def _space(linear: nn.Module) -> str:
 # ----------------------------------------------------------------------------- method
 @register
 class ROM(Method):
-    """ROM (METHODS.md §2). ``allocation``: auto (default: fisher, or global where fisher cannot run), fisher, global, uniform, or last-k (the paper's)."""
+    """ROM (docs/METHODS.md §2). ``allocation``: auto (default: fisher, or global where fisher cannot run), fisher, global, uniform, or last-k (the paper's)."""
 
     config_class = ROMConfig
     config: ROMConfig

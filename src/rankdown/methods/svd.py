@@ -1,4 +1,4 @@
-"""Baseline: plain truncated SVD of each weight (data-free). METHODS.md §1."""
+"""Baseline: plain truncated SVD of each weight (data-free). docs/METHODS.md §1.1."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Baseline: SVD-LLM, truncation-aware whitening (Wang et al. 2024). METHODS.md §1."""
+"""Baseline: SVD-LLM, truncation-aware whitening (Wang et al. 2024). docs/METHODS.md §1.3."""
 
 from __future__ import annotations
 
