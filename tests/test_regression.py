@@ -28,6 +28,8 @@ DENSE_PPL = 41.207569935140185
 KNOWN = {  # method: (held-out perplexity, parameters after compression)
     "svd": (42.52775901154086, 4464128),
     "asvd": (42.36096089805167, 4464128),
+    # 2026-12-07: Fisher-weighted SVD, row weights from one backward pass (identical to 1e-7 on 1 and 2 threads)
+    "fwsvd": (42.02833130151552, 4464128),
     "svd-llm": (41.99607302176136, 4464128),
     # 2026-12-06: rom and lillama default to the fisher allocation (lillama also to the rom start, lr 1e-4,
     # 2 epochs in batches of 4); was rom 41.2837 (global), lillama 42.5623 (svd start, bottom allocation)
