@@ -132,14 +132,24 @@ def compress(
     Under torchrun every process calls this with the same arguments; the calibration batches are
     split between them and the statistics summed (see :mod:`rankdown.distributed`), and every
     process ends with the same compressed model. Only process 0 shows progress.
+
+    The random number generators are seeded with ``config.seed`` inside and restored on the way out:
+    the caller's random state is the same after the call as before.
     """
     config.validate()
     device = distributed.setup(config.device)
+    cuda = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(config.seed)
+        return _compress(model, tokenizer, config, calibration, device, nsamples, seqlen, progress, source)
+
+
+def _compress(model: nn.Module, tokenizer: Any, config: MethodConfig, calibration: Any, device: torch.device,
+              nsamples: int, seqlen: int, progress: bool, source: Any) -> CompressionReport:
     distributed.barrier()  # every process has checked its arguments before any goes on (and writes)
     progress = progress and distributed.is_main()
     method = method_class(config.method)(config)
     spec = spec_for(model)
-    torch.manual_seed(config.seed)
     t0 = time.perf_counter()
     params_before = count_params(model)
     # a model rankdown compressed before keeps its earlier replacements in the structure it saves

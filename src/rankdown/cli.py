@@ -127,12 +127,18 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         _check_out_dir(Path(args.out).expanduser().absolute(), args.overwrite, [p for p in local if p.exists()])
         check_writable(args.out)
     if _streaming(args):
+        from rankdown import heap
         from rankdown.stream import compress_folder
 
+        def resuming(done: int, work: Path) -> None:
+            print(f"resuming: {done} layers were finished by an earlier run ({work}; --restart starts over)",
+                  flush=True)
+
+        heap.map_big_blocks()  # big blocks back to the system when freed: a lower peak over a long run
         report, saved = compress_folder(args.model, args.out, config, args.calib, nsamples=args.nsamples,
                                         seqlen=args.seqlen, dtype=_torch_dtype(args.dtype),
                                         save_dtype=_save_dtype(args), overwrite=args.overwrite,
-                                        progress=not args.quiet, resume=not args.restart)
+                                        progress=not args.quiet, resume=not args.restart, on_resume=resuming)
         out = str(saved)
     else:
         model, tokenizer = load_model(args.model, args.dtype)

@@ -24,7 +24,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -563,6 +563,7 @@ def compress_folder(
     overwrite: bool = False,
     progress: bool = True,
     resume: bool = True,
+    on_resume: Callable[[int, Path], None] | None = None,
 ) -> tuple[Any, Path]:
     """Compress the model in folder ``path`` into folder ``out`` holding one layer at a time.
 
@@ -577,7 +578,12 @@ def compress_folder(
     (bad input: the same call would fail the same way) nothing is kept. A partial run of other
     settings or inputs is refused (:class:`ResumeMismatchError` names what differs); ``resume=False``
     discards it. A run holds a lock on the partial folder: a second run into ``out`` meanwhile is
-    refused (:class:`OutputBusyError`).
+    refused (:class:`OutputBusyError`). ``on_resume(finished_layers, partial_folder)`` is called
+    when a run resumes (the CLI says so; the library only logs it).
+
+    An application may call :func:`rankdown.heap.map_big_blocks` first (the CLI does): glibc then
+    returns each big block to the system when freed, which lowers the peak memory of a long run;
+    the library never changes process-wide allocator settings itself.
 
     Under torchrun every process calls this with the same arguments and computes the same model
     (see :mod:`rankdown.distributed`); only process 0 writes: the folder, the shards, the state.
@@ -588,7 +594,6 @@ def compress_folder(
 
     config.validate()
     distributed.setup(config.device)
-    heap.map_big_blocks()
     path = Path(path).expanduser().absolute()
     out = Path(out).expanduser().absolute()
     io._check_out_dir(out, overwrite, [path])
@@ -608,7 +613,8 @@ def compress_folder(
         resumable = getattr(method, "resumable", True)
         # process 0 reads or starts the state; under torchrun the others get a copy they never write
         state = distributed.on_main(lambda: _open_state(
-            work, _fingerprint(path, config, calibration, nsamples, seqlen, dtype, save_dtype), resume and resumable))
+            work, _fingerprint(path, config, calibration, nsamples, seqlen, dtype, save_dtype), resume and resumable,
+            on_resume))
         streamed = StreamedModel(path, dtype, work, state if resumable else None, save_dtype)
         report = compress(streamed.model, tokenizer, config, calibration, nsamples=nsamples, seqlen=seqlen,
                           progress=progress, source=streamed)
@@ -681,7 +687,8 @@ def _after_failure(e: BaseException, work: Path, state: RunState | None, fresh: 
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _open_state(work: Path, fingerprint: dict, resume: bool) -> RunState:
+def _open_state(work: Path, fingerprint: dict, resume: bool,
+                on_resume: Callable[[int, Path], None] | None = None) -> RunState:
     """The state of the partial run in ``work`` to resume (its damaged layers forgotten), or a new
     one (``work`` emptied but for the lock)."""
     state = RunState.read(work) if resume else None
@@ -692,8 +699,8 @@ def _open_state(work: Path, fingerprint: dict, resume: bool) -> RunState:
     if state is not None and (state.layers or state.ranks):
         state.check()
         log.info("resuming the partial run in %s: %d layers done", work, len(state.layers))
-        print(f"resuming: {len(state.layers)} layers were finished by an earlier run ({work}; --restart starts "
-              "over)", flush=True)
+        if on_resume is not None:
+            on_resume(len(state.layers), work)
         return state
     for entry in work.iterdir():
         if entry.name != "lock":
