@@ -103,12 +103,14 @@ def _load_hub(name: str, dtype: "torch.dtype") -> tuple[Any, Any]:
     """(model, tokenizer) of a hub id (or the local cache of one)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    unreachable = (f"could not load {name!r}: it is not a local folder and the hub could not provide it ({{}}). "
-                   "Give a local model folder, or check the hub id and your network.")
+    def unreachable(e: OSError) -> FileNotFoundError:
+        return FileNotFoundError(f"could not load {name!r}: it is not a local folder and the hub could not "
+                                 f"provide it ({e}). Give a local model folder, or check the hub id and your network.")
+
     try:
         config = AutoConfig.from_pretrained(name)
     except OSError as e:
-        raise FileNotFoundError(unreachable.format(e)) from None
+        raise unreachable(e) from None
     except ValueError as e:  # a model_type this transformers does not know
         from rankdown.arch import UnsupportedModelError, supported_model_types
 
@@ -119,7 +121,7 @@ def _load_hub(name: str, dtype: "torch.dtype") -> tuple[Any, Any]:
         model = auto.from_pretrained(name, dtype=dtype).eval()
         return model, AutoTokenizer.from_pretrained(name)
     except OSError as e:
-        raise FileNotFoundError(unreachable.format(e)) from None
+        raise unreachable(e) from None
 
 
 def no_tokenizer(model: str, what: str) -> str:
