@@ -25,7 +25,7 @@ def rankdown(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def from_gguf(smollm2_gguf):
     """(model, tokenizer) of the .gguf, through the CLI's loader (about 30 s: loaded once)."""
-    from rankdown.cli import load_model
+    from rankdown.loading import load_model
 
     return load_model(str(smollm2_gguf))
 

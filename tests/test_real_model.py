@@ -23,7 +23,7 @@ import pytest
 
 import rankdown
 from rankdown.calib import calibration_data
-from rankdown.cli import load_model
+from rankdown.loading import load_model
 from rankdown.eval.perplexity import perplexity
 
 pytestmark = pytest.mark.slow

@@ -27,15 +27,9 @@ import torch
 
 from rankdown.config import ConfigError
 from rankdown.distributed import check_device
+from rankdown.loading import REFERENCE, defaults_for
 
 logger = logging.getLogger(__name__)
-
-REFERENCE = "reference"
-# greedy continuations of these prompts give the degeneration measure (fraction of repeated 4-grams)
-CODE_PROMPTS = ("def __init__(self", "import os\nimport sys\n\n", "class Parser:\n    \"\"\"",
-                "    for i in range(", "if __name__ == ")
-TEXT_PROMPTS = ("The history of the city begins", "In mathematics, a group is", "She opened the door and",
-                "The main advantage of this method is", "According to the report,")
 
 
 @dataclass
@@ -45,16 +39,16 @@ class BenchSettings:
     model: str = REFERENCE
     methods: list[str] = field(default_factory=list)  # NAME or NAME:key=value:key=value
     ratios: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5])
-    ppl: str | None = None  # evaluation text (default reference-heldout / wikitext2)
-    seqlen: int | None = None  # default 256 for the reference, else 2048
+    ppl: str | None = None  # evaluation text (default: rankdown.loading.defaults_for the model)
+    seqlen: int | None = None  # (default: ditto)
     max_windows: int | None = None  # perplexity on the first N windows only
-    calib: str | None = None  # default reference / wikitext2
+    calib: str | None = None  # (default: ditto)
     nsamples: int = 128
     seed: int = 0
     dtype: str = "float32"
     device: str = "cpu"
     degeneration_tokens: int = 64  # 0 skips the degeneration measure
-    prompts: list[str] | None = None
+    prompts: list[str] | None = None  # of the degeneration measure (default: ditto)
     tasks: list[str] | None = None
     include_path: str | None = None
     limit: float | None = None
@@ -65,14 +59,14 @@ class BenchSettings:
     speed_repeats: int = 3
 
     def resolve(self) -> "BenchSettings":
-        """A copy with the model-dependent defaults filled in."""
-        ref = self.model in (None, REFERENCE)
+        """A copy with the model-dependent defaults (:func:`rankdown.loading.defaults_for`) filled in."""
+        defaults = defaults_for(self.model)
         s = copy.deepcopy(self)
         s.model = _or(s.model, REFERENCE)  # a given '' or 0 reaches the checks and their errors
-        s.ppl = _or(s.ppl, "reference-heldout" if ref else "wikitext2")
-        s.calib = _or(s.calib, REFERENCE if ref else "wikitext2")
-        s.seqlen = _or(s.seqlen, 256 if ref else 2048)
-        s.prompts = list(_or(s.prompts, CODE_PROMPTS if ref else TEXT_PROMPTS))
+        s.ppl = _or(s.ppl, defaults.ppl)
+        s.calib = _or(s.calib, defaults.calib)
+        s.seqlen = _or(s.seqlen, defaults.seqlen)
+        s.prompts = list(_or(s.prompts, defaults.prompts))
         if not s.methods:
             from rankdown.methods import METHODS
 
@@ -190,7 +184,7 @@ def run_bench(settings: BenchSettings, out: str | Path, *, overwrite: bool = Fal
     """Run the grid of ``settings`` and write its results into the folder ``out``; returns results.json's dict."""
     from rankdown.allocate import count_params
     from rankdown.calib import calibration_data, check_seqlen
-    from rankdown.cli import load_model
+    from rankdown.loading import load_model, no_tokenizer
     from rankdown.methods import method_class
 
     s = settings.resolve()
@@ -204,8 +198,6 @@ def run_bench(settings: BenchSettings, out: str | Path, *, overwrite: bool = Fal
         manager = task_manager(s.tasks, s.include_path)
     dense, tok = load_model(s.model, s.dtype)
     if tok is None:
-        from rankdown.cli_checks import no_tokenizer
-
         raise FileNotFoundError(no_tokenizer(s.model, "the benchmark"))
     check_seqlen(dense, s.seqlen)
     t0 = time.perf_counter()

@@ -12,65 +12,14 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from rankdown.cli_checks import check_compress, disk_advice, names, no_tokenizer
+from rankdown.cli_checks import check_compress, disk_advice, names
 from rankdown.config import MethodConfig
+from rankdown.loading import (
+    REFERENCE, defaults_for, is_reference, load_model, no_tokenizer, source_record, stored_dtype,
+)
 from rankdown.methods import METHODS
 
 log = logging.getLogger("rankdown")
-
-REFERENCE = "reference"
-
-
-# ----------------------------------------------------------------------------- model loading
-def load_model(name: str | None, dtype: str = "float32"):
-    """(model, tokenizer) from a hub id, a local folder (plain or rankdown-saved), a GGUF file (or a
-    folder holding exactly one, dequantized to ``dtype``) or the reference."""
-    import torch
-
-    torch_dtype = getattr(torch, dtype)
-    if name in (None, REFERENCE):
-        from rankdown.reference import load_reference
-
-        return load_reference(torch_dtype)
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-
-    from rankdown import gguf_source, io
-
-    gguf_file = gguf_source.find(name)
-    if gguf_file is not None:
-        return gguf_source.load(gguf_file, torch_dtype)
-    path = Path(name).expanduser()
-    if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-        raise FileNotFoundError(f"{name}: no such model folder (and not a hub id of the form owner/name)")
-    if path.exists():
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path} has no config.json (nor a .gguf file): give a Hugging Face model "
-                                    "folder, a .gguf file or a hub id")
-        model = io.load(path, dtype=torch_dtype)
-        tokenizer = io.load_tokenizer(path) if io.has_tokenizer(path) else None
-        return model, tokenizer
-    try:
-        config = AutoConfig.from_pretrained(name)
-    except OSError as e:
-        raise FileNotFoundError(
-            f"could not load {name!r}: it is not a local folder and the hub could not provide it ({e}). "
-            "Give a local model folder, or check the hub id and your network."
-        ) from None
-    except ValueError as e:  # a model_type this transformers does not know
-        from rankdown.arch import UnsupportedModelError, supported_model_types
-
-        raise UnsupportedModelError(
-            f"{name}: {str(e).splitlines()[0]} rankdown supports: {', '.join(supported_model_types())}") from None
-    try:
-        auto = AutoModelForCausalLM if config.model_type not in ("bert", "roberta", "xlm-roberta") else AutoModel
-        model = auto.from_pretrained(name, dtype=torch_dtype).eval()
-        return model, AutoTokenizer.from_pretrained(name)
-    except OSError as e:
-        raise FileNotFoundError(
-            f"could not load {name!r}: it is not a local folder and the hub could not provide it ({e}). "
-            "Give a local model folder, or check the hub id and your network."
-        ) from None
-
 
 
 # ----------------------------------------------------------------------------- printing
@@ -105,9 +54,9 @@ def _method_config(args: argparse.Namespace) -> MethodConfig:
 
 
 def _calib_defaults(args: argparse.Namespace) -> None:
-    ref = args.model in (None, REFERENCE)
-    args.calib = _or(args.calib, REFERENCE if ref else "wikitext2")
-    args.seqlen = _or(args.seqlen, 256 if ref else 2048)
+    defaults = defaults_for(args.model)
+    args.calib = _or(args.calib, defaults.calib)
+    args.seqlen = _or(args.seqlen, defaults.seqlen)
 
 
 def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
@@ -123,7 +72,7 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     if args.out:  # before any work: an --out that is taken, or is (or holds, or is inside) the input
         from rankdown.io import _check_out_dir, check_writable
 
-        local = [] if args.model in (None, REFERENCE) else [Path(args.model).expanduser()]
+        local = [] if is_reference(args.model) else [Path(args.model).expanduser()]
         _check_out_dir(Path(args.out).expanduser().absolute(), args.overwrite, [p for p in local if p.exists()])
         check_writable(args.out)
     if _streaming(args):
@@ -148,7 +97,7 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         if args.out and distributed.is_main():
             model.to(_save_dtype(args))
             out = str(rankdown.save(model, tokenizer, args.out, report, overwrite=args.overwrite,
-                                    source=_source_record(args.model)))
+                                    source=source_record(args.model)))
     result = {**report.summary(), "out": out, "streamed": _streaming(args)}
     if not distributed.is_main():  # process 0 speaks for all
         return result
@@ -156,15 +105,6 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     if out:
         print(f"saved to {out}")
     return result
-
-
-def _source_record(model: str | None) -> dict[str, Any] | None:
-    """What the saved folder's record says about its input, where there is more to say than the
-    model's config (a GGUF file: its name and quantization type)."""
-    from rankdown import gguf_source
-
-    gguf_file = None if model in (None, REFERENCE) else gguf_source.find(model)
-    return gguf_source.record(gguf_file) if gguf_file is not None else None
 
 
 def _torch_dtype(name: str):
@@ -177,26 +117,7 @@ def _save_dtype(args: argparse.Namespace):
     """--save-dtype, where ``auto`` is the dtype the input model is stored in (else --dtype)."""
     if args.save_dtype != "auto":
         return _torch_dtype(args.save_dtype)
-    from rankdown import io
-
-    found = None
-    if args.model not in (None, REFERENCE):
-        from rankdown import gguf_source
-
-        if gguf_source.find(args.model) is not None:  # quantized blocks: it is in the dtype it was dequantized to
-            return _torch_dtype(args.dtype)
-    if args.model in (None, REFERENCE):
-        from rankdown.reference import reference_dir
-
-        found = io.checkpoint_dtype(reference_dir())
-    elif Path(args.model).expanduser().is_dir():
-        found = io.checkpoint_dtype(Path(args.model).expanduser())
-    else:  # a hub id: its config says (already in the local cache once the model is loaded)
-        from transformers import AutoConfig
-
-        found = getattr(AutoConfig.from_pretrained(args.model), "dtype", None)
-        found = _torch_dtype(found) if isinstance(found, str) else found
-    return found or _torch_dtype(args.dtype)
+    return stored_dtype(args.model) or _torch_dtype(args.dtype)
 
 
 def _streaming(args: argparse.Namespace) -> bool:
@@ -213,7 +134,7 @@ def _streaming(args: argparse.Namespace) -> bool:
     from rankdown.stream import can_stream, streamable_family
 
     want = args.stream
-    gguf_file = None if args.model in (None, REFERENCE) else gguf_source.find(args.model)
+    gguf_file = None if is_reference(args.model) else gguf_source.find(args.model)
     if gguf_file is not None:
         if want:
             raise ConfigError(f"--stream reads safetensors folders layer by layer; {gguf_file.name} is a GGUF file, "
@@ -222,7 +143,7 @@ def _streaming(args: argparse.Namespace) -> bool:
                  gguf_file)
         args._streaming = False
         return False
-    possible = args.model not in (None, REFERENCE) and can_stream(args.model)
+    possible = not is_reference(args.model) and can_stream(args.model)
     if want and not possible:
         raise ConfigError("--stream reads a local model folder with safetensors weights; "
                           f"{args.model or REFERENCE!r} is not one (drop --stream)")
@@ -280,7 +201,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     if args.ppl is not None:
         from rankdown.eval.perplexity import perplexity
 
-        seqlen = _or(args.seqlen, 256 if args.model in (None, REFERENCE) else 2048)
+        seqlen = _or(args.seqlen, defaults_for(args.model).seqlen)
         res = perplexity(model, tokenizer, args.ppl, seqlen=seqlen, batch_size=_or(args.batch_size, 1),
                          device=args.device, max_windows=args.max_windows, progress=not args.quiet)
         result.update(res.to_dict())

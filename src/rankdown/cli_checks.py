@@ -9,11 +9,10 @@ import logging
 from pathlib import Path
 
 from rankdown.config import MethodConfig
+from rankdown.loading import is_reference
 from rankdown.methods import METHODS
 
 log = logging.getLogger("rankdown")
-
-REFERENCE = "reference"
 
 
 def uses_calibration(config: MethodConfig) -> bool:
@@ -64,20 +63,12 @@ def config_json(model: str | None) -> dict | None:
     """config.json of the reference or of a local model folder; None for a hub id or a GGUF file."""
     from rankdown import io
 
-    if model in (None, REFERENCE):
+    if is_reference(model):
         from rankdown.reference import reference_dir
 
         return io._read_config(reference_dir())
     path = Path(model).expanduser()
     return io._read_config(path) if (path / "config.json").is_file() else None
-
-
-def no_tokenizer(model: str, what: str) -> str:
-    """The error for a model without a tokenizer that ``what`` needs."""
-    if Path(model).expanduser().is_dir():
-        return (f"{model} has no tokenizer files, and {what} needs them: copy the tokenizer files "
-                "(tokenizer.json, tokenizer_config.json ...) of the model it was made from into it")
-    return f"{model} carries no tokenizer, and {what} needs one: give the model as a folder with its tokenizer files"
 
 
 def names(text: str, flag: str, example: str) -> list[str]:

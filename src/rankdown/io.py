@@ -8,7 +8,6 @@ machine without rankdown. :func:`load` reads the same folder without running tho
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import importlib.metadata
 import json
@@ -526,44 +525,6 @@ def _wrapper_class(stock: type) -> type:
     return type(_wrapper_name(stock.__name__), (stock,), {**probes, "__init__": __init__, "__module__": __name__})
 
 
-@contextlib.contextmanager
-def _quiet_transformers():
-    """transformers' warnings silenced for the duration (its verbosity restored after)."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-
-
-def _check_loading_info(info: dict, path: Path, strict: bool) -> None:
-    problems = []
-    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        keys = sorted(
-            f"{k[0]} (file {tuple(k[1])}, model {tuple(k[2])})" if isinstance(k, tuple) else str(k)
-            for k in info.get(kind) or ()
-        )
-        if keys and (strict or kind != "unexpected_keys"):
-            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
-            problems.append(f"{kind.replace('_', ' ')}: {', '.join(keys[:3])}{more}")
-        elif keys:
-            logger.warning("%s: unexpected keys ignored: %s", path, ", ".join(keys[:3]))
-    problems += [str(m) for m in info.get("error_msgs") or ()]
-    if problems and not strict:  # a plain checkpoint, as downloaded
-        raise ModelFolderError(
-            f"the weights in {path} do not match its config.json ({'; '.join(problems)}): the checkpoint is "
-            "incomplete, or config.json belongs to other weights; fetch the model again"
-        )
-    if problems:
-        raise ModelFolderError(
-            f"the weights in {path} do not match its config.json ({'; '.join(problems)}): the folder is "
-            "corrupt or incomplete, or was written by another rankdown version; save the model again"
-        )
-
-
 def _base_config(path: Path, cfg: dict, record: dict) -> tuple[type, Any]:
     """The stock model class and its config (with ``.rankdown``) of a rankdown folder's config.json."""
     import transformers
@@ -609,41 +570,9 @@ def load(
 
     rankdown folders are built in-process from the stock class and the recorded structure; their
     .py files are not executed. ``dtype=None`` keeps the saved dtype. The record stays reachable as
-    ``model.config.rankdown``.
+    ``model.config.rankdown``. (Built by :func:`rankdown.loading.folder_model`, the one builder of
+    a folder's model, which streaming's skeleton comes from too.)
     """
-    import transformers
-    from transformers import AutoConfig
+    from rankdown.loading import folder_model
 
-    path = Path(path).expanduser().absolute()
-    cfg = _read_config(path)
-    check_model_type(path, cfg)
-    check_weights(path)
-    record = cfg.get("rankdown")
-    # mismatched shapes are reported (then raised by _check_loading_info) rather than raised by transformers
-    kwargs: dict[str, Any] = {"dtype": "auto" if dtype is None else dtype, "output_loading_info": True,
-                              "ignore_mismatched_sizes": True}
-    if torch.device(device).type != "cpu":
-        kwargs["device_map"] = torch.device(device)
-
-    if record is None:
-        config = AutoConfig.from_pretrained(path)
-        archs = getattr(config, "architectures", None) or []
-        cls = getattr(transformers, archs[0], None) if archs else None  # BertForMaskedLM keeps its head
-        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-            causal = any(_is_causal_lm(a) for a in archs)
-            cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-        with _quiet_transformers():  # its load report would repeat what _check_loading_info says
-            model, info = cls.from_pretrained(path, config=config, **kwargs)
-        _check_loading_info(info, path, strict=False)
-        return model.eval()
-
-    if record.get("format") != FORMAT:
-        raise ModelFolderError(
-            f"{path} was saved in rankdown format {record.get('format')!r}; this rankdown reads format {FORMAT}. "
-            "Install the rankdown version recorded in config.json (rankdown.versions)"
-        )
-    stock, config = _base_config(path, cfg, record)
-    with _quiet_transformers():
-        model, info = _wrapper_class(stock).from_pretrained(path, config=config, **kwargs)
-    _check_loading_info(info, path, strict=True)
-    return model.eval()
+    return folder_model(path, dtype=dtype, device=device)

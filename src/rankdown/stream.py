@@ -144,10 +144,8 @@ class StreamedModel:
         self, path: str | os.PathLike, dtype: torch.dtype = torch.float32, work: Path | None = None,
         state: "RunState | None" = None, save_dtype: torch.dtype | None = None,
     ) -> None:
-        from accelerate import init_empty_weights
-
-        from rankdown import io
         from rankdown.arch import spec_for
+        from rankdown.loading import folder_model
 
         self.path = Path(path).expanduser().absolute()
         self.weights = FolderWeights(self.path)
@@ -155,25 +153,7 @@ class StreamedModel:
         self.save_dtype = save_dtype or dtype  # what the floating tensors are written in
         self.work = work
         self.state = state  # what a killed run finished already (resume), and where to record progress
-        cfg = io._read_config(self.path)
-        io.check_model_type(self.path, cfg)
-        record = cfg.get("rankdown")
-        with init_empty_weights(include_buffers=False):  # buffers (rotary frequencies) stay real
-            if record is None:
-                import transformers
-
-                config = transformers.AutoConfig.from_pretrained(self.path)
-                archs = getattr(config, "architectures", None) or []
-                cls = getattr(transformers, archs[0], None) if archs else None
-                if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-                    cls = transformers.AutoModelForCausalLM
-                    model = cls.from_config(config, dtype=dtype)
-                else:
-                    model = cls._from_config(config, dtype=dtype)
-            else:
-                stock, config = io._base_config(self.path, cfg, record)
-                model = io._wrapper_class(stock)._from_config(config, dtype=dtype)
-        self.model = model.eval()
+        self.model = folder_model(self.path, dtype=dtype, empty=True)  # the skeleton: no weights read
         if hasattr(self.model, "tie_weights"):
             self.model.tie_weights()
         self.spec = spec_for(self.model)
