@@ -66,8 +66,8 @@ def main() -> None:
         for ratio in ratios:
             m, _ = rankdown.load_reference()
             name, settings = parse_method(method)
-            cfg = rankdown.make_config(name, ratio=ratio, seed=args.seed, **settings)
-            rep = rankdown.compress(m, tok, cfg, calib, progress=False)
+            cfg = rankdown.make_config(name, ratio=ratio, **settings)
+            rep = rankdown.compress(m, tok, cfg, calib, run=rankdown.RunSettings(seed=args.seed), progress=False)
             res = perplexity(m, tok, "reference-heldout", seqlen=args.seqlen)
             run = {"method": method, "ratio": ratio, "ratio_achieved": rep.ratio_achieved,
                    "params": rep.params_after, "ppl": res.ppl, "compress_s": rep.seconds,

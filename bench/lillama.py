@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "lillama.json"))
     args = ap.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
-    lil = {"epochs": args.epochs, "strategy": args.strategy, "allocation": "strategy", "batch_size": args.batch_size, **({"lr": args.lr} if args.lr else {})}
+    lil = {"epochs": args.epochs, "strategy": args.strategy, "allocation": "strategy", **({"lr": args.lr} if args.lr else {})}
     methods = [(f"lillama:init={i}", "lillama", {"init": i, **lil}) for i in args.inits.split(",") if i]
     baselines = [b for b in args.baselines.split(",") if b]
     earlier = json.loads(Path(args.baselines_from).read_text()) if args.baselines_from else None
@@ -74,9 +74,11 @@ def main() -> None:
             if any(r["method"] == label and r["ratio"] == ratio for r in results["runs"]):
                 continue  # taken from --baselines-from
             m, _ = rankdown.load_reference()
-            cfg = rankdown.make_config(name, ratio=ratio, seed=args.seed, device=args.device, **settings)
+            cfg = rankdown.make_config(name, ratio=ratio, **settings)
+            run = rankdown.RunSettings(seed=args.seed, device=args.device,
+                                       batch_size=args.batch_size if name == "lillama" else None)
             t0 = time.perf_counter()
-            rep = rankdown.compress(m, tok, cfg, calib, progress=False)
+            rep = rankdown.compress(m, tok, cfg, calib, run=run, progress=False)
             seconds = time.perf_counter() - t0
             m.to("cpu")
             ppl = perplexity(m, tok, "reference-heldout", seqlen=args.seqlen, max_windows=args.max_windows).ppl

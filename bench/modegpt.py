@@ -79,8 +79,8 @@ def main() -> None:
         name, settings = parse_method(method)
         for ratio in ratios if name == "modegpt" else other:
             model, _ = rankdown.load_reference()
-            config = rankdown.make_config(name, ratio=ratio, seed=args.seed, **settings)
-            rep = rankdown.compress(model, tok, config, calib, progress=False)
+            config = rankdown.make_config(name, ratio=ratio, **settings)
+            rep = rankdown.compress(model, tok, config, calib, run=rankdown.RunSettings(seed=args.seed), progress=False)
             run = {"method": method, "ratio": ratio, "ratio_achieved": rep.ratio_achieved, "params": rep.params_after,
                    "ppl": ppl(model), "compress_s": rep.seconds, "compress_over_forward": rep.seconds / fwd}
             if name == "modegpt":

@@ -36,7 +36,8 @@ def main() -> None:
     for name, ratio, folder in (("fill 0.2", 0.2, cache), ("cached 0.3", 0.3, cache), ("uncached 0.3", 0.3, None)):
         model = copy.deepcopy(dense)
         t0 = time.perf_counter()
-        rankdown.compress(model, tok, rankdown.make_config("rom", ratio=ratio, stats_cache=folder), "reference",
+        rankdown.compress(model, tok, rankdown.make_config("rom", ratio=ratio), "reference",
+                          run=rankdown.RunSettings(stats_cache=folder),
                           nsamples=args.nsamples, seqlen=args.seqlen, progress=False)
         runs[name] = time.perf_counter() - t0
         models[name] = model

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from rankdown.config import RunSettings
 from rankdown.allocate import count_params
 from rankdown.api import compress
 from rankdown.arch import UnsupportedModelError
@@ -30,13 +31,13 @@ def test_every_method_on_every_family(family, method):
     n_before = count_params(model)
     if method == "modegpt" and family in MODEGPT_UNSUPPORTED:
         with pytest.raises(UnsupportedModelError, match="modegpt does not support"):
-            compress(model, None, make_config(method, ratio=0.25, batch_size=4), IDS, progress=False)
+            compress(model, None, make_config(method, ratio=0.25), IDS, progress=False, run=RunSettings(batch_size=4))
         return
     if METHODS[method].needs_loss and model.get_output_embeddings() is None:  # an encoder: no loss to take
         with pytest.raises(ConfigError, match="no language-modelling head"):
-            compress(model, None, make_config(method, ratio=0.25, batch_size=4), IDS, progress=False)
+            compress(model, None, make_config(method, ratio=0.25), IDS, progress=False, run=RunSettings(batch_size=4))
         return
-    report = compress(model, None, make_config(method, ratio=0.25, batch_size=4), IDS, progress=False)
+    report = compress(model, None, make_config(method, ratio=0.25), IDS, progress=False, run=RunSettings(batch_size=4))
     after = outputs(model, IDS)
     assert report.params_before == n_before
     assert report.params_after == count_params(model)
@@ -60,7 +61,7 @@ def test_activation_aware_beats_plain_svd_on_calibration_tokens(family):
     for method in ("svd", "svd-llm"):
         model = tiny_model(family)
         before = outputs(model, IDS)
-        compress(model, None, make_config(method, ratio=0.25, batch_size=4), IDS, progress=False)
+        compress(model, None, make_config(method, ratio=0.25), IDS, progress=False, run=RunSettings(batch_size=4))
         errs[method] = (outputs(model, IDS) - before).pow(2).mean().item()
     assert errs["svd-llm"] < errs["svd"]
 
@@ -105,7 +106,7 @@ def test_svd_llm_from_output_correlations_equals_the_input_route(family, monkeyp
         if route == "inputs":
             monkeypatch.setattr(SVDLLM, "compress_layer", Method.compress_layer)
         model = tiny_model(family)
-        compress(model, None, make_config("svd-llm", ratio=0.3, batch_size=4), IDS, progress=False)
+        compress(model, None, make_config("svd-llm", ratio=0.3), IDS, progress=False, run=RunSettings(batch_size=4))
         got[route] = outputs(model, IDS)
     assert torch.allclose(got["outputs"], got["inputs"], rtol=1e-4, atol=1e-5)
 
@@ -122,8 +123,8 @@ def test_fisher_allocation_on_every_family(family, method):
     model = tiny_model(family)
     before = outputs(model, IDS)
     extra = {"epochs": 0} if method == "lillama" else {}
-    report = compress(model, None, make_config(method, ratio=0.25, batch_size=4, allocation="fisher", **extra),
-                      IDS, progress=False)
+    report = compress(model, None, make_config(method, ratio=0.25, allocation="fisher", **extra),
+                      IDS, progress=False, run=RunSettings(batch_size=4))
     assert abs(report.ratio_achieved - 0.25) <= 0.01
     after = outputs(model, IDS)
     rel, zeroed = rel_error(after, before), zeroed_error(family, IDS, before)
@@ -149,8 +150,8 @@ def test_rom_auto_allocation_is_fisher_where_it_can_run(family, same_as):
     ranks = {}
     for allocation in ("auto", same_as):
         model = tiny_model(family)
-        rep = compress(model, None, make_config("rom", ratio=0.25, batch_size=4, allocation=allocation), IDS,
-                       progress=False)
+        rep = compress(model, None, make_config("rom", ratio=0.25, allocation=allocation), IDS,
+                       progress=False, run=RunSettings(batch_size=4))
         ranks[allocation] = {p: r["rank"] for p, r in rep.modules.items()}
     assert ranks["auto"] == ranks[same_as]
 
@@ -163,6 +164,6 @@ def test_compress_leaves_the_callers_random_state_alone():
     expected = torch.rand(4)
     torch.manual_seed(123)
     for model in models:  # lillama shuffles its batches: a randomised step
-        compress(model, None, make_config("lillama", ratio=0.25, batch_size=2, epochs=1), IDS, progress=False)
+        compress(model, None, make_config("lillama", ratio=0.25, epochs=1), IDS, progress=False, run=RunSettings(batch_size=2))
     assert torch.equal(torch.rand(4), expected)
     assert torch.equal(outputs(models[0], IDS), outputs(models[1], IDS))

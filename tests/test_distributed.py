@@ -19,6 +19,7 @@ import torch
 import transformers as tf
 
 import rankdown
+from rankdown.config import RunSettings
 from rankdown import distributed, io
 from rankdown.calib import CalibrationData
 from rankdown.config import ConfigError
@@ -54,12 +55,12 @@ def _calibration(name: str):
     return {"svd-llm": tiny_ids(10, 32, seed=2), "rom-global": _padded()}.get(name, IDS)
 
 
-def run_case(name: str, processes: int = 1, **more):
+def run_case(name: str, processes: int = 1, **run_settings):
     method, settings, per_process, single = CASES[name]
-    config = rankdown.make_config(method, ratio=0.3, batch_size=per_process if processes > 1 else single,
-                                  **settings, **more)
+    config = rankdown.make_config(method, ratio=0.3, **settings)
+    run = rankdown.RunSettings(batch_size=per_process if processes > 1 else single, **run_settings)
     model = tiny_model("llama")
-    report = rankdown.compress(model, None, config, _calibration(name), progress=False)
+    report = rankdown.compress(model, None, config, _calibration(name), run=run, progress=False)
     return model, report
 
 
@@ -120,19 +121,20 @@ def test_streaming_and_the_command_line_write_once(launched):
     root, proc = launched
     # streaming: process 0 wrote the folder, no process left a work folder or a second copy
     assert sorted(p.name for p in (root / "runs").iterdir()) == ["cli", "streamed"]
-    config = rankdown.make_config("svd-llm", ratio=0.3, batch_size=2)
+    config = rankdown.make_config("svd-llm", ratio=0.3)
     model = tiny_model("llama")
-    rankdown.compress(model, None, config, IDS, progress=False)
+    rankdown.compress(model, None, config, IDS, run=rankdown.RunSettings(batch_size=2), progress=False)
     torch.testing.assert_close(outputs(io.load(root / "runs" / "streamed"), IDS), outputs(model, IDS),
                                rtol=1e-5, atol=1e-5)
     # the command line: one table and one JSON line (process 0's); its folder holds one process's model
     printed = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(printed) == 1 and json.loads(printed[0])["out"] == str(root / "runs" / "cli")
-    from rankdown.cli import _method_config, build_parser
+    from rankdown.cli import _method_config, _run_settings, build_parser
 
     model, tokenizer = rankdown.load(root / "tok"), rankdown.load_tokenizer(root / "tok")
     args = build_parser().parse_args(["compress", *CLI])
-    rankdown.compress(model, tokenizer, _method_config(args), "reference", nsamples=4, seqlen=64, progress=False)
+    rankdown.compress(model, tokenizer, _method_config(args), "reference", run=_run_settings(args), nsamples=4,
+                      seqlen=64, progress=False)
     torch.testing.assert_close(outputs(rankdown.load(root / "runs" / "cli"), IDS), outputs(model, IDS),
                                rtol=1e-5, atol=1e-5)
 
@@ -167,14 +169,14 @@ def _worker(root: Path) -> None:
         torch.save({"logits": outputs(model, IDS), "mtime": [p.stat().st_mtime_ns for p in cached]},
                    root / f"rom-cache-{run}.{r}.pt")
     try:
-        rankdown.compress(tiny_model("llama"), None, rankdown.make_config("svd", ratio=0.3, batch_size=8), IDS,
-                          progress=False)  # data-free: no batch is needed
-        rankdown.compress(tiny_model("llama"), None, rankdown.make_config("svd-llm", ratio=0.3, batch_size=8), IDS,
-                          progress=False)
+        rankdown.compress(tiny_model("llama"), None, rankdown.make_config("svd", ratio=0.3), IDS,
+                          progress=False, run=RunSettings(batch_size=8))  # data-free: no batch is needed
+        rankdown.compress(tiny_model("llama"), None, rankdown.make_config("svd-llm", ratio=0.3), IDS,
+                          progress=False, run=RunSettings(batch_size=8))
     except ConfigError as e:
         (root / f"few.{r}.txt").write_text(str(e))
-    compress_folder(root / "src", root / "runs" / "streamed", rankdown.make_config("svd-llm", ratio=0.3, batch_size=2),
-                    IDS, progress=False)
+    compress_folder(root / "src", root / "runs" / "streamed", rankdown.make_config("svd-llm", ratio=0.3),
+                    IDS, progress=False, run=RunSettings(batch_size=2))
     # last: the command line leaves the process group when it ends
     if main(["compress", str(root / "tok"), *CLI, "--out", str(root / "runs" / "cli")]) != 0:
         raise SystemExit(1)

@@ -11,6 +11,7 @@ import torch
 import transformers as tf
 
 import rankdown
+from rankdown.config import RunSettings
 from rankdown.allocate import count_params
 from rankdown.api import compress, find_targets
 from rankdown.arch import spec_for
@@ -57,9 +58,9 @@ def test_end_to_end_ratio_for_every_strategy_and_init():
     for strategy in ("bottom", "top", "uniform"):
         for init in ("svd", "rom"):
             model = _deep_llama(4)
-            rep = compress(model, None, make_config("lillama", ratio=0.3, batch_size=4, strategy=strategy, init=init,
+            rep = compress(model, None, make_config("lillama", ratio=0.3, strategy=strategy, init=init,
                                                        allocation="strategy"),
-                           IDS, progress=False)
+                           IDS, progress=False, run=RunSettings(batch_size=4))
             assert abs(rep.ratio_achieved - 0.3) <= 0.01 and rep.params_after == count_params(model)
             layers = _layers_of(rep.modules)
             if strategy == "bottom":
@@ -99,11 +100,11 @@ def test_epochs_that_make_a_layer_worse_are_not_kept():
     0.66-0.73 at the start, measured): the model must be the one of the initial factors, bit for bit,
     as with epochs=0, not the last epoch's."""
     trained, initial = _deep_llama(4), _deep_llama(4)
-    rep = compress(trained, None, make_config("lillama", ratio=0.3, batch_size=2, epochs=2, lr=1.0), IDS,
-                   progress=False)
+    rep = compress(trained, None, make_config("lillama", ratio=0.3, epochs=2, lr=1.0), IDS,
+                   progress=False, run=RunSettings(batch_size=2))
     curves = rep.artifacts["lillama_losses.json"]
     assert curves and all(c["best_epoch"] == 0 and min(c["eval"][1:]) > c["eval"][0] for c in curves.values())
-    compress(initial, None, make_config("lillama", ratio=0.3, batch_size=2, epochs=0), IDS, progress=False)
+    compress(initial, None, make_config("lillama", ratio=0.3, epochs=0), IDS, progress=False, run=RunSettings(batch_size=2))
     a, b = dict(trained.named_parameters()), dict(initial.named_parameters())
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
 
@@ -112,9 +113,9 @@ def test_epochs_that_make_a_layer_worse_are_not_kept():
 def test_only_the_factors_train_and_the_best_checkpoint_is_kept(loss):
     model = _deep_llama(4)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
-    rep = compress(model, None, make_config("lillama", ratio=0.3, batch_size=2, epochs=3, loss=loss, init="svd",
+    rep = compress(model, None, make_config("lillama", ratio=0.3, epochs=3, loss=loss, init="svd",
                                                           allocation="strategy", lr=1e-3), IDS,
-                   progress=False)
+                   progress=False, run=RunSettings(batch_size=2))
     curves = rep.artifacts["lillama_losses.json"]
     assert set(curves) == {f"model.layers.{i}" for i in _layers_of(rep.modules)}
     for c in curves.values():
@@ -174,8 +175,7 @@ def test_the_disk_cache_gives_the_same_factors(caplog):
         model = _deep_llama(4)
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="rankdown.api"):
-            compress(model, None, make_config("lillama", ratio=0.35, batch_size=2, epochs=2, seed=3, allocation="strategy",
-                                              max_memory=max_memory), IDS, progress=False)
+            compress(model, None, make_config("lillama", ratio=0.35, epochs=2, allocation="strategy"), IDS, progress=False, run=RunSettings(batch_size=2, seed=3, max_memory=max_memory))
         spilled = "went to disk" in caplog.text
         assert spilled == (max_memory is not None)
         states.append(model.state_dict())
@@ -202,8 +202,8 @@ def test_a_token_budget_sets_the_windows_of_a_text_and_the_records_of_a_chat(tmp
     # through compress: the config's budget replaces nsamples
     model = _deep_llama(2)
     vocab_tok = make_tokenizer(TEMPLATE)
-    rep = compress(model, vocab_tok, make_config("lillama", ratio=0.2, batch_size=4, calib_tokens=40), path,
-                   nsamples=1, seqlen=32, progress=False)
+    rep = compress(model, vocab_tok, make_config("lillama", ratio=0.2, calib_tokens=40), path,
+                   nsamples=1, seqlen=32, progress=False, run=RunSettings(batch_size=4))
     assert rep.calibration["nsamples"] == 6 and rep.calibration["tokens"] == 42
 
 
@@ -211,8 +211,8 @@ def test_a_token_budget_sets_the_windows_of_a_text_and_the_records_of_a_chat(tmp
 def test_loss_curves_are_saved_beside_the_model_and_the_bar_shows_layer_and_loss(tmp_path, capsys):
     model = _deep_llama(2)
     before = outputs(model, IDS)
-    rep = compress(model, None, make_config("lillama", ratio=0.2, batch_size=4, epochs=2, allocation="strategy"), IDS,
-                   progress=True)
+    rep = compress(model, None, make_config("lillama", ratio=0.2, epochs=2, allocation="strategy"), IDS,
+                   progress=True, run=RunSettings(batch_size=4))
     err = capsys.readouterr().err
     assert "layer=0" in err and "loss=" in err
     tok = make_tokenizer()

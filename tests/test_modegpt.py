@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import rankdown
+from rankdown.config import RunSettings
 from rankdown.allocate import count_params
 from rankdown.api import compress
 from rankdown.arch import UnsupportedModelError
@@ -235,7 +236,7 @@ def compressed():
     for family in SUPPORTED:
         model = tiny_model(family)
         before = outputs(model, IDS)
-        report = compress(model, None, make_config("modegpt", ratio=0.3, batch_size=4), IDS, progress=False)
+        report = compress(model, None, make_config("modegpt", ratio=0.3), IDS, progress=False, run=RunSettings(batch_size=4))
         out[family] = (model, report, before)
     return out
 
@@ -273,8 +274,8 @@ def test_unsupported_families_say_why_and_what_works(family):
 @pytest.mark.parametrize("allocation", ["block-influence", "uniform"])
 def test_ratio_is_met(ratio, allocation):
     model = tiny_model("llama")
-    report = compress(model, None, make_config("modegpt", ratio=ratio, allocation=allocation, batch_size=8), IDS,
-                      progress=False)
+    report = compress(model, None, make_config("modegpt", ratio=ratio, allocation=allocation), IDS,
+                      progress=False, run=RunSettings(batch_size=8))
     assert abs(report.ratio_achieved - ratio) <= 0.01
     alloc = report.artifacts["modegpt_allocation.json"]
     phis = list(alloc["sparsity"].values())
@@ -288,8 +289,8 @@ def test_query_key_lose_their_share_of_the_layer_sparsity(share):
     """q/k lose ``qk_share·φ`` of their head size (0.25·φ by default), v/o and the MLP ``φ``; 1 is the
     paper's rule. The ratio is still met: the others pay for what q/k keep."""
     model = tiny_model("llama")
-    config = make_config("modegpt", ratio=0.3, allocation="uniform", batch_size=8, qk_share=share)
-    report = compress(model, None, config, IDS, progress=False)
+    config = make_config("modegpt", ratio=0.3, allocation="uniform", qk_share=share)
+    report = compress(model, None, config, IDS, run=RunSettings(batch_size=8), progress=False)
     alloc = report.artifacts["modegpt_allocation.json"]
     phi = alloc["sparsity"]["0"]
     assert alloc["qk_share"] == share and abs(report.ratio_achieved - 0.3) <= 0.01
@@ -325,7 +326,7 @@ def test_nearly_singular_statistics_stay_finite():
             a.q_proj.weight[hd:2 * hd] = a.q_proj.weight[:hd]
             layer.input_layernorm.weight[[0, 7]] = 0.0  # rank-deficient attention input
     before = outputs(model, IDS)
-    report = compress(model, None, make_config("modegpt", ratio=0.3, batch_size=4), IDS, progress=False)
+    report = compress(model, None, make_config("modegpt", ratio=0.3), IDS, progress=False, run=RunSettings(batch_size=4))
     after = outputs(model, IDS)
     assert torch.isfinite(after).all() and all(torch.isfinite(p).all() for p in model.parameters())
     assert abs(report.ratio_achieved - 0.3) <= 0.01

@@ -121,8 +121,9 @@ def test_resume_refuses_changed_inputs(tmp_path, monkeypatch, change):
     calib = tmp_path / "calib.txt"
     calib.write_text(" ".join(f"w{(i * 7) % 60}" for i in range(400)))
     out = tmp_path / "out"
-    config = rankdown.make_config("svd-llm", ratio=0.3, batch_size=4)
-    run = lambda **kw: compress_folder(src, out, config, str(calib), nsamples=8, seqlen=32, progress=False, **kw)
+    config = rankdown.make_config("svd-llm", ratio=0.3)
+    run = lambda **kw: compress_folder(src, out, config, str(calib), run=rankdown.RunSettings(batch_size=4), nsamples=8,
+                                       seqlen=32, progress=False, **kw)
     with monkeypatch.context() as m:
         _interrupt_after_layer_0(m)
         with pytest.raises(KeyboardInterrupt):
@@ -161,11 +162,12 @@ def test_a_weight_of_the_wrong_shape_is_refused_before_any_work(tmp_path, capsys
 def test_a_damaged_finished_layer_is_computed_again(tmp_path, monkeypatch, caplog, damage):
     src = _folder(tmp_path)
     out = tmp_path / "out"
-    config = rankdown.make_config("svd-llm", ratio=0.3, batch_size=4)
+    config = rankdown.make_config("svd-llm", ratio=0.3)
+    four = rankdown.RunSettings(batch_size=4)
     with monkeypatch.context() as m:
         _interrupt_after_layer_0(m)
         with pytest.raises(KeyboardInterrupt) as info:
-            compress_folder(src, out, config, IDS, progress=False)
+            compress_folder(src, out, config, IDS, run=four, progress=False)
     notes = getattr(info.value, "__notes__", [])
     shard = partial_folder(out) / "layer-00000.safetensors"
     data = bytearray(shard.read_bytes())
@@ -175,7 +177,7 @@ def test_a_damaged_finished_layer_is_computed_again(tmp_path, monkeypatch, caplo
         data[-3] ^= 0xFF
         shard.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING, logger="rankdown.stream"):
-        compress_folder(src, out, config, IDS, progress=False)
+        compress_folder(src, out, config, IDS, run=four, progress=False)
     assert "layer-00000.safetensors of the partial run is damaged" in caplog.text
     compress_folder(src, tmp_path / "whole", config, IDS, progress=False)
     assert torch.equal(outputs(io.load(out), IDS), outputs(io.load(tmp_path / "whole"), IDS))

@@ -22,6 +22,7 @@ import copy
 import pytest
 
 import rankdown
+from rankdown.config import RunSettings
 from rankdown.calib import calibration_data
 from rankdown.loading import load_model
 from rankdown.eval.perplexity import perplexity
@@ -78,8 +79,8 @@ def result(smol, name: str) -> dict:
         else:
             method, settings = CELLS[name]
             small = copy.deepcopy(model)
-            report = rankdown.compress(small, tok, rankdown.make_config(method, ratio=RATIO, seed=SEED, **settings),
-                                       calib, progress=False)
+            report = rankdown.compress(small, tok, rankdown.make_config(method, ratio=RATIO, **settings),
+                                       calib, progress=False, run=RunSettings(seed=SEED))
             _results[name] = {"ratio": report.ratio_achieved, "ppl": _ppl(small, tok)}
             del small
     return _results[name]

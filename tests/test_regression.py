@@ -18,6 +18,7 @@ import copy
 import pytest
 
 import rankdown
+from rankdown.config import RunSettings
 from rankdown.calib import calibration_data
 from rankdown.eval.perplexity import perplexity
 from rankdown.methods import METHODS
@@ -62,7 +63,7 @@ def test_method_perplexity_at_20_percent(reference, calib, method):
                     "to KNOWN")
     model, tok = reference
     small = copy.deepcopy(model)
-    report = rankdown.compress(small, tok, rankdown.make_config(method, ratio=RATIO, seed=SEED), calib, progress=False)
+    report = rankdown.compress(small, tok, rankdown.make_config(method, ratio=RATIO), calib, progress=False, run=RunSettings(seed=SEED))
     ppl, params = KNOWN[method]
     assert report.params_after == params
     measured = _ppl(small, tok)

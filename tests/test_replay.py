@@ -7,6 +7,7 @@ import pytest
 import torch
 import transformers as tf
 
+from rankdown.config import RunSettings
 from rankdown.api import compress
 from rankdown.engine import LayerContext
 from rankdown.methods import make_config
@@ -41,7 +42,7 @@ def _compress(family, method, replay, monkeypatch, attn=None):
 
             m.setattr(cls, "forward", counted)
         extra = {"allocation": "uniform"} if method == "rom" else {}
-        compress(model, None, make_config(method, ratio=0.25, batch_size=4, **extra), IDS, progress=False)
+        compress(model, None, make_config(method, ratio=0.25, **extra), IDS, progress=False, run=RunSettings(batch_size=4))
     return model, calls
 
 

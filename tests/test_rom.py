@@ -4,6 +4,7 @@ import pytest
 import torch
 import transformers as tf
 
+from rankdown.config import RunSettings
 from rankdown.allocate import Target, count_params, discarded_energy, global_ranks, last_k_ranks, uniform_ranks
 from rankdown.api import compress, find_targets
 from rankdown.arch import spec_for
@@ -176,8 +177,8 @@ def test_every_allocation_meets_the_ratio_centered_or_not(family, allocation):
         before = outputs(model, IDS)
         spec_for(model).prepare(model)  # unfuse experts (compress does it too, once)
         had_bias = {t.path: t.bias for t in find_targets(model, spec_for(model))}
-        cfg = make_config("rom", ratio=0.25, batch_size=4, allocation=allocation, center=center)
-        report = compress(model, None, cfg, IDS, progress=False)
+        cfg = make_config("rom", ratio=0.25, allocation=allocation, center=center)
+        report = compress(model, None, cfg, IDS, run=RunSettings(batch_size=4), progress=False)
         assert abs(report.ratio_achieved - 0.25) <= 0.01
         assert report.params_after == count_params(model)
         rel, zeroed = rel_error(outputs(model, IDS), before), zeroed_error(family, IDS, before)
@@ -215,8 +216,8 @@ def test_last_k_compresses_only_the_last_layers_and_picks_the_smallest_k():
     except ConfigError:
         pass
     # end to end: which modules were replaced
-    report = compress(model, None, make_config("rom", ratio=ratio, batch_size=4, allocation="last-k"), IDS,
-                      progress=False)
+    report = compress(model, None, make_config("rom", ratio=ratio, allocation="last-k"), IDS,
+                      progress=False, run=RunSettings(batch_size=4))
     assert abs(report.ratio_achieved - ratio) <= 0.01
     replaced = {int(p.split(".")[2]) for p, m in model.named_modules() if isinstance(m, LowRankLinear)}
     assert replaced == set(layers)
@@ -258,7 +259,7 @@ def test_global_discards_less_energy_than_uniform_at_equal_size_and_predicts_low
     model = tiny_model("llama")
     spec = spec_for(model)
     targets, total = find_targets(model, spec), count_params(model)
-    rom = ROM(ROMConfig(ratio=0.3, batch_size=4))
+    rom = ROM(ROMConfig(ratio=0.3), RunSettings(batch_size=4))
     spectra = rom.spectra(targets, _dense_walk(model))
     uni = uniform_ranks(targets, total, 0.3, 1, with_bias=True)
     uni_size = total - sum(t.dense - t.cost(uni[t.path], True) for t in targets)
@@ -272,7 +273,7 @@ def test_global_discards_less_energy_than_uniform_at_equal_size_and_predicts_low
     for allocation in ("uniform", "global"):
         model = tiny_model("llama")
         before = outputs(model, IDS)
-        compress(model, None, make_config("rom", ratio=0.3, batch_size=4, allocation=allocation), IDS, progress=False)
+        compress(model, None, make_config("rom", ratio=0.3, allocation=allocation), IDS, progress=False, run=RunSettings(batch_size=4))
         errs[allocation] = (outputs(model, IDS) - before).pow(2).mean().item()
     assert errs["global"] <= errs["uniform"]
 
@@ -283,7 +284,7 @@ def test_uncentered_uniform_rom_matches_svd_llm_on_a_tiny_model():
     for method, extra in (("svd-llm", {}), ("rom", {"allocation": "uniform", "center": False})):
         model = tiny_model("llama")
         before = outputs(model, IDS)
-        compress(model, None, make_config(method, ratio=0.25, batch_size=4, **extra), IDS, progress=False)
+        compress(model, None, make_config(method, ratio=0.25, **extra), IDS, progress=False, run=RunSettings(batch_size=4))
         errs[method] = (outputs(model, IDS) - before).pow(2).mean().item()
     assert errs["rom"] == pytest.approx(errs["svd-llm"], rel=1e-3)
 
@@ -305,7 +306,7 @@ def test_centered_rom_model_with_added_biases_saves_and_loads_exactly(tmp_path):
     import rankdown
 
     model = tiny_model("llama")
-    report = compress(model, None, make_config("rom", ratio=0.25, batch_size=4), IDS, progress=False)
+    report = compress(model, None, make_config("rom", ratio=0.25), IDS, progress=False, run=RunSettings(batch_size=4))
     assert all(rec["bias"] for rec in report.modules.values())  # llama's linears had none
     out = rankdown.save(model, None, tmp_path / "rom", report)
     loaded = rankdown.load(out)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import rankdown
+from rankdown.config import RunSettings
 from rankdown.spill import MemoryBudget, TensorStore, parse_bytes
 from tests.tiny import outputs, tiny_ids, tiny_model
 
@@ -45,12 +46,12 @@ def test_compress_with_everything_on_disk_gives_the_same_model():
     a, b = tiny_model("llama"), tiny_model("llama")
     before = set(glob.glob(os.path.join(tempfile.gettempdir(), "rankdown-spill-*")))
     for model, mem in ((a, None), (b, "0")):
-        rankdown.compress(model, None, rankdown.make_config("rom", ratio=0.3, max_memory=mem, batch_size=2), ids,
-                          progress=False)
+        rankdown.compress(model, None, rankdown.make_config("rom", ratio=0.3), ids,
+                          progress=False, run=RunSettings(max_memory=mem, batch_size=2))
     assert torch.equal(outputs(a, ids), outputs(b, ids))
     assert set(glob.glob(os.path.join(tempfile.gettempdir(), "rankdown-spill-*"))) == before
 
 
 def test_bad_max_memory_is_a_config_error():
     with pytest.raises(rankdown.ConfigError, match="max_memory"):
-        rankdown.make_config("svd", max_memory="a lot").validate()
+        rankdown.RunSettings(max_memory="a lot")

@@ -29,8 +29,8 @@ def counting(monkeypatch):
 
 def _run(ratio, cache, ids=IDS, seed=0, allocation="global"):
     model = tiny_model("llama", seed=seed)
-    config = rankdown.make_config("rom", ratio=ratio, allocation=allocation, batch_size=2, stats_cache=cache)
-    rankdown.compress(model, None, config, ids, progress=False)
+    config = rankdown.make_config("rom", ratio=ratio, allocation=allocation)
+    rankdown.compress(model, None, config, ids, run=rankdown.RunSettings(batch_size=2, stats_cache=cache), progress=False)
     return model
 
 

@@ -39,11 +39,12 @@ def test_streamed_equals_in_memory(tmp_path, family, method, shard, mem):
     src = _folder(tmp_path, family, shard)
     # rom's default (auto) is fisher in memory and global streamed: the same allocation both ways here
     extra = {"allocation": "global"} if method == "rom" else {}
-    config = rankdown.make_config(method, ratio=0.3, batch_size=2, max_memory=mem, **extra)
+    config = rankdown.make_config(method, ratio=0.3, **extra)
+    run = rankdown.RunSettings(batch_size=2, max_memory=mem)
     model = tiny_model(family)
-    report = rankdown.compress(model, None, config, IDS, progress=False)
+    report = rankdown.compress(model, None, config, IDS, run=run, progress=False)
     rankdown.save(model, None, tmp_path / "memory", report)
-    streamed, out = compress_folder(src, tmp_path / "streamed", config, IDS, progress=False)
+    streamed, out = compress_folder(src, tmp_path / "streamed", config, IDS, run=run, progress=False)
     assert streamed.params_after == report.params_after and streamed.structure == report.structure
     a, b = io.load(tmp_path / "memory"), io.load(out)
     assert torch.equal(outputs(a, IDS), outputs(b, IDS))
@@ -61,10 +62,10 @@ def test_half_precision_embeddings_stay_half_and_give_the_same_model(tmp_path, m
     assert streamed.model.model.embed_tokens(IDS[:1]).dtype == torch.float32
     streamed.drop_outside()
     assert not streamed.model.model.embed_tokens._forward_hooks
-    config = rankdown.make_config("svd-llm", ratio=0.3, batch_size=2)
-    _, half = compress_folder(src, tmp_path / "half", config, IDS, progress=False, save_dtype=torch.float32)
+    config, run = rankdown.make_config("svd-llm", ratio=0.3), rankdown.RunSettings(batch_size=2)
+    _, half = compress_folder(src, tmp_path / "half", config, IDS, run=run, progress=False, save_dtype=torch.float32)
     monkeypatch.setattr(StreamedModel, "_stored_narrower", lambda self, name: False)
-    _, wide = compress_folder(src, tmp_path / "wide", config, IDS, progress=False, save_dtype=torch.float32)
+    _, wide = compress_folder(src, tmp_path / "wide", config, IDS, run=run, progress=False, save_dtype=torch.float32)
     assert torch.equal(outputs(io.load(half), IDS), outputs(io.load(wide), IDS))
 
 

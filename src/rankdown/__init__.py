@@ -17,7 +17,7 @@ except PackageNotFoundError:  # running from a source tree
     __version__ = "0+unknown"
 
 from rankdown.api import CompressionReport, compress
-from rankdown.config import ConfigError, MethodConfig
+from rankdown.config import ConfigError, MethodConfig, RunSettings
 from rankdown.methods import config_class, make_config, method_names
 from rankdown.methods.asvd import ASVDConfig
 from rankdown.methods.lillama import LillamaConfig
@@ -61,5 +61,5 @@ def load_tokenizer(path):
 
 __all__ = [
     "ASVDConfig", "CompressionReport", "ConfigError", "LillamaConfig", "MethodConfig", "ModeGPTConfig", "ROMConfig", "SVDConfig", "SVDLLMConfig",
-    "compress", "config_class", "load", "load_reference", "load_tokenizer", "make_config", "method_names", "save", "__version__",
+    "RunSettings", "compress", "config_class", "load", "load_reference", "load_tokenizer", "make_config", "method_names", "save", "__version__",
 ]

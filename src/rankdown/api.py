@@ -14,7 +14,7 @@ from torch import nn
 from rankdown import distributed, heap
 from rankdown.allocate import Target, count_params, default_multiple
 from rankdown.arch import ArchSpec, spec_for
-from rankdown.config import ConfigError, MethodConfig, exclude_pattern
+from rankdown.config import ConfigError, MethodConfig, RunSettings, exclude_pattern
 from rankdown.engine import PlanContext, run_sequential
 from rankdown.methods import method_class
 from rankdown.spill import MemoryBudget, parse_bytes
@@ -39,6 +39,7 @@ class CompressionReport:
     guards: dict[str, dict] = field(default_factory=dict)
     layer_seconds: list[float] = field(default_factory=list)
     device: str = "cpu"
+    run: dict[str, Any] = field(default_factory=dict)  # the RunSettings the compression ran with
     artifacts: dict[str, Any] = field(default_factory=dict)  # file name -> JSON value, saved beside the model
 
     @property
@@ -56,7 +57,7 @@ class CompressionReport:
         for k in ("modules", "unfused_experts", "layer_seconds", "artifacts"):
             d.pop(k)
         d["ratio_achieved"] = self.ratio_achieved
-        d["seed"] = self.config.get("seed")
+        d["seed"] = self.run.get("seed")
         return d
 
     def summary(self) -> dict[str, Any]:
@@ -116,6 +117,7 @@ def compress(
     config: MethodConfig,
     calibration: Any = None,
     *,
+    run: RunSettings | None = None,
     nsamples: int = 128,
     seqlen: int = 2048,
     progress: bool = True,
@@ -125,7 +127,9 @@ def compress(
 
     calibration: a :class:`rankdown.calib.CalibrationData`, or a source name/path
     (``wikitext2``, ``c4``, ``ptb``, ``reference``, a .txt or .jsonl file) sampled into
-    ``nsamples`` windows of ``seqlen`` tokens with ``config.seed``; unused by data-free methods.
+    ``nsamples`` windows of ``seqlen`` tokens with ``run.seed``; unused by data-free methods.
+    run: how it runs (device, batch size, seed, memory, statistics cache; default
+    :class:`~rankdown.config.RunSettings`\ ()), apart from what it computes (``config``).
     ``source``: the :class:`rankdown.stream.StreamedModel` whose skeleton ``model`` is, when the
     layers are read from disk one at a time (see :func:`rankdown.stream.compress_folder`).
 
@@ -133,22 +137,25 @@ def compress(
     split between them and the statistics summed (see :mod:`rankdown.distributed`), and every
     process ends with the same compressed model. Only process 0 shows progress.
 
-    The random number generators are seeded with ``config.seed`` inside and restored on the way out:
+    The random number generators are seeded with ``run.seed`` inside and restored on the way out:
     the caller's random state is the same after the call as before.
     """
     config.validate()
-    device = distributed.setup(config.device)
+    run = RunSettings() if run is None else run
+    run.validate()
+    device = distributed.setup(run.device)
     cuda = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(config.seed)
-        return _compress(model, tokenizer, config, calibration, device, nsamples, seqlen, progress, source)
+        torch.manual_seed(run.seed)
+        return _compress(model, tokenizer, config, run, calibration, device, nsamples, seqlen, progress, source)
 
 
-def _compress(model: nn.Module, tokenizer: Any, config: MethodConfig, calibration: Any, device: torch.device,
-              nsamples: int, seqlen: int, progress: bool, source: Any) -> CompressionReport:
+def _compress(model: nn.Module, tokenizer: Any, config: MethodConfig, run: RunSettings, calibration: Any,
+              device: torch.device, nsamples: int, seqlen: int, progress: bool, source: Any) -> CompressionReport:
     distributed.barrier()  # every process has checked its arguments before any goes on (and writes)
     progress = progress and distributed.is_main()
-    method = method_class(config.method)(config)
+    method = method_class(config.method)(config, run)
+    batch_size = method.batch_size
     spec = spec_for(model)
     t0 = time.perf_counter()
     params_before = count_params(model)
@@ -164,16 +171,16 @@ def _compress(model: nn.Module, tokenizer: Any, config: MethodConfig, calibratio
         if not loaded:
             from rankdown.calib import check_seqlen
 
-            data = _calibration(tokenizer, calibration, nsamples, seqlen, config.seed,
+            data = _calibration(tokenizer, calibration, nsamples, seqlen, run.seed,
                                 getattr(config, "calib_tokens", None))  # Lillama's token budget
             check_seqlen(model, data.seqlen)
             loaded.append(data)
             heap.trim()  # what tokenizing left in the tokenizer threads' arenas
         return loaded[0]
 
-    with MemoryBudget(parse_bytes(config.max_memory)) as budget:
-        context = PlanContext(model, spec, load_calibration, config.batch_size, device, progress, budget,
-                              source, StatsCache(config.stats_cache) if config.stats_cache else None)
+    with MemoryBudget(parse_bytes(run.max_memory)) as budget:
+        context = PlanContext(model, spec, load_calibration, batch_size, device, progress, budget,
+                              source, StatsCache(run.stats_cache) if run.stats_cache else None)
         ranks = source.saved_ranks() if source is not None else None  # a resumed run keeps its plan
         if ranks is None:
             ranks = method.plan(targets, params_before, config.ratio, multiple, context)
@@ -186,16 +193,16 @@ def _compress(model: nn.Module, tokenizer: Any, config: MethodConfig, calibratio
         modules, guards, layer_seconds = run_sequential(
             model, spec, method, ranks,
             None if data is None else data.input_ids, None if data is None else data.attention_mask,
-            config.batch_size, device, progress, budget, source,
+            batch_size, device, progress, budget, source,
         )
     if budget.spilled:
-        log.info("%.1f MB of activations went to disk (max_memory=%s)", budget.spilled / 1e6, config.max_memory)
+        log.info("%.1f MB of activations went to disk (max_memory=%s)", budget.spilled / 1e6, run.max_memory)
     report = CompressionReport(
         method=config.method, config=config.to_dict(), ratio_requested=config.ratio,
         params_before=params_before, params_after=count_params(model), seconds=time.perf_counter() - t0,
-        calibration=None if not loaded else {**loaded[0].describe(), "seed": config.seed},  # read by plan() or the loop
+        calibration=None if not loaded else {**loaded[0].describe(), "seed": run.seed},  # read by plan() or the loop
         modules={**earlier.get("modules", {}), **modules}, unfused_experts=unfused, guards=guards, layer_seconds=layer_seconds,
-        device=config.device, artifacts=method.artifacts(),
+        device=run.device, run=run.to_dict(), artifacts=method.artifacts(),
     )
     log.info("%s: %d -> %d parameters (%.4f removed) in %.1fs", config.method, report.params_before,
              report.params_after, report.ratio_achieved, report.seconds)

@@ -94,7 +94,9 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 def _check(settings: BenchSettings) -> dict[tuple[str, float], Any]:
-    """Every cell's config, validated: unknown methods or settings fail before any work."""
+    """Every cell's (method config, run settings), validated: unknown methods or settings fail
+    before any work."""
+    from rankdown.config import RunSettings, split_settings
     from rankdown.methods import METHODS, make_config
 
     from rankdown.calib import check_size, check_source
@@ -116,10 +118,10 @@ def _check(settings: BenchSettings) -> dict[tuple[str, float], Any]:
         name, extra = parse_method(spec)
         if name not in METHODS:
             raise ConfigError(f"unknown method {name!r} in --methods; choose from {', '.join(METHODS)}")
+        own, run = split_settings(extra)  # a spec may set a run setting too (lillama:batch_size=2)
+        run = RunSettings(**{"seed": settings.seed, "device": settings.device, **run})
         for ratio in settings.ratios:
-            cfg = make_config(name, **{"ratio": ratio, "seed": settings.seed, "device": settings.device, **extra})
-            cfg.validate()
-            configs[(spec, ratio)] = cfg
+            configs[(spec, ratio)] = (make_config(name, ratio=ratio, **own), run)
     if settings.speed:
         from rankdown.eval.speed import _check as check_speed
 
@@ -201,7 +203,7 @@ def run_bench(settings: BenchSettings, out: str | Path, *, overwrite: bool = Fal
         raise FileNotFoundError(no_tokenizer(s.model, "the benchmark"))
     check_seqlen(dense, s.seqlen)
     t0 = time.perf_counter()
-    needs_calib = any(method_class(c.method).needs_calibration for c in configs.values())
+    needs_calib = any(method_class(c.method).reads_calibration(c) for c, _ in configs.values())
     calib = calibration_data(tok, s.calib, nsamples=s.nsamples, seqlen=s.seqlen, seed=s.seed) if needs_calib else None
     results: dict[str, Any] = {
         "settings": asdict(s), "versions": _versions(bool(s.tasks)),
@@ -281,14 +283,15 @@ def _save_partial(results: dict[str, Any], out: Path, t0: float) -> None:
     partial["files"] = write_results(partial, out, plots=False)
 
 
-def _cell(dense, tok, spec, ratio, cfg, calib, s: BenchSettings, manager, dense_row,
+def _cell(dense, tok, spec, ratio, cfg_run, calib, s: BenchSettings, manager, dense_row,
           progress: bool = False) -> dict[str, Any]:
     import rankdown
 
+    cfg, run = cfg_run
     cell: dict[str, Any] = {"method": spec, "ratio": ratio}
     try:
         model = copy.deepcopy(dense)
-        rep = rankdown.compress(model, tok, cfg, calib, nsamples=s.nsamples, seqlen=s.seqlen, progress=False)
+        rep = rankdown.compress(model, tok, cfg, calib, run=run, nsamples=s.nsamples, seqlen=s.seqlen, progress=False)
         cell.update(ratio_achieved=rep.ratio_achieved, params=rep.params_after, compress_s=rep.seconds)
         cell.update(_evaluate(model, tok, s, manager, progress))
         cell["ppl_change"] = cell["ppl"] / dense_row["ppl"] - 1

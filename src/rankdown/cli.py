@@ -53,6 +53,13 @@ def _method_config(args: argparse.Namespace) -> MethodConfig:
     return cls.from_dict(settings)
 
 
+def _run_settings(args: argparse.Namespace):
+    """--device, --batch-size, --seed, --max-memory and --stats-cache as one RunSettings."""
+    from rankdown.config import RUN_FIELDS, RunSettings
+
+    return RunSettings(**{n: getattr(args, n) for n in RUN_FIELDS if getattr(args, n, None) is not None})
+
+
 def _calib_defaults(args: argparse.Namespace) -> None:
     defaults = defaults_for(args.model)
     args.calib = _or(args.calib, defaults.calib)
@@ -66,9 +73,9 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     calib_given = args.calib is not None
     _calib_defaults(args)
     config = _method_config(args)
-    config.validate()
+    run = _run_settings(args)
     check_compress(args, config, calib_given)
-    distributed.setup(config.device)  # under torchrun: join the other processes (see rankdown/distributed.py)
+    distributed.setup(run.device)  # under torchrun: join the other processes (see rankdown/distributed.py)
     if args.out:  # before any work: an --out that is taken, or is (or holds, or is inside) the input
         from rankdown.io import _check_out_dir, check_writable
 
@@ -84,14 +91,14 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
                   flush=True)
 
         heap.map_big_blocks()  # big blocks back to the system when freed: a lower peak over a long run
-        report, saved = compress_folder(args.model, args.out, config, args.calib, nsamples=args.nsamples,
+        report, saved = compress_folder(args.model, args.out, config, args.calib, run=run, nsamples=args.nsamples,
                                         seqlen=args.seqlen, dtype=_torch_dtype(args.dtype),
                                         save_dtype=_save_dtype(args), overwrite=args.overwrite,
                                         progress=not args.quiet, resume=not args.restart, on_resume=resuming)
         out = str(saved)
     else:
         model, tokenizer = load_model(args.model, args.dtype)
-        report = rankdown.compress(model, tokenizer, config, args.calib, nsamples=args.nsamples,
+        report = rankdown.compress(model, tokenizer, config, args.calib, run=run, nsamples=args.nsamples,
                                    seqlen=args.seqlen, progress=not args.quiet)
         out = None
         if args.out and distributed.is_main():
@@ -349,7 +356,7 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
         if m not in METHODS:
             raise ConfigError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     for m in methods:  # every setting checked before the minutes of evaluation
-        rankdown.make_config(m, ratio=args.ratio, seed=args.seed).validate()
+        rankdown.make_config(m, ratio=args.ratio)
     if args.nsamples < 1:
         raise ConfigError(f"--nsamples must be >= 1 (calibration windows), got {args.nsamples}; e.g. --nsamples 128")
     if args.seqlen < 2:
@@ -364,8 +371,8 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
           f"({dense.tokens:,} tokens)")
     for m in methods:
         model, tok = load_model(REFERENCE)
-        cfg = rankdown.make_config(m, ratio=args.ratio, seed=args.seed)
-        report = rankdown.compress(model, tok, cfg, REFERENCE, nsamples=args.nsamples, seqlen=args.seqlen,
+        cfg = rankdown.make_config(m, ratio=args.ratio)
+        report = rankdown.compress(model, tok, cfg, REFERENCE, run=rankdown.RunSettings(seed=args.seed), nsamples=args.nsamples, seqlen=args.seqlen,
                                    progress=not args.quiet)
         t1 = time.perf_counter()
         res = perplexity(model, tok, "reference-heldout", seqlen=args.seqlen, progress=not args.quiet)
@@ -413,15 +420,17 @@ def _float_list(text: str, flag: str) -> list[float]:
 
 # ----------------------------------------------------------------------------- parser
 def _add_method_flags(p: argparse.ArgumentParser) -> None:
+    from rankdown.config import RunSettings
+
     seen: set[str] = set()
-    for cls in [MethodConfig] + [m.config_class for m in METHODS.values()]:
+    for cls in [MethodConfig, RunSettings] + [m.config_class for m in METHODS.values()]:
         for f in dataclasses.fields(cls):
-            if f.name in seen or f.name in ("device", "seed", "batch_size"):
+            if f.name in seen or f.name in ("device", "seed", "batch_size"):  # (their flags are made below)
                 continue
             seen.add(f.name)
             flag = "--" + f.name.replace("_", "-")
             help_ = f.metadata.get("help", "")
-            if cls is not MethodConfig:
+            if cls not in (MethodConfig, RunSettings):
                 help_ += f" [{cls.method}]"
             if f.name == "exclude":
                 p.add_argument(flag, action="append", default=None, help=help_)

@@ -18,7 +18,7 @@ log = logging.getLogger("rankdown")
 def uses_calibration(config: MethodConfig) -> bool:
     """Whether compressing with ``config`` reads calibration text (svd does not, unless its ranks
     come from the fisher allocation)."""
-    return METHODS[config.method].needs_calibration or config.allocation == "fisher"
+    return METHODS[config.method].reads_calibration(config)
 
 
 def check_compress(args: argparse.Namespace, config: MethodConfig, calib_given: bool) -> None:
@@ -49,13 +49,13 @@ def check_compress(args: argparse.Namespace, config: MethodConfig, calib_given: 
         cfg = config_json(args.model)
         if cfg is not None:
             check_seqlen(cfg, args.seqlen)
-    if config.stats_cache:
+    if args.stats_cache:
         from rankdown.io import check_writable
 
         try:
-            check_writable(config.stats_cache)
+            check_writable(args.stats_cache)
         except OSError as e:
-            raise ConfigError(f"--stats-cache {config.stats_cache} cannot be written ({e.strerror}): give a folder "
+            raise ConfigError(f"--stats-cache {args.stats_cache} cannot be written ({e.strerror}): give a folder "
                               "rankdown can write to, or drop --stats-cache") from None
 
 

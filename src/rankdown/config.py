@@ -46,17 +46,6 @@ class MethodConfig:
         None, "round ranks and kept sizes to a multiple of this (default: 8, or 1 when hidden_size < 1024)"
     )
     exclude: list[str] = setting([], "regular expressions of module names never to compress")
-    batch_size: int = setting(8, "calibration sequences per forward pass")
-    device: str = setting("cpu", "device that runs the layer loop: cpu, cuda, cuda:1, ...")
-    seed: int = setting(0, "random seed (calibration sampling and any randomised step)")
-    max_memory: str | None = setting(
-        None, "calibration activations kept in RAM, e.g. 8GB; beyond it they go to temporary files "
-        "(default: no limit; 0 puts them all on disk)"
-    )
-    stats_cache: str | None = setting(
-        None, "folder keeping statistics of the dense model between runs (ROM's global allocation): another "
-        "ratio or allocation of the same model and calibration skips that pass"
-    )
     allocation: str = setting(
         "uniform",
         "rank allocation: uniform (one kept fraction of every linear's parameters, as the baselines' papers), "
@@ -76,14 +65,6 @@ class MethodConfig:
             )
         if self.rank_multiple is not None and self.rank_multiple < 1:
             raise ConfigError(f"rank_multiple must be >= 1, got {self.rank_multiple}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        from rankdown.spill import parse_bytes
-
-        try:
-            parse_bytes(self.max_memory)
-        except ValueError as e:
-            raise ConfigError(f"max_memory: {e}") from None
         if self.allocation not in self.allocations:
             raise ConfigError(f"unknown allocation {self.allocation!r} for {self.method}; "
                               f"choose one of: {', '.join(self.allocations)}")
@@ -91,9 +72,6 @@ class MethodConfig:
             raise ConfigError(f"fisher_tokens must be an integer >= 0 (0: all tokens), got {self.fisher_tokens!r}")
         for pattern in self.exclude:
             exclude_pattern(pattern)
-        from rankdown.distributed import check_device  # (distributed imports this module)
-
-        check_device(self.device)
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
@@ -103,7 +81,71 @@ class MethodConfig:
         d = dict(d)
         d.pop("method", None)
         names = {f.name for f in dataclasses.fields(cls)}
+        run = sorted(set(d) & RUN_FIELDS - names)
+        if run:
+            raise ConfigError(f"{', '.join(run)} {'is a run setting' if len(run) == 1 else 'are run settings'}, not "
+                              f"a setting of {cls.method}: pass {'it' if len(run) == 1 else 'them'} in "
+                              f"rankdown.RunSettings (compress(..., run=RunSettings({run[0]}=...)))")
         unknown = sorted(set(d) - names)
         if unknown:
             raise ConfigError(f"unknown {cls.method} setting(s) {unknown}; known: {sorted(names)}")
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How a compression runs, apart from what it computes: where, in what batches, from which seed,
+    within how much memory, with which statistics cache. One object for every method; a method's
+    own config (:class:`MethodConfig`) holds only its mathematics."""
+
+    device: str = setting("cpu", "device that runs the layer loop: cpu, cuda, cuda:1, ...")
+    batch_size: int | None = setting(
+        None, "calibration sequences per forward pass (default: the method's, 8; lillama's 4, which is "
+        "also its optimiser step)")
+    seed: int = setting(0, "random seed (calibration sampling and any randomised step)")
+    max_memory: str | None = setting(
+        None, "calibration activations kept in RAM, e.g. 8GB; beyond it they go to temporary files "
+        "(default: no limit; 0 puts them all on disk)"
+    )
+    stats_cache: str | None = setting(
+        None, "folder keeping statistics of the dense model between runs (ROM's global allocation): another "
+        "ratio or allocation of the same model and calibration skips that pass"
+    )
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise ConfigError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        from rankdown.spill import parse_bytes
+
+        try:
+            parse_bytes(self.max_memory)
+        except ValueError as e:
+            raise ConfigError(f"max_memory: {e}") from None
+        from rankdown.distributed import check_device  # (distributed imports this module)
+
+        check_device(self.device)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunSettings":
+        unknown = sorted(set(d) - RUN_FIELDS)
+        if unknown:
+            raise ConfigError(f"unknown run setting(s) {unknown}; known: {sorted(RUN_FIELDS)}")
+        return cls(**d)
+
+
+RUN_FIELDS = frozenset(f.name for f in dataclasses.fields(RunSettings))
+
+
+def split_settings(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``settings`` as (method settings, run settings): for callers that take both in one place
+    (a bench method spec such as ``lillama:batch_size=2``)."""
+    run = {k: v for k, v in settings.items() if k in RUN_FIELDS}
+    return {k: v for k, v in settings.items() if k not in RUN_FIELDS}, run

@@ -494,10 +494,12 @@ class RunState:
 
 
 def _fingerprint(
-    path: Path, config: Any, calibration: Any, nsamples: int, seqlen: int, dtype: torch.dtype, save_dtype: torch.dtype,
+    path: Path, config: Any, batch_size: int, run: Any, calibration: Any, nsamples: int, seqlen: int,
+    dtype: torch.dtype, save_dtype: torch.dtype,
 ) -> dict:
-    """Every setting and input that changes the result (not --max-memory or --stats-cache, which
-    only move data): the calibration as its tokens, the model as the content of its files."""
+    """Every setting and input that changes the result: the method's config, the run's device,
+    seed and batch size (not --max-memory or --stats-cache, which only move data), the calibration
+    as its tokens, the model as the content of its files."""
     import rankdown
 
     if isinstance(calibration, torch.Tensor):
@@ -507,9 +509,9 @@ def _fingerprint(
                                          + calibration.attention_mask.cpu().numpy().tobytes()).hexdigest()
     else:  # a method that reads no calibration
         calib = str(calibration)
-    settings = {k: v for k, v in config.to_dict().items() if k not in ("max_memory", "stats_cache")}
     return {"model": str(path), "weights": weights_digest(path, FolderWeights(path)),
-            **{f"method.{k}": v for k, v in settings.items()}, "calibration": calib, "nsamples": nsamples,
+            **{f"method.{k}": v for k, v in config.to_dict().items()},
+            "run.device": run.device, "run.seed": run.seed, "run.batch_size": batch_size, "calibration": calib, "nsamples": nsamples,
             "seqlen": seqlen, "dtype": str(dtype).split(".")[1], "save_dtype": str(save_dtype).split(".")[1],
             "rankdown": rankdown.__version__}
 
@@ -536,6 +538,7 @@ def compress_folder(
     config: Any,
     calibration: Any,
     *,
+    run: Any = None,
     nsamples: int = 128,
     seqlen: int = 2048,
     dtype: torch.dtype = torch.float32,
@@ -570,10 +573,13 @@ def compress_folder(
     """
     from rankdown import io
     from rankdown.api import _calibration, compress
+    from rankdown.config import RunSettings
     from rankdown.methods import method_class
 
     config.validate()
-    distributed.setup(config.device)
+    run = RunSettings() if run is None else run
+    run.validate()
+    distributed.setup(run.device)
     path = Path(path).expanduser().absolute()
     out = Path(out).expanduser().absolute()
     io._check_out_dir(out, overwrite, [path])
@@ -588,15 +594,16 @@ def compress_folder(
         save_dtype = save_dtype or io.checkpoint_dtype(path) or dtype
         method = method_class(config.method)
         if method.needs_calibration:  # the run depends on the tokens, not on the name of their source
-            calibration = _calibration(tokenizer, calibration, nsamples, seqlen, config.seed,
+            calibration = _calibration(tokenizer, calibration, nsamples, seqlen, run.seed,
                                        getattr(config, "calib_tokens", None))
         resumable = getattr(method, "resumable", True)
         # process 0 reads or starts the state; under torchrun the others get a copy they never write
         state = distributed.on_main(lambda: _open_state(
-            work, _fingerprint(path, config, calibration, nsamples, seqlen, dtype, save_dtype), resume and resumable,
+            work, _fingerprint(path, config, method(config, run).batch_size, run, calibration, nsamples, seqlen, dtype,
+                               save_dtype), resume and resumable,
             on_resume))
         streamed = StreamedModel(path, dtype, work, state if resumable else None, save_dtype)
-        report = compress(streamed.model, tokenizer, config, calibration, nsamples=nsamples, seqlen=seqlen,
+        report = compress(streamed.model, tokenizer, config, calibration, run=run, nsamples=nsamples, seqlen=seqlen,
                           progress=progress, source=streamed)
         distributed.barrier()  # every process is done reading finished layers from the work folder
         if not distributed.is_main():

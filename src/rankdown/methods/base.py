@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from rankdown.allocate import Target, uniform_ranks
-from rankdown.config import MethodConfig
+from rankdown.config import MethodConfig, RunSettings
 from rankdown.methods.linalg import Guard
 from rankdown.nn.portable import LowRankLinear
 from rankdown.stats import InputStats
@@ -94,11 +94,25 @@ class Method:
     # whether the method takes gradients of the model's loss (FWSVD's row weights): the model needs a
     # language-modelling head and must be in memory, not streamed layer by layer
     needs_loss: ClassVar[bool] = False
+    # calibration sequences per forward pass when RunSettings.batch_size leaves it open
+    default_batch_size: ClassVar[int] = 8
     # position in lists of methods (CLI choices, demo, bench default): baselines first
     order: ClassVar[int] = 100
 
-    def __init__(self, config: MethodConfig) -> None:
+    def __init__(self, config: MethodConfig, run: RunSettings | None = None) -> None:
         self.config = config
+        self.run = run if run is not None else RunSettings()
+
+    @classmethod
+    def reads_calibration(cls, config: MethodConfig) -> bool:
+        """Whether compressing with ``config`` reads calibration text at all: in the layer loop, or
+        in planning (a loss gradient, the fisher allocation)."""
+        return cls.needs_calibration or cls.needs_loss or config.allocation == "fisher"
+
+    @property
+    def batch_size(self) -> int:
+        """Calibration sequences per forward pass: the run's, or this method's default."""
+        return self.run.batch_size or self.default_batch_size
 
     def factorize(
         self, W: torch.Tensor, stats: InputStats | None, rank: int

@@ -72,8 +72,8 @@ class FWSVD(Method):
     needs_loss = True
     order = 25
 
-    def __init__(self, config: FWSVDConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: FWSVDConfig, run=None) -> None:
+        super().__init__(config, run)
         self._rows: dict[str, torch.Tensor] = {}
 
     def plan(self, targets: list[Target], total_params: int, ratio: float, multiple: int,

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from rankdown import distributed
 from rankdown.allocate import Target, uniform_ranks
-from rankdown.config import ConfigError, MethodConfig, setting
+from rankdown.config import ConfigError, MethodConfig, RunSettings, setting
 from rankdown.methods.base import Method, install_factors, register
 from rankdown.methods.linalg import svd_factors
 from rankdown.methods.rom import ROM, ROMConfig
@@ -69,7 +69,6 @@ class LillamaConfig(MethodConfig):
     )
     allocation: str = setting("auto", "auto (the default: fisher where it can run, else strategy), fisher (ranks where "
                          "they cost the loss least, see the shared --allocation) or strategy (the ranks --strategy gives)")
-    batch_size: int = setting(4, "calibration sequences per forward pass and per optimiser step")
     min_rank: int | None = setting(None, "bottom/top: the rank a compressed matrix gets (default hidden_size/4)")
     init: str = setting("rom", "initial factors: rom (the default: ROM's activation-aware, uncentered factors) or svd "
                    "(the paper's plain weight SVD, ~10^6 x dense perplexity as a start on a pretrained model)")
@@ -168,8 +167,10 @@ class Lillama(Method):
     config: LillamaConfig
     order = 60
 
-    def __init__(self, config: LillamaConfig) -> None:
-        super().__init__(config)
+    default_batch_size = 4  # also the optimiser step: 32 windows give 8 steps a layer an epoch
+
+    def __init__(self, config: LillamaConfig, run: RunSettings | None = None) -> None:
+        super().__init__(config, run)
         self._progress = True
         self._last_layer: int | None = None
         self._reset()
@@ -300,7 +301,7 @@ class Lillama(Method):
             best_state = [p.detach().clone() for p in factors]
             if cfg.epochs and factors:
                 opt = torch.optim.AdamW(factors, lr=cfg.lr)
-                gen = torch.Generator().manual_seed(cfg.seed * 100_003 + ctx.index)
+                gen = torch.Generator().manual_seed(self.run.seed * 100_003 + ctx.index)
                 steps = distributed.all_max(len(target))  # under torchrun: the most batches a process holds
                 bar = tqdm(total=cfg.epochs * steps, desc=f"lillama {ctx.prefix}", unit="batch",
                            leave=False, disable=not self._progress)

@@ -303,8 +303,8 @@ class ModeGPT(Method):
     order = 50
     ranks_from_statistics = False  # kept channels and dimensions are chosen, not spanned by the data
 
-    def __init__(self, config: ModeGPTConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: ModeGPTConfig, run=None) -> None:
+        super().__init__(config, run)
         self._allocation: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ planning
