@@ -70,6 +70,18 @@ def test_saved_in_the_dtype_the_input_is_stored_in(compressed, tmp_path):
     assert {p.dtype for p in rd.load(tmp_path / "f").parameters()} == {torch.float32}
 
 
+def test_a_closed_pipe_ends_quietly(compressed):
+    """`rankdown inspect DIR | head`: the reader goes away before the table is written; the
+    command ends with 128 + SIGPIPE and says nothing (it printed a traceback before)."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "rankdown.cli", "inspect", str(compressed[0])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    proc.stdout.close()  # the reader is gone before anything is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=600) == 128 + signal.SIGPIPE and "Traceback" not in err, err
+
+
 def test_inspect_prints_ranks_and_provenance(compressed):
     out, _ = compressed
     text = rankdown("inspect", str(out)).stdout

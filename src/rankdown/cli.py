@@ -619,6 +619,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if handle else None
     try:
         result = args.func(args)
+        if getattr(args, "json", False) and main_process:
+            print(json.dumps(result, default=str))
+    except BrokenPipeError:  # stdout closed early (`rankdown inspect DIR | head`): no traceback
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush must not fail again
+        return 128 + signal.SIGPIPE
     except KeyboardInterrupt as e:
         term = isinstance(e, Terminated)
         print(f"rankdown {args.command}: {'terminated (SIGTERM)' if term else 'interrupted'}{_notes(e)}",
@@ -643,8 +649,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             from rankdown.distributed import shutdown
 
             shutdown()
-    if getattr(args, "json", False) and main_process:
-        print(json.dumps(result, default=str))
     return 0
 
 
