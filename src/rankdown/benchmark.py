@@ -364,8 +364,12 @@ def _plots(results: dict[str, Any], out: Path) -> list[str]:
     for spec, cells in series.items():
         ax.plot([c["ratio"] for c in cells], [c["ppl"] for c in cells], marker="o", label=spec)
     ax.axhline(results["dense"]["ppl"], color="grey", linestyle="--", label="dense")
-    ax.set(xlabel="ratio (fraction of parameters removed)", ylabel=f"perplexity ({s['ppl']})", title=s["model"])
-    ax.legend()
+    values = [c["ppl"] for cells in series.values() for c in cells] + [results["dense"]["ppl"]]
+    if max(values) > 20 * min(values):  # a collapsed method would flatten every other line to the axis
+        ax.set_yscale("log")
+    ax.set(xlabel="ratio (fraction of parameters removed)", ylabel=f"perplexity ({s['ppl']})",
+           title=Path(s["model"]).name if s["model"] else s["model"])
+    ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(out / "ppl_vs_ratio.png", dpi=100)
     plt.close(fig)
