@@ -4,7 +4,7 @@ PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.rankdown-installed
 
-.PHONY: setup demo test real-models bench clean
+.PHONY: setup demo test test-fast real-models bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,10 +22,17 @@ demo: setup
 real-models: setup
 	$(PY) scripts/real_models.py || echo "real-models: not available; the tests that need it will skip"
 
-# two tiers: the fast tests first, then the slow quality tests (the real model's among them)
+# two tiers: the fast tests first (2 processes, one file each at a time), then the slow ones (one process:
+# they ask for 2 threads; the real model's tests among them)
+FAST := $(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile
+
 test: setup real-models
-	$(PY) -m pytest -q -m "not slow"
+	$(FAST)
 	$(PY) -m pytest -q -m slow
+
+# the fast tier alone, for development
+test-fast: setup
+	$(FAST)
 
 bench: setup
 	$(VENV)/bin/rankdown bench --ratios 0.1,0.2,0.3,0.4,0.5 --speed --out bench/results/reference --overwrite

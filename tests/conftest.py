@@ -9,6 +9,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)  # tiny models run fastest on one thread; reference-model tests ask for two
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test-fast`: 2 workers on 2 cores, and the commands they start
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread each, as the workers themselves
 
 
 @pytest.fixture(scope="session")

@@ -89,20 +89,25 @@ def test_inspect_prints_ranks_and_provenance(compressed):
     assert "svd-llm" in text and "calibration" in text and "transformers" in text
 
 
+# a command-line run each; the slow ones are also refused in-process, fast, elsewhere (tests/test_contract.py,
+# test_calib.py, test_perplexity.py, test_cli_input.py)
+SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize(
     "args, words",
     [
         (["compress", "--method", "nope", "--ratio", "0.2"], "invalid choice"),
-        (["compress", "--method", "svd", "--ratio", "1.5", "-q"], "between 0 and 1"),
+        pytest.param(["compress", "--method", "svd", "--ratio", "1.5", "-q"], "between 0 and 1", marks=SLOW),
         (["compress", "--method", "svd-llm", "--ratio", "0.2", "--calib", "/no/such/file.txt", "-q"], "/no/such/file.txt"),
-        (["compress", "--method", "svd-llm", "--ratio", "0.2", "--calib", "wikitext2", "-q"], "local file"),
+        pytest.param(["compress", "--method", "svd-llm", "--ratio", "0.2", "--calib", "wikitext2", "-q"], "local file", marks=SLOW),
         (["compress", "/no/such/model_dir_xyz", "--method", "svd", "--ratio", "0.2", "-q"], "no such model folder"),
         (["compress", "nobody/no-such-model-xyz", "--method", "svd", "--ratio", "0.2", "-q"], "could not load"),
-        (["eval", "reference", "--ppl", "reference-heldout", "--seqlen", "100000000"], "lower --seqlen"),
+        pytest.param(["eval", "reference", "--ppl", "reference-heldout", "--seqlen", "100000000"], "lower --seqlen", marks=SLOW),
         (["inspect", "/no/such/dir"], "not a model folder"),
         (["compress", "--method", "svd-llm", "--ratio", "0.1", "--nsamples", "1", "--seqlen", "16", "-q"],
          "fewer than the rank"),
-        (["compress", "--method", "svd", "--ratio", "0.2", "--out", f"{__file__}/out", "-q"], "cannot write"),
+        pytest.param(["compress", "--method", "svd", "--ratio", "0.2", "--out", f"{__file__}/out", "-q"], "cannot write", marks=SLOW),
     ],
 )
 def test_bad_input_gives_one_clear_error(args, words):
@@ -170,6 +175,7 @@ def test_modegpt_keeps_more_channels_than_calibration_tokens():
     assert torch.isfinite(model(ids).logits).all()
 
 
+@pytest.mark.slow  # the whole held-out text per method; tests/test_cli_input.py checks demo's settings fast
 def test_demo_compares_every_method_with_the_dense_model(capsys):
     """`rankdown demo` (the README's first command): every method at the asked ratio, each row's
     perplexity measured on the held-out text against the dense model's."""

@@ -56,6 +56,7 @@ def compressed(compress_run):
 
 
 # compress_run first: the command loads the file in the background while from_gguf loads it here
+@pytest.mark.slow  # loads the real model
 def test_gguf_loads_dequantized_and_saveable_like_the_cached_folder(compress_run, from_gguf, smollm2_dir):
     import rankdown as rd
     from rankdown.allocate import count_params
@@ -78,6 +79,7 @@ def test_gguf_loads_dequantized_and_saveable_like_the_cached_folder(compress_run
     assert tok.decode(a[0, -1].argmax()) == " Paris"  # NOTES.md: it answers "Paris."
 
 
+@pytest.mark.slow  # loads the real model
 def test_compress_a_gguf_file_records_it_and_saves_a_loadable_folder(compressed, from_gguf):
     import rankdown as rd
     from rankdown.allocate import count_params
@@ -171,6 +173,7 @@ def test_inspect_names_the_quantization_and_stream_is_refused(smollm2_gguf, caps
     assert "drop --stream" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # loads the real model
 def test_generate_reads_a_gguf(smollm2_gguf, from_gguf, capsys, monkeypatch):
     """The command's path to the file goes through the same loader (its model reused: one load)."""
     from rankdown import cli, gguf_source

@@ -436,12 +436,14 @@ def ref_ppl(reference):
     return run
 
 
+@pytest.mark.slow
 def test_reference_block_influence_beats_uniform_at_30_percent(ref_ppl):
     dense = ref_ppl("dense")
     bi, uni = ref_ppl("modegpt"), ref_ppl("modegpt", allocation="uniform")
     assert dense < bi < uni
 
 
+@pytest.mark.slow
 def test_reference_modegpt_beats_svd_at_30_percent(ref_ppl):
     """Measured here (40 windows): dense 34.16, svd 35.70, modegpt 35.47; with the paper's rule (q/k
     losing the whole layer sparsity, qk_share 1) 36.69: on this small model (head size 32, 16 rotary

@@ -15,6 +15,8 @@ import rankdown
 from rankdown.allocate import count_params
 from rankdown.eval.perplexity import perplexity
 
+pytestmark = pytest.mark.slow  # half the time of the former fast tier; test_regression.py keeps svd and modegpt fast
+
 WINDOWS = 120  # held-out windows of 256 tokens (30,480 predicted tokens)
 SEQLEN = 256
 

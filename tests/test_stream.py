@@ -86,6 +86,7 @@ def test_only_one_layer_is_materialised_at_a_time(tmp_path):
     assert real() == []
 
 
+@pytest.mark.slow  # two command-line runs on the reference; test_streamed_equals_in_memory checks the equality fast
 def test_reference_folder_through_the_cli(tmp_path):
     """`rankdown compress FOLDER --out` streams by default and gives the in-memory model."""
     common = ["--method", "rom", "--allocation", "global", "--ratio", "0.3", "--calib", "reference", "--seqlen", "128", "--nsamples", "8",
@@ -115,8 +116,10 @@ def _broken(tmp_path: Path, how: str) -> Path:
 
 
 @pytest.mark.parametrize("how,message", [
-    ("missing shard", "missing from"), ("corrupt shard", "not a readable safetensors file"),
-    ("nan weight", "NaN or Inf"),
+    ("missing shard", "missing from"),
+    # a command-line run each; tests/test_cli_input.py refuses both in-process (fast)
+    pytest.param("corrupt shard", "not a readable safetensors file", marks=pytest.mark.slow),
+    pytest.param("nan weight", "NaN or Inf", marks=pytest.mark.slow),
 ])
 def test_broken_folders_are_refused_and_nothing_is_written(tmp_path, how, message):
     src = _broken(tmp_path, how)
@@ -150,6 +153,7 @@ def _resume_cmd(out: Path, *extra: str) -> list[str]:
             "--calib", "reference", "--seqlen", "128", "--nsamples", "8", "--out", str(out), "-q", "--json", *extra]
 
 
+@pytest.mark.slow  # four command-line runs; tests/test_nothing_lost.py resumes interrupted runs fast
 def test_a_killed_run_resumes_and_gives_the_same_model(tmp_path):
     out = tmp_path / "out"
     state = partial_folder(out) / "state.json"

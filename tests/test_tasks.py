@@ -89,6 +89,7 @@ def test_missing_lm_eval_names_the_extra(reference, monkeypatch):
         evaluate_tasks(*reference, "rd_real")
 
 
+@pytest.mark.slow  # two command-line runs of the harness; test_local_task_accuracy runs a task in-process
 def test_cli_tasks_json_and_unknown_task(task_dir):
     # both commands at once: the unknown name makes the harness read its own ~15,000 task files
     args = [("--tasks", "rd_real", "--include-path", str(task_dir), "--limit", "6", "--json"),
