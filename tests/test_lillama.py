@@ -11,7 +11,7 @@ import torch
 import transformers as tf
 
 import rankdown
-from rankdown.config import RunSettings
+from rankdown.config import RunSettings, split_settings
 from rankdown.allocate import count_params
 from rankdown.api import compress, find_targets
 from rankdown.arch import spec_for
@@ -141,7 +141,8 @@ def reference_runs(reference):
                                    ("lillama", "lillama", {**old, "batch_size": 2, "init": "svd"}),
                                    ("lillama-rom", "lillama", {**old, "batch_size": 2, "init": "rom"})):
         m = copy.deepcopy(model)
-        rep = compress(m, tok, make_config(method, ratio=0.3, **settings), calib, progress=False)
+        own, run = split_settings(settings)
+        rep = compress(m, tok, make_config(method, ratio=0.3, **own), calib, run=RunSettings(**run), progress=False)
         ppl = perplexity(m, tok, "reference-heldout", seqlen=SEQLEN, max_windows=60).ppl
         runs[name] = (ppl, rep)
     return runs
