@@ -599,7 +599,7 @@ def compress_folder(
         resumable = getattr(method, "resumable", True)
         # process 0 reads or starts the state; under torchrun the others get a copy they never write
         state = distributed.on_main(lambda: _open_state(
-            work, _fingerprint(path, config, method(config, run).batch_size, run, calibration, nsamples, seqlen, dtype,
+            work, _fingerprint(path, config, run.batch_size or method.default_batch_size, run, calibration, nsamples, seqlen, dtype,
                                save_dtype), resume and resumable,
             on_resume))
         streamed = StreamedModel(path, dtype, work, state if resumable else None, save_dtype)
