@@ -182,3 +182,91 @@ def test_generate_reads_a_gguf(smollm2_gguf, from_gguf, capsys, monkeypatch):
     monkeypatch.setattr(gguf_source, "load", lambda file, dtype: seen.append(file) or from_gguf)
     assert cli.main(["generate", str(smollm2_gguf), "--prompt", PROMPT, "--max-new-tokens", "2"]) == 0
     assert seen == [smollm2_gguf] and capsys.readouterr().out.startswith(" Paris")
+
+
+# -- a tiny GGUF written here: the fast tier's GGUF path, with no real model needed -----------------------------
+TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False)
+_GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+               "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def _llama_cpp_rope_order(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's converter stores q and k with each head's rotary halves interleaved; transformers
+    undoes it when it reads the file."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    """(path of an F32 llama .gguf without a tokenizer, the transformers model it was written from)."""
+    gguf = pytest.importorskip("gguf")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**TINY)
+    model = LlamaForCausalLM(cfg).eval()
+    sd = model.state_dict()
+    path = tmp_path_factory.mktemp("tiny-gguf") / "src" / "tiny.gguf"
+    path.parent.mkdir()
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(10000.0)  # the config's default
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"].numpy())
+    for i in range(cfg.num_hidden_layers):
+        for hf, name in _GGUF_NAMES.items():
+            t = sd[f"model.layers.{i}.{hf}.weight"]
+            if name in ("attn_q", "attn_k"):
+                t = _llama_cpp_rope_order(t, cfg.num_attention_heads if name == "attn_q" else cfg.num_key_value_heads)
+            w.add_tensor(f"blk.{i}.{name}.weight", t.numpy())
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"].numpy())
+    w.add_tensor("output.weight", sd["lm_head.weight"].numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path, model
+
+
+def test_a_gguf_written_here_loads_as_the_model_it_came_from(tiny_gguf):
+    from rankdown import gguf_source
+
+    path, model = tiny_gguf
+    assert gguf_source.describe(path) == {"gguf_file": "tiny.gguf", "quantization": "F32", "architecture": "llama",
+                                          "tensors": 21, "has_tokenizer": False}
+    loaded, tokenizer = gguf_source.load(path)
+    assert tokenizer is None and not hasattr(loaded.config, "quantization_config")
+    x = torch.randint(0, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
+
+
+def test_compress_a_gguf_file_gives_the_in_memory_model_in_a_loadable_folder(tiny_gguf, tmp_path, capsys):
+    import rankdown as rd
+    from rankdown import cli, gguf_source
+    from rankdown.methods import make_config
+
+    path, _ = tiny_gguf
+    out = tmp_path / "svd"
+    assert cli.main(["compress", str(path), "--method", "svd", "--ratio", "0.2", "--out", str(out), "--json", "-q"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["ratio_achieved"] == pytest.approx(0.2, abs=0.01)
+    record = json.loads((out / "config.json").read_text())["rankdown"]
+    assert record["source"] == {"gguf_file": "tiny.gguf", "quantization": "F32"}
+
+    model, _ = gguf_source.load(path)  # the same compression in memory
+    rd.compress(model, None, make_config("svd", ratio=0.2), None)
+    saved = rd.load(out)
+    x = torch.randint(0, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(saved(x).logits, model(x).logits)
