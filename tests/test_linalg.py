@@ -3,7 +3,7 @@ then every memory-lean kernel and route equal to its textbook counterpart on ran
 what makes the lean ones lean (what they read, write and give back).
 
 Tolerances are relative (max |lean − textbook| / max |textbook|): the worst measured over 20 seeds
-on this machine (float64, OpenBLAS), times about 10; the measured value is in each comment."""
+on this machine (float64, MKL, one thread), times about 10; the measured value is in each comment."""
 
 import os
 import sys
@@ -13,8 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rankdown.linalg import guard, lean, spectrum, textbook
-from rankdown.linalg import asvd_factors, svd_factors, whitened_svd_factors
+from rankdown.linalg import asvd_factors, guard, lean, spectrum, svd_factors, textbook, whitened_svd_factors
 
 
 def _data(out_f=24, in_f=32, n=400, seed=0):
