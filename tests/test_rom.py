@@ -13,7 +13,7 @@ from rankdown.config import ConfigError
 from rankdown.methods.rom import ROMConfig
 from rankdown.engine import LayerContext, PlanContext
 from rankdown.methods import make_config
-from rankdown.methods.linalg import guarded_eigh, whitened_svd_factors
+from rankdown.linalg import guarded_eigh, whitened_svd_factors
 from rankdown.methods.rom import ROM, output_eig, output_moments, rom_factors
 from rankdown.nn import LowRankLinear
 from rankdown.stats import InputStats

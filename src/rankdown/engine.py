@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from rankdown import distributed, heap
 from rankdown.arch import ArchSpec
-from rankdown.methods.linalg import Guard
+from rankdown.linalg import Guard
 from rankdown.nn.portable import LowRankLinear
 from rankdown.spill import MemoryBudget, TensorStore
 from rankdown.stats import InputStats

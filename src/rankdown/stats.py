@@ -1,67 +1,10 @@
-"""Running float64 statistics of the rows a linear layer sees."""
+"""Running float64 statistics of the rows a linear layer sees (kernels: :mod:`rankdown.linalg.lean`)."""
 
 from __future__ import annotations
 
 import torch
 
-
-def _block(dim: int) -> int:
-    # measured on 2 cores: 512-wide blocks make a 2048² update 1.6x faster, 1024 a 5632² one 1.5x
-    return 512 * -(-dim // 4096)
-
-
-_FINE = 256  # the diagonal blocks' own block size: less of the unwritten upper half is touched
-
-
-def _lower_blocks(dim: int):
-    """(rows, cols) slices tiling the lower block triangle that :func:`syrk_lower_` writes: under
-    each ``_block``-wide diagonal block its whole column panel, within it a finer lower block
-    triangle (so about half of a large matrix plus ``_FINE/2`` columns a row is ever written)."""
-    b = _block(dim)
-    for a in range(0, dim, b):
-        e = min(a + b, dim)
-        if e < dim:
-            yield slice(e, dim), slice(a, e)
-        for c in range(a, e, _FINE):
-            yield slice(c, e), slice(c, min(c + _FINE, e))
-
-
-def syrk_lower_(G: torch.Tensor, X: torch.Tensor) -> None:
-    """``G += Xᵀ X`` on the lower block triangle of G only (about half the multiply-adds of a
-    full product); the blocks above it are left stale until :func:`mirror_lower_`. X: (rows, d)."""
-    for rows, cols in _lower_blocks(X.shape[1]):
-        G[rows, cols].addmm_(X[:, rows].T, X[:, cols])
-
-
-def zeros_lower(dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A (dim, dim) float64 matrix whose lower block triangle (what :func:`syrk_lower_` adds to)
-    is zero and the rest unwritten: left untouched, those pages are never made resident, so a large
-    correlation costs little more than half its size in memory until it is mirrored (MoDeGPT's
-    intermediate², 254 MB: 142 MB measured during the pass that fills it)."""
-    G = torch.empty(dim, dim, dtype=torch.float64, device=device)
-    for rows, cols in _lower_blocks(dim):
-        G[rows, cols].zero_()
-    return G
-
-
-def sub_outer_lower_(G: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """``G −= u uᵀ`` on the lower block triangle that :func:`syrk_lower_` writes only (the rest
-    may be unwritten memory), in place. Returns G."""
-    for rows, cols in _lower_blocks(G.shape[0]):
-        G[rows, cols].addr_(u[rows], u[cols], alpha=-1)
-    return G
-
-
-def mirror_lower_(G: torch.Tensor) -> torch.Tensor:
-    """Make G exactly symmetric from its lower triangle (after :func:`syrk_lower_`), in place, a
-    block at a time. Returns G."""
-    d = G.shape[0]
-    b = _block(d)
-    for a in range(0, d, b):
-        D = G[a : a + b, a : a + b]
-        D.copy_(D.tril() + D.tril(-1).T)
-        G[a : a + b, a + b :] = G[a + b :, a : a + b].T
-    return G
+from rankdown.linalg.lean import lower_blocks, mirror_lower_, sub_outer_lower_, syrk_lower_, zeros_lower
 
 
 class InputStats:
@@ -123,7 +66,7 @@ class InputStats:
         mean = self.mean
         G = self.take_gram(lower=True)
         n = max(self.n, 1)
-        for rows, cols in _lower_blocks(self.dim):
+        for rows, cols in lower_blocks(self.dim):
             G[rows, cols].div_(n)
         return sub_outer_lower_(G, mean) if center else G
 

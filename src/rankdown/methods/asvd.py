@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from rankdown.config import ConfigError, MethodConfig, setting
+from rankdown.linalg import asvd_factors
 from rankdown.methods.base import Method, register
-from rankdown.methods.linalg import asvd_factors
 from rankdown.stats import InputStats
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from rankdown.allocate import Target, uniform_ranks
 from rankdown.config import MethodConfig, RunSettings
-from rankdown.methods.linalg import Guard
+from rankdown.linalg import Guard
 from rankdown.nn.portable import LowRankLinear
 from rankdown.stats import InputStats
 

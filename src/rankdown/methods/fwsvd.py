@@ -23,8 +23,8 @@ import torch
 
 from rankdown.allocate import Target
 from rankdown.config import ConfigError, MethodConfig, setting
+from rankdown.linalg import Guard, svd_factors
 from rankdown.methods.base import Method, install_factors, register
-from rankdown.methods.linalg import Guard, svd_factors
 
 if TYPE_CHECKING:
     from rankdown.engine import LayerContext, PlanContext

@@ -38,8 +38,8 @@ from tqdm.auto import tqdm
 from rankdown import distributed
 from rankdown.allocate import Target, uniform_ranks
 from rankdown.config import ConfigError, MethodConfig, RunSettings, setting
+from rankdown.linalg import svd_factors
 from rankdown.methods.base import Method, install_factors, register
-from rankdown.methods.linalg import svd_factors
 from rankdown.methods.rom import ROM, ROMConfig
 from rankdown.nn.portable import LowRankLinear
 from rankdown.spill import TensorStore

@@ -26,12 +26,11 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from rankdown import heap
 from rankdown.allocate import Target
 from rankdown.arch import ArchSpec, UnsupportedModelError
 from rankdown.config import ConfigError, MethodConfig, setting
+from rankdown.linalg import Guard, cholesky_lower_, guarded_eigh, mm64, release_tail, row_blocks, solve_cholesky_
 from rankdown.methods.base import Method, register
-from rankdown.methods.linalg import Guard, _row_blocks, cholesky_lower_, guarded_eigh, mm64, solve_cholesky_
 from rankdown.methods.modegpt_alloc import QK_SHARE, LayerShape, block_influence_sparsity, solve_sparsity
 from rankdown.nn.portable import ReducedAttention, ReducedLinear
 
@@ -143,11 +142,11 @@ def nystrom_mlp(
 
     Memory: one Cholesky factor ``C + λI = L Lᵀ``, made in C's own storage when ``consume`` (C is
     then destroyed, and freed before the end when the caller keeps no reference) and in its lower
-    triangle only (:func:`~rankdown.methods.linalg.cholesky_lower_`: the other half is never
+    triangle only (:func:`~rankdown.linalg.cholesky_lower_`: the other half is never
     written, so never made resident), gives everything: the scores (1 − λ diag((L Lᵀ)⁻¹)), the
     rows ``(C + λI)[S, :] W_downᵀ = L[S] (W_down L)ᵀ`` (a block of W_down's rows at a time), and
     ``C[S, S] + λI = L[S] L[S]ᵀ``, of which only the lower triangle is formed, from its last row up,
-    while the rows of L no longer needed are given back (:func:`~rankdown.heap.release_tail`), so
+    while the rows of L no longer needed are given back (:func:`~rankdown.linalg.release_tail`), so
     the two together never hold more than L did; that (k, k) matrix is then factorised in its own
     storage. So beyond C's lower half the working set is (k, d) and a few (block/2, n) blocks
     (measured on a 5632-channel MLP keeping 5336: 160 MB above C, against 194 MB with LAPACK's
@@ -195,7 +194,7 @@ def nystrom_mlp(
             torch.mm(PI[:, : PJ.shape[1]], PJ.T, out=G[a : a + panel, c : c + panel])
             del PJ
         del PI
-        heap.release_tail(L, int(S[a - 1]) + 1 if a else 0)  # L: C consumed, or a copy of it
+        release_tail(L, int(S[a - 1]) + 1 if a else 0)  # L: C consumed, or a copy of it
     del L  # C's storage, the layer's largest matrix
     if cholesky_lower_(G, panel) != 0:
         raise FloatingPointError("the kept channels' correlation plus its ridge is not positive definite")
@@ -207,7 +206,7 @@ def out_diag(W: torch.Tensor, b: torch.Tensor | None, second: torch.Tensor, mean
     """``diag E[(W x + b)(W x + b)ᵀ]`` (out,) in float64 from ``E[x xᵀ]`` (in, in) and ``E[x]`` (in,),
     float64. W: (out, in) in any float dtype, on their device, promoted a block of rows at a time."""
     d = torch.empty(W.shape[0], dtype=torch.float64, device=second.device)
-    for a, Wb in _row_blocks(W):
+    for a, Wb in row_blocks(W):
         rows = slice(a, a + Wb.shape[0])
         d[rows] = ((Wb @ second) * Wb).sum(1)
         if b is not None:

@@ -23,9 +23,9 @@ from rankdown.allocate import (
     Target, check_reachable, discarded_energy, global_ranks, last_k_ranks, uniform_ranks,
 )
 from rankdown.config import ConfigError, MethodConfig, setting
+from rankdown.linalg import Guard, guarded_eigh, mm64, output_eig_in, psd_root, sub_outer_lower_, tmm64
 from rankdown.methods.base import Method, install_factors, register
-from rankdown.methods.linalg import Guard, guarded_eigh, mm64, output_eig_in, psd_factor, tmm64
-from rankdown.stats import InputStats, sub_outer_lower_
+from rankdown.stats import InputStats
 
 if TYPE_CHECKING:
     from rankdown.engine import LayerContext, PlanContext
@@ -116,7 +116,7 @@ def output_eig(
     W: (out, in) in any float dtype; second: (d, d), mean: (d,) float64 as :func:`output_moments`
     returns them. Space "out": eigendecomposition of the (out, out) matrix. Space "in"
     (``out > in``): ``Σ_out = W Σ_in Wᵀ``, whose leading eigen-pairs come from (in, in) problems
-    (:func:`rankdown.methods.linalg.output_eig_in`): nothing of size (out, in) is formed in
+    (:func:`rankdown.linalg.output_eig_in`): nothing of size (out, in) is formed in
     float64 but the wanted vectors.
     ``vectors``: False, True (all), or the number of leading eigenvectors wanted.
     Returns eigenvalues (k,) descending and non-negative, eigenvectors (out, ≤k) or None, and any
@@ -133,7 +133,7 @@ def output_eig(
         if V is not None and vectors is not True:
             V = V[:, : int(vectors)]
         return evals, V, guard
-    return output_eig_in(W, S, vectors, psd_factor(S, inplace) if inplace else None)
+    return output_eig_in(W, S, vectors, psd_root(S, inplace) if inplace else None)
 
 
 def input_root(
@@ -143,7 +143,7 @@ def input_root(
     route of :func:`output_eig` needs first, shared by the linears fed the same inputs (a Cholesky
     factor when the covariance is definite, else its symmetric root). ``inplace``: second is
     consumed (see :func:`output_eig`)."""
-    return psd_factor(_centered(second, mean, center, inplace), inplace)
+    return psd_root(_centered(second, mean, center, inplace), inplace)
 
 
 def rom_factors(

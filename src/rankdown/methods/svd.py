@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from rankdown.config import MethodConfig
+from rankdown.linalg import svd_factors
 from rankdown.methods.base import Method, register
-from rankdown.methods.linalg import svd_factors
 
 
 @dataclass

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from rankdown.config import MethodConfig
+from rankdown.linalg import output_gram_factors, whitened_svd_factors
 from rankdown.methods.base import Method, install_factors, register
-from rankdown.methods.linalg import output_gram_factors, whitened_svd_factors
 from rankdown.stats import InputStats
 
 if TYPE_CHECKING:
