@@ -120,13 +120,14 @@ def test_bad_input_gives_one_clear_error(args, words):
 def test_a_full_disk_is_one_clear_error_and_leaves_nothing(tmp_path, monkeypatch, capsys):
     import errno
 
-    from rankdown import cli, io
+    from rankdown import cli
+    from rankdown.io import writing
 
     def full(*a, **k):
         (a[2] / "model.safetensors").write_bytes(b"half")  # the save had begun
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(io, "_write", full)
+    monkeypatch.setattr(writing, "_write", full)
     rc = cli.main(["compress", "--method", "svd", "--ratio", "0.2", "--out", str(tmp_path / "out"), "-q"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "No space left on device" in err[0] and "free some space" in err[0]

@@ -73,7 +73,8 @@ def load_model(name: str | None, dtype: str = "float32") -> tuple[Any, Any]:
         from rankdown.reference import load_reference
 
         return load_reference(torch_dtype)
-    from rankdown import gguf_source, io
+    from rankdown import gguf_source
+    from rankdown.io import has_tokenizer, load_tokenizer
 
     gguf_file = gguf_source.find(name)
     if gguf_file is not None:
@@ -86,7 +87,7 @@ def load_model(name: str | None, dtype: str = "float32") -> tuple[Any, Any]:
             raise FileNotFoundError(f"{path} has no config.json (nor a .gguf file): give a Hugging Face model "
                                     "folder, a .gguf file or a hub id")
         model = folder_model(path, dtype=torch_dtype)
-        tokenizer = io.load_tokenizer(path) if io.has_tokenizer(path) else None
+        tokenizer = load_tokenizer(path) if has_tokenizer(path) else None
         return model, tokenizer
     return _load_hub(name, torch_dtype)
 
@@ -138,18 +139,18 @@ def stored_dtype(name: str | None) -> "torch.dtype | None":
     model does not say."""
     import torch
 
-    from rankdown import io
+    from rankdown.io import checkpoint_dtype
 
     if is_reference(name):
         from rankdown.reference import reference_dir
 
-        return io.checkpoint_dtype(reference_dir())
+        return checkpoint_dtype(reference_dir())
     from rankdown import gguf_source
 
     if gguf_source.find(name) is not None:
         return None
     if Path(name).expanduser().is_dir():
-        return io.checkpoint_dtype(Path(name).expanduser())
+        return checkpoint_dtype(Path(name).expanduser())
     from transformers import AutoConfig  # a hub id: its config says (in the local cache once the model is loaded)
 
     found = getattr(AutoConfig.from_pretrained(name), "dtype", None)
@@ -177,11 +178,11 @@ def folder_model(path: str | os.PathLike, *, dtype: "torch.dtype | None" = None,
     """
     import torch
 
-    from rankdown import io
+    from rankdown.io import record
 
     path = Path(path).expanduser().absolute()
-    cfg = io._read_config(path)
-    io.check_model_type(path, cfg)
+    cfg = record._read_config(path)
+    record.check_model_type(path, cfg)
     if empty:  # the streamed model's FolderWeights checked the weights already
         import transformers
         from accelerate import init_empty_weights
@@ -191,7 +192,7 @@ def folder_model(path: str | os.PathLike, *, dtype: "torch.dtype | None" = None,
             if issubclass(cls, transformers.PreTrainedModel):
                 return cls._from_config(config, dtype=dtype).eval()
             return cls.from_config(config, dtype=dtype).eval()  # an Auto class
-    io.check_weights(path)
+    record.check_weights(path)
     cls, config = _folder_class(path, cfg, empty=False)
     # mismatched shapes are reported (then raised by _check_loading_info) rather than raised by transformers
     kwargs: dict[str, Any] = {"dtype": "auto" if dtype is None else dtype, "output_loading_info": True,
@@ -213,7 +214,7 @@ def _folder_class(path: Path, cfg: dict, empty: bool) -> tuple[type, Any]:
     is one (transformers maps checkpoint prefixes itself)."""
     import transformers
 
-    from rankdown import io
+    from rankdown.io import reading, record as folder
 
     record = cfg.get("rankdown")
     if record is None:
@@ -222,17 +223,15 @@ def _folder_class(path: Path, cfg: dict, empty: bool) -> tuple[type, Any]:
         cls = getattr(transformers, archs[0], None) if archs else None
         if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
             return cls, config
-        causal = empty or any(io._is_causal_lm(a) for a in archs)
+        causal = empty or any(folder._is_causal_lm(a) for a in archs)
         return (transformers.AutoModelForCausalLM if causal else transformers.AutoModel), config
-    if not empty and record.get("format") != io.FORMAT:  # (the skeleton has never checked the format)
-        from rankdown.io import ModelFolderError
-
-        raise ModelFolderError(
-            f"{path} was saved in rankdown format {record.get('format')!r}; this rankdown reads format {io.FORMAT}. "
+    if not empty and record.get("format") != folder.FORMAT:  # (the skeleton has never checked the format)
+        raise folder.ModelFolderError(
+            f"{path} was saved in rankdown format {record.get('format')!r}; this rankdown reads format {folder.FORMAT}. "
             "Install the rankdown version recorded in config.json (rankdown.versions)"
         )
-    stock, config = io._base_config(path, cfg, record)
-    return io._wrapper_class(stock), config
+    stock, config = reading._base_config(path, cfg, record)
+    return reading._wrapper_class(stock), config
 
 
 @contextlib.contextmanager
