@@ -157,6 +157,52 @@ def stored_dtype(name: str | None) -> "torch.dtype | None":
     return getattr(torch, found) if isinstance(found, str) else found
 
 
+def save_dtype(name: str | None, save: str = "auto", dtype: str = "float32") -> "torch.dtype":
+    """The dtype a compressed copy of model ``name`` is saved in: ``save`` ("float32", "bfloat16",
+    "float16"), where ``auto`` is the dtype the model is stored in (else ``dtype``, the one it is
+    loaded in)."""
+    import torch
+
+    if save != "auto":
+        return getattr(torch, save)
+    return stored_dtype(name) or getattr(torch, dtype)
+
+
+def should_stream(name: str | None, out: str | os.PathLike | None, method: str, want: bool | None = None) -> bool:
+    """Whether to compress model ``name`` layer by layer from its files (see rankdown/stream.py).
+
+    Default (``want`` None): yes for a local folder of safetensors weights saved to ``out``, unless
+    the family's checkpoints cannot be mapped one layer at a time (fused experts) or the method
+    needs the whole model (a backward pass of its loss); ``want=True`` insists (and says why it
+    cannot), False loads the whole model. A GGUF file is never streamed: it is dequantized whole,
+    in memory.
+    """
+    from rankdown import gguf_source
+    from rankdown.config import ConfigError
+    from rankdown.methods import METHODS
+    from rankdown.stream import can_stream, streamable_family
+
+    gguf_file = None if is_reference(name) else gguf_source.find(name)
+    if gguf_file is not None:
+        if want:
+            raise ConfigError(f"--stream reads safetensors folders layer by layer; {gguf_file.name} is a GGUF file, "
+                              "which rankdown dequantizes and compresses in memory (drop --stream)")
+        logger.info("%s is a GGUF file: loaded whole and compressed in memory (streaming reads safetensors folders)",
+                    gguf_file)
+        return False
+    possible = not is_reference(name) and can_stream(name)
+    if want and not possible:
+        raise ConfigError("--stream reads a local model folder with safetensors weights; "
+                          f"{name or REFERENCE!r} is not one (drop --stream)")
+    if want and not out:
+        raise ConfigError("--stream writes the model as it goes: give --out FOLDER")
+    whole = METHODS[method].needs_loss  # a backward pass of the whole model
+    if want and whole:
+        raise ConfigError(f"--method {method} takes gradients of the model's loss, which needs the whole "
+                          "model in memory: drop --stream")
+    return bool(possible and out and want is not False and not whole and (want or streamable_family(name)))
+
+
 def source_record(name: str | None) -> dict[str, Any] | None:
     """What a saved folder's record says about its input, where there is more to say than the
     model's config (a GGUF file: its name and quantization type)."""
