@@ -26,8 +26,6 @@ from rankdown.cli.evaluate import cmd_eval
 from rankdown.cli.output import table
 from rankdown.cli.parser import build_parser
 
-log = logging.getLogger("rankdown")
-
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from rankdown.arch import UnsupportedModelError
