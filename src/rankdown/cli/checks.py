@@ -62,14 +62,14 @@ def check_compress(args: argparse.Namespace, config: MethodConfig, calib_given: 
 
 def config_json(model: str | None) -> dict | None:
     """config.json of the reference or of a local model folder; None for a hub id or a GGUF file."""
-    from rankdown import io
+    from rankdown.io.record import _read_config
 
     if is_reference(model):
         from rankdown.reference import reference_dir
 
-        return io._read_config(reference_dir())
+        return _read_config(reference_dir())
     path = Path(model).expanduser()
-    return io._read_config(path) if (path / "config.json").is_file() else None
+    return _read_config(path) if (path / "config.json").is_file() else None
 
 
 def names(text: str, flag: str, example: str) -> list[str]:

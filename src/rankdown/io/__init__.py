@@ -18,7 +18,7 @@ from rankdown.io.record import (
 )
 from rankdown.io.writing import CONFIG_FILE, MODELING_FILE, save
 
-# (private helpers other modules reach through ``io.``: rankdown/stream.py, rankdown/realmodels.py)
+# (private helpers that rankdown/stream.py, rankdown/realmodels.py and rankdown/pipeline.py reach here)
 from rankdown.io.out_dir import _check_out_dir  # noqa: E402,F401
 from rankdown.io.record import _read_config, _versions  # noqa: E402,F401
 
