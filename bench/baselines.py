@@ -7,7 +7,7 @@ A method is NAME or NAME:key=value:key=value (settings of its config, e.g. rom:c
 Prints a markdown table and writes bench/results/baselines.json. Every figure comes from this one
 run on this machine: compare rows with each other, not with another machine's.
 
-The general tool is ``rankdown bench`` (rankdown/benchmark.py: any model, degeneration, tasks,
+The general tool is ``rankdown bench`` (rankdown/benchmark/: any model, degeneration, tasks,
 speed, plots); this script keeps the layout of baselines.json and adds the compress time measured
 against one dense forward over the calibration tokens.
 """

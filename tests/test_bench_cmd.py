@@ -105,7 +105,7 @@ def test_default_methods_are_the_registry():
 def test_interrupted_grid_resumes(tmp_path, monkeypatch):
     """results.json is written after every cell; the same settings carry the grid on from there, other
     settings are refused, --overwrite starts over."""
-    import rankdown.benchmark as bench
+    from rankdown.benchmark import grid as bench
 
     out = tmp_path / "grid"
     settings = BenchSettings(methods=["svd"], ratios=[0.1, 0.3], nsamples=2, seqlen=64, max_windows=2,

@@ -120,13 +120,14 @@ def test_bad_input_gives_one_clear_error(args, words):
 def test_a_full_disk_is_one_clear_error_and_leaves_nothing(tmp_path, monkeypatch, capsys):
     import errno
 
-    from rankdown import cli, io
+    from rankdown import cli
+    from rankdown.io import writing
 
     def full(*a, **k):
         (a[2] / "model.safetensors").write_bytes(b"half")  # the save had begun
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(io, "_write", full)
+    monkeypatch.setattr(writing, "_write", full)
     rc = cli.main(["compress", "--method", "svd", "--ratio", "0.2", "--out", str(tmp_path / "out"), "-q"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "No space left on device" in err[0] and "free some space" in err[0]
@@ -192,3 +193,36 @@ def test_demo_compares_every_method_with_the_dense_model(capsys):
     for r in rows[1:]:
         assert abs(r["removed"] - 0.2) <= 0.01 and r["params"] < dense["params"]
         assert dense["heldout_ppl"] < r["heldout_ppl"] < 1.5 * dense["heldout_ppl"]
+
+
+def test_python_dash_m_rankdown_is_the_command():
+    proc = subprocess.run([sys.executable, "-m", "rankdown", "inspect", "--help"], capture_output=True, text=True,
+                          env=ENV, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: rankdown inspect"), proc.stderr
+
+
+def test_the_library_decides_streaming_as_the_command_line_does(tmp_path):
+    from rankdown.config import ConfigError
+    from rankdown.loading import should_stream
+    from rankdown.reference import reference_dir
+
+    folder = str(reference_dir())  # a local folder of safetensors weights
+    assert should_stream(folder, tmp_path / "out", "svd")  # the default when saving
+    assert not should_stream(folder, None, "svd")  # nothing to write shard by shard
+    assert not should_stream(folder, tmp_path / "out", "svd", want=False)
+    assert not should_stream("reference", tmp_path / "out", "svd")
+    with pytest.raises(ConfigError, match="give --out FOLDER"):
+        should_stream(folder, None, "svd", want=True)
+    with pytest.raises(ConfigError, match="is not one"):
+        should_stream("reference", tmp_path / "out", "svd", want=True)
+
+
+def test_compress_model_saves_a_folder_that_reloads_at_the_reported_size(tmp_path):
+    import rankdown
+    from rankdown.pipeline import compress_model
+
+    done = compress_model(None, tmp_path / "small", rankdown.SVDConfig(ratio=0.2), "reference", seqlen=128,
+                          progress=False)
+    assert done.out == tmp_path / "small" and not done.streamed
+    small = rankdown.load(done.out)
+    assert sum(p.numel() for p in small.parameters()) == done.report.params_after < done.report.params_before

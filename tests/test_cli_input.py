@@ -307,7 +307,7 @@ def test_tqdm_disable_silences_the_bars():
 
 @pytest.mark.skipif(BARS_OFF, reason="TQDM_DISABLE is set for this run (tqdm reads it once, at import)")
 def test_bench_shows_progress_while_it_evaluates_the_dense_model(capsys):
-    from rankdown.benchmark import BenchSettings, _evaluate
+    from rankdown.benchmark.grid import BenchSettings, _evaluate
     from rankdown.reference import load_reference
 
     model, tok = load_reference(torch.float32)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from rankdown import io
+from rankdown.io import writing
 from rankdown.nn.portable import LowRankLinear, UnfusedExperts, unfuse_experts
 
 TEXT = ["the cat sat on the mat", "a dog ran far away from the cat", "on the mat a dog sat"]
@@ -269,7 +270,7 @@ def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch, overwrite):
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(io, "_modeling_source", boom)  # after the weights are written
+    monkeypatch.setattr(writing, "_modeling_source", boom)  # after the weights are written
     with pytest.raises(RuntimeError, match="disk full"):
         io.save(model, None, out, RECORD, structure, overwrite=overwrite)
     assert sorted(os.listdir(tmp_path)) == (["out"] if overwrite else [])

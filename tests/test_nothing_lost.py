@@ -236,7 +236,8 @@ def test_leftovers_of_killed_saves_are_removed_by_the_next_run(tmp_path, capsys)
 
 KILLER = r"""
 import os, signal, sys
-from rankdown import cli, io, stream
+from rankdown import cli, stream
+from rankdown.io import writing as io
 when, sig = sys.argv[1], getattr(signal, sys.argv[2])
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal gives it (a background job ignores SIGINT)
 if when == "layer":

@@ -73,7 +73,8 @@ def load_model(name: str | None, dtype: str = "float32") -> tuple[Any, Any]:
         from rankdown.reference import load_reference
 
         return load_reference(torch_dtype)
-    from rankdown import gguf_source, io
+    from rankdown import gguf_source
+    from rankdown.io import has_tokenizer, load_tokenizer
 
     gguf_file = gguf_source.find(name)
     if gguf_file is not None:
@@ -86,7 +87,7 @@ def load_model(name: str | None, dtype: str = "float32") -> tuple[Any, Any]:
             raise FileNotFoundError(f"{path} has no config.json (nor a .gguf file): give a Hugging Face model "
                                     "folder, a .gguf file or a hub id")
         model = folder_model(path, dtype=torch_dtype)
-        tokenizer = io.load_tokenizer(path) if io.has_tokenizer(path) else None
+        tokenizer = load_tokenizer(path) if has_tokenizer(path) else None
         return model, tokenizer
     return _load_hub(name, torch_dtype)
 
@@ -138,22 +139,68 @@ def stored_dtype(name: str | None) -> "torch.dtype | None":
     model does not say."""
     import torch
 
-    from rankdown import io
+    from rankdown.io import checkpoint_dtype
 
     if is_reference(name):
         from rankdown.reference import reference_dir
 
-        return io.checkpoint_dtype(reference_dir())
+        return checkpoint_dtype(reference_dir())
     from rankdown import gguf_source
 
     if gguf_source.find(name) is not None:
         return None
     if Path(name).expanduser().is_dir():
-        return io.checkpoint_dtype(Path(name).expanduser())
+        return checkpoint_dtype(Path(name).expanduser())
     from transformers import AutoConfig  # a hub id: its config says (in the local cache once the model is loaded)
 
     found = getattr(AutoConfig.from_pretrained(name), "dtype", None)
     return getattr(torch, found) if isinstance(found, str) else found
+
+
+def save_dtype(name: str | None, save: str = "auto", dtype: str = "float32") -> "torch.dtype":
+    """The dtype a compressed copy of model ``name`` is saved in: ``save`` ("float32", "bfloat16",
+    "float16"), where ``auto`` is the dtype the model is stored in (else ``dtype``, the one it is
+    loaded in)."""
+    import torch
+
+    if save != "auto":
+        return getattr(torch, save)
+    return stored_dtype(name) or getattr(torch, dtype)
+
+
+def should_stream(name: str | None, out: str | os.PathLike | None, method: str, want: bool | None = None) -> bool:
+    """Whether to compress model ``name`` layer by layer from its files (see rankdown/stream.py).
+
+    Default (``want`` None): yes for a local folder of safetensors weights saved to ``out``, unless
+    the family's checkpoints cannot be mapped one layer at a time (fused experts) or the method
+    needs the whole model (a backward pass of its loss); ``want=True`` insists (and says why it
+    cannot), False loads the whole model. A GGUF file is never streamed: it is dequantized whole,
+    in memory.
+    """
+    from rankdown import gguf_source
+    from rankdown.config import ConfigError
+    from rankdown.methods import METHODS
+    from rankdown.stream import can_stream, streamable_family
+
+    gguf_file = None if is_reference(name) else gguf_source.find(name)
+    if gguf_file is not None:
+        if want:
+            raise ConfigError(f"--stream reads safetensors folders layer by layer; {gguf_file.name} is a GGUF file, "
+                              "which rankdown dequantizes and compresses in memory (drop --stream)")
+        logger.info("%s is a GGUF file: loaded whole and compressed in memory (streaming reads safetensors folders)",
+                    gguf_file)
+        return False
+    possible = not is_reference(name) and can_stream(name)
+    if want and not possible:
+        raise ConfigError("--stream reads a local model folder with safetensors weights; "
+                          f"{name or REFERENCE!r} is not one (drop --stream)")
+    if want and not out:
+        raise ConfigError("--stream writes the model as it goes: give --out FOLDER")
+    whole = METHODS[method].needs_loss  # a backward pass of the whole model
+    if want and whole:
+        raise ConfigError(f"--method {method} takes gradients of the model's loss, which needs the whole "
+                          "model in memory: drop --stream")
+    return bool(possible and out and want is not False and not whole and (want or streamable_family(name)))
 
 
 def source_record(name: str | None) -> dict[str, Any] | None:
@@ -177,11 +224,11 @@ def folder_model(path: str | os.PathLike, *, dtype: "torch.dtype | None" = None,
     """
     import torch
 
-    from rankdown import io
+    from rankdown.io import record
 
     path = Path(path).expanduser().absolute()
-    cfg = io._read_config(path)
-    io.check_model_type(path, cfg)
+    cfg = record._read_config(path)
+    record.check_model_type(path, cfg)
     if empty:  # the streamed model's FolderWeights checked the weights already
         import transformers
         from accelerate import init_empty_weights
@@ -191,7 +238,7 @@ def folder_model(path: str | os.PathLike, *, dtype: "torch.dtype | None" = None,
             if issubclass(cls, transformers.PreTrainedModel):
                 return cls._from_config(config, dtype=dtype).eval()
             return cls.from_config(config, dtype=dtype).eval()  # an Auto class
-    io.check_weights(path)
+    record.check_weights(path)
     cls, config = _folder_class(path, cfg, empty=False)
     # mismatched shapes are reported (then raised by _check_loading_info) rather than raised by transformers
     kwargs: dict[str, Any] = {"dtype": "auto" if dtype is None else dtype, "output_loading_info": True,
@@ -213,7 +260,7 @@ def _folder_class(path: Path, cfg: dict, empty: bool) -> tuple[type, Any]:
     is one (transformers maps checkpoint prefixes itself)."""
     import transformers
 
-    from rankdown import io
+    from rankdown.io import reading, record as folder
 
     record = cfg.get("rankdown")
     if record is None:
@@ -222,17 +269,15 @@ def _folder_class(path: Path, cfg: dict, empty: bool) -> tuple[type, Any]:
         cls = getattr(transformers, archs[0], None) if archs else None
         if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
             return cls, config
-        causal = empty or any(io._is_causal_lm(a) for a in archs)
+        causal = empty or any(folder._is_causal_lm(a) for a in archs)
         return (transformers.AutoModelForCausalLM if causal else transformers.AutoModel), config
-    if not empty and record.get("format") != io.FORMAT:  # (the skeleton has never checked the format)
-        from rankdown.io import ModelFolderError
-
-        raise ModelFolderError(
-            f"{path} was saved in rankdown format {record.get('format')!r}; this rankdown reads format {io.FORMAT}. "
+    if not empty and record.get("format") != folder.FORMAT:  # (the skeleton has never checked the format)
+        raise folder.ModelFolderError(
+            f"{path} was saved in rankdown format {record.get('format')!r}; this rankdown reads format {folder.FORMAT}. "
             "Install the rankdown version recorded in config.json (rankdown.versions)"
         )
-    stock, config = io._base_config(path, cfg, record)
-    return io._wrapper_class(stock), config
+    stock, config = reading._base_config(path, cfg, record)
+    return reading._wrapper_class(stock), config
 
 
 @contextlib.contextmanager

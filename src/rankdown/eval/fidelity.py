@@ -180,3 +180,18 @@ def _embedding_agreement(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float
     nearest_a = (na @ na.T).masked_fill(eye, float("-inf")).argmax(-1)  # (n,)
     nearest_b = (nb @ nb.T).masked_fill(eye, float("-inf")).argmax(-1)
     return cosine, float((nearest_a == nearest_b).double().mean())
+
+
+def fidelity_to(model: nn.Module, tokenizer: Any, original: str, texts: str | Path, *, dtype: str = "float32",
+                device: str | torch.device | None = None, seqlen: int = 512, batch_size: int = 8,
+                progress: bool = False) -> FidelityResult:
+    """:func:`fidelity` of ``model`` to the model named ``original`` (loaded here, in ``dtype``, with
+    :func:`rankdown.loading.load_model`, and moved to ``device`` where ``model`` is), on the
+    passages of file ``texts`` (:func:`read_passages`)."""
+    from rankdown.loading import load_model
+
+    passages = read_passages(texts)
+    reference, _ = load_model(original, dtype)
+    if device:
+        reference.to(device)
+    return fidelity(model, reference, tokenizer, passages, seqlen=seqlen, batch_size=batch_size, progress=progress)

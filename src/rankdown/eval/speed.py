@@ -330,3 +330,28 @@ def speed(
     res = compare_speed({"model": model}, batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens,
                         repeats=repeats, device=device, seed=seed, statistic=statistic)
     return {**res["models"]["model"], **res["settings"]}
+
+
+def speed_grid(
+    model: nn.Module,
+    *,
+    baseline: str | None = None,
+    dtype: str = "float32",
+    batch_sizes: list[int] = (1,),
+    lengths: list[int] = (512,),
+    new_tokens: int = 64,
+    repeats: int = 3,
+    device: str | torch.device = "cpu",
+) -> list[dict[str, Any]]:
+    """:func:`compare_speed` at every batch size x prompt length (batch sizes outer), as ``rankdown
+    eval --speed`` measures. ``baseline``: the name of a dense model (loaded here, in ``dtype``,
+    with :func:`rankdown.loading.load_model`) measured in the same runs as ``"baseline"``, first,
+    with ``model`` as ``"model"``. Returns one :func:`compare_speed` result per pair."""
+    models = {"model": model}
+    if baseline is not None:
+        from rankdown.loading import load_model
+
+        models = {"baseline": load_model(baseline, dtype)[0], "model": model}
+    return [compare_speed(models, batch_size=b, prompt_len=length, new_tokens=new_tokens, repeats=repeats,
+                          device=device)
+            for b in batch_sizes for length in lengths]

@@ -7,6 +7,7 @@ import argparse
 import errno
 import logging
 from pathlib import Path
+from typing import Any
 
 from rankdown.config import MethodConfig
 from rankdown.loading import is_reference
@@ -61,14 +62,14 @@ def check_compress(args: argparse.Namespace, config: MethodConfig, calib_given: 
 
 def config_json(model: str | None) -> dict | None:
     """config.json of the reference or of a local model folder; None for a hub id or a GGUF file."""
-    from rankdown import io
+    from rankdown.io.record import _read_config
 
     if is_reference(model):
         from rankdown.reference import reference_dir
 
-        return io._read_config(reference_dir())
+        return _read_config(reference_dir())
     path = Path(model).expanduser()
-    return io._read_config(path) if (path / "config.json").is_file() else None
+    return _read_config(path) if (path / "config.json").is_file() else None
 
 
 def names(text: str, flag: str, example: str) -> list[str]:
@@ -98,3 +99,31 @@ def disk_advice(args: argparse.Namespace, e: OSError, notes: str = "") -> str:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"cannot write{where}: {e.strerror or e}; free some space or choose another {flag}{left}"
     return f"cannot write{where}: {e.strerror or e}; choose a writable {flag}{left}"
+
+
+def int_list(text: str, flag: str) -> list[int]:
+    """The comma-separated whole numbers >= 1 of ``flag``."""
+    from rankdown.config import ConfigError
+
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} takes whole numbers separated by commas, e.g. 1,8; got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"{flag} takes whole numbers >= 1 separated by commas, e.g. 1,8; got {text!r}")
+    return values
+
+
+def float_list(text: str, flag: str) -> list[float]:
+    """The comma-separated numbers of ``flag``."""
+    from rankdown.config import ConfigError
+
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} takes numbers separated by commas, e.g. 0.1,0.2; got {text!r}") from None
+
+
+def given(value: Any, default: Any) -> Any:
+    """``value`` unless it was not given (None): a given 0 reaches the validation and its error."""
+    return default if value is None else value
