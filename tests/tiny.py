@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import transformers as tf
+from transformers.pytorch_utils import Conv1D
 
 VOCAB = 96
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -17,6 +18,9 @@ CONFIGS = {
     "qwen3": lambda: tf.Qwen3Config(**_COMMON, head_dim=16),
     "phi3": lambda: tf.Phi3Config(**_COMMON, pad_token_id=0),
     "gemma2": lambda: tf.Gemma2Config(**_COMMON, head_dim=16, sliding_window=8),
+    # a sliding layer (window 8 < the tests' 32 tokens, RoPE base 10k) and a full one (base 1M)
+    "gemma3": lambda: tf.Gemma3TextConfig(**_COMMON, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                                          layer_types=["sliding_attention", "full_attention"]),
     "mixtral": lambda: tf.MixtralConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2),
     "opt": lambda: tf.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
                                 num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64),
@@ -32,7 +36,15 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     config = CONFIGS[family]()
     cls = tf.BertModel if family == "bert" else tf.AutoModelForCausalLM
     model = cls(config) if family == "bert" else cls.from_config(config)
+    if family in _OFFSET_NORMS:  # Gemma's norms start at w = 0 (a scale of 1 + w = 1): give them a shape
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(0.0, 0.3)
     return model.eval()
+
+
+_OFFSET_NORMS = {"gemma3"}  # (1 + w) norms: random w, so that a norm computing w·x would be caught
 
 
 def tiny_ids(n: int = 8, length: int = 32, seed: int = 1) -> torch.Tensor:
@@ -56,10 +68,13 @@ def zeroed_error(model: "str | torch.nn.Module", ids: torch.Tensor, before: torc
     """:func:`rel_error` of a model (a family's tiny model, or this one, changed in place) with
     every linear of its layers set to zero: what a method that throws the layers away would score,
     the scale for a method's output error."""
+    from rankdown.arch import spec_for
+
     model = tiny_model(model) if isinstance(model, str) else model
+    _, layers = spec_for(model).find_layers(model)
     with torch.no_grad():
-        for name, mod in model.named_modules():
-            if isinstance(mod, torch.nn.Linear) and (".layers." in name or ".layer." in name):
+        for mod in layers.modules():
+            if isinstance(mod, (torch.nn.Linear, Conv1D)):
                 mod.weight.zero_()
                 if mod.bias is not None:
                     mod.bias.zero_()

@@ -39,6 +39,7 @@ class ArchSpec:
     exclude: tuple[str, ...] = field(default=())  # linears never compressed (routers)
     attention: str | None = None  # the attention module inside a layer (replaced whole by structured methods)
     qk_norm: bool = False  # queries and keys are RMS-normalised over the head dimension (Qwen3)
+    norm_offset: float = 0.0  # the RMS norms scale by ``(norm_offset + w)``: Gemma's ``(1 + w)``
 
     @property
     def fused_qkv(self) -> bool:
@@ -100,7 +101,9 @@ FAMILIES: tuple[ArchSpec, ...] = (
     ArchSpec("mistral", ("mistral",), **_LLAMA_LIKE),
     ArchSpec("qwen2", ("qwen2",), **_LLAMA_LIKE),
     ArchSpec("qwen3", ("qwen3",), **_LLAMA_LIKE, qk_norm=True),
-    ArchSpec("gemma2", ("gemma2",), **_LLAMA_LIKE),
+    ArchSpec("gemma2", ("gemma2",), **_LLAMA_LIKE, norm_offset=1.0),
+    # sliding and full layers with their own RoPE bases: the model hands each layer its cos/sin and mask
+    ArchSpec("gemma3", ("gemma3_text",), **_LLAMA_LIKE, qk_norm=True, norm_offset=1.0),
     ArchSpec(
         "phi3", ("phi3",), layers=("model.layers",),
         q="self_attn.qkv_proj", k="self_attn.qkv_proj", v="self_attn.qkv_proj", o="self_attn.o_proj",
@@ -124,6 +127,15 @@ FAMILIES: tuple[ArchSpec, ...] = (
         rope=False, gated_mlp=False, causal=False,
     ),
 )
+
+def norm_eps(norm: nn.Module) -> float:
+    """The epsilon of an RMS norm module, whichever attribute its family keeps it in."""
+    for name in ("variance_epsilon", "eps", "epsilon"):
+        value = getattr(norm, name, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    raise UnsupportedModelError(f"{type(norm).__name__} keeps its epsilon in no attribute rankdown knows")
+
 
 _BY_TYPE = {t: spec for spec in FAMILIES for t in spec.model_types}
 

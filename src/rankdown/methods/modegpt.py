@@ -28,7 +28,7 @@ from torch import nn
 
 from rankdown import heap
 from rankdown.allocate import Target
-from rankdown.arch import ArchSpec, UnsupportedModelError
+from rankdown.arch import ArchSpec, UnsupportedModelError, norm_eps
 from rankdown.config import ConfigError, MethodConfig, setting
 from rankdown.methods.base import Method, register
 from rankdown.methods.linalg import Guard, _row_blocks, cholesky_lower_, guarded_eigh, mm64, solve_cholesky_
@@ -448,7 +448,8 @@ class ModeGPT(Method):
             "causal": True, "rope": kept.tolist() if rope else None,
             "names": {role: getattr(spec, role)[len(spec.attention) + 1:] for role in "qkvo"},
             "bias": {role: new[role][1] is not None for role in "qkvo"},
-            "qk_norm_eps": float(attn.q_norm.variance_epsilon) if spec.qk_norm else None,
+            "qk_norm_eps": norm_eps(attn.q_norm) if spec.qk_norm else None,
+            **({"qk_norm_offset": spec.norm_offset} if spec.qk_norm and spec.norm_offset else {}),
         }
         w0 = lin["q"].weight
         module = ReducedAttention(record, device=w0.device, dtype=w0.dtype)

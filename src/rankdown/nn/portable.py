@@ -134,17 +134,21 @@ class ReducedLinear(nn.Linear):
 
 
 class HeadRMSNorm(nn.Module):
-    """RMS norm over the last dimension (a head), as Qwen3's q/k norms: ``w * x / rms(x)`` in float32."""
+    """RMS norm over the last dimension (a head), as the q/k norms of Qwen3 (``w * x / rms(x)``, the
+    normalised x cast back before the scale) and of Gemma 3 (``offset`` 1: ``(1 + w) * x / rms(x)``,
+    the scale applied in float32 before the cast back), each family's own rounding."""
 
-    def __init__(self, dim: int, eps: float, device=None, dtype=None) -> None:
+    def __init__(self, dim: int, eps: float, device=None, dtype=None, offset: float = 0.0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
-        self.eps = eps
+        self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.to(torch.float32)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (x * (self.offset + self.weight.float())).to(dtype)
         return self.weight * x.to(dtype)
 
 
@@ -191,8 +195,9 @@ class ReducedAttention(nn.Module):
         for role, (i, o) in shapes.items():
             self.add_module(self.names[role], nn.Linear(i, o, bias=bias[role], **kw))
         eps = spec.get("qk_norm_eps")
-        self.q_norm = HeadRMSNorm(self.qk_dim, eps, **kw) if eps is not None else None
-        self.k_norm = HeadRMSNorm(self.qk_dim, eps, **kw) if eps is not None else None
+        offset = spec.get("qk_norm_offset", 0.0)
+        self.q_norm = HeadRMSNorm(self.qk_dim, eps, offset=offset, **kw) if eps is not None else None
+        self.k_norm = HeadRMSNorm(self.qk_dim, eps, offset=offset, **kw) if eps is not None else None
         self._spec = dict(spec)
         # (device, dtype) -> (flat kept rotary dimensions (kv_heads*qk_dim,), sign (qk_dim,)); a plain dict, not
         # buffers: models are built on the meta device, where non-persistent buffers would not survive loading

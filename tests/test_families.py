@@ -1,0 +1,108 @@
+"""What a family needs beyond its table row, checked where the contract matrix cannot see it:
+Gemma 3's (1 + w) query/key norms, sliding and full layers inside the reduced attention; and every
+newer family's compressed folder loading back with identical logits, with rankdown and without it."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rankdown
+from rankdown.allocate import count_params
+from rankdown.api import compress
+from rankdown.config import RunSettings
+from rankdown.methods import make_config
+from rankdown.nn.portable import ReducedAttention
+from tiny import outputs, tiny_ids, tiny_model
+
+IDS = tiny_ids(8, 32)
+
+
+def _full_size_copy(attn: torch.nn.Module, layer_idx: int, offset: float) -> ReducedAttention:
+    """A ReducedAttention holding every query/key/value dimension of a stock attention with q/k norms."""
+    cfg = attn.config
+    H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim
+    spec = {"type": "attention", "hidden": cfg.hidden_size, "heads": H, "kv_heads": Hkv, "head_dim": hd,
+            "qk_dim": hd, "v_dim": hd, "scale": attn.scaling, "layer_idx": layer_idx,
+            "rope": [list(range(hd // 2))] * Hkv, "names": {r: f"{r}_proj" for r in "qkvo"},
+            "bias": {r: False for r in "qkvo"}, "qk_norm_eps": attn.q_norm.eps, "qk_norm_offset": offset}
+    new = ReducedAttention(spec)
+    with torch.no_grad():
+        for name, p in new.named_parameters():
+            p.copy_(attn.get_parameter(name))
+    return new
+
+
+def test_gemma3_reduced_attention_equals_the_stock_one_on_sliding_and_full_layers():
+    """Gemma 3's layers (a sliding one with RoPE base 10k, a full one with 1M; q/k norms (1 + w) with
+    random w) rebuilt as full-size reduced attentions give the stock model's logits and greedy tokens,
+    with padding and a KV cache; the same norms computing w·x would not."""
+    dense = tiny_model("gemma3")
+    assert dense.config.layer_types == ["sliding_attention", "full_attention"] and IDS.shape[1] > dense.config.sliding_window
+    got = {}
+    for offset in (1.0, 0.0):
+        red = copy.deepcopy(dense)
+        for i, layer in enumerate(red.model.layers):
+            layer.self_attn = _full_size_copy(layer.self_attn, i, offset)
+        got[offset] = red
+    want = outputs(dense, IDS)
+    assert torch.allclose(outputs(got[1.0], IDS), want, atol=1e-5)
+    assert not torch.allclose(outputs(got[0.0], IDS), want, atol=1e-2)
+    am = torch.ones_like(IDS[:2])
+    am[1, :5] = 0  # left padding
+    gen = [m.generate(IDS[:2], attention_mask=am, max_new_tokens=12, do_sample=False) for m in (got[1.0], dense)]
+    assert torch.equal(gen[0], gen[1])
+
+
+# ----------------------------------------------------------------------------- save and load, both ways
+# (family, method): the folders of the families added after the first table, with modegpt where it runs
+ROUND_TRIPS = [("gemma3", "svd-llm"), ("gemma3", "modegpt")]
+
+REMOTE = r"""
+import json, sys, torch
+torch.set_num_threads(1)
+from transformers import AutoModelForCausalLM
+dirs, ids = json.loads(sys.argv[1]), torch.load(sys.argv[2])
+out = {}
+for name, d in dirs.items():
+    model, info = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True, output_loading_info=True)
+    assert "rankdown" not in sys.modules
+    with torch.no_grad():
+        logits = model.eval()(input_ids=ids).logits
+    gen = model.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=6, do_sample=False)
+    out[name] = {"info": {k: list(map(str, v)) for k, v in info.items()}, "logits": logits, "gen": gen}
+torch.save(out, sys.argv[3])
+"""
+
+
+def test_compressed_folders_load_back_identically_with_and_without_rankdown(tmp_path):
+    models, dirs = {}, {}
+    for family, method in ROUND_TRIPS:
+        name = f"{family}-{method}"
+        model = tiny_model(family)
+        report = compress(model, None, make_config(method, ratio=0.25), IDS, progress=False,
+                          run=RunSettings(batch_size=4))
+        folder = rankdown.save(model, None, tmp_path / name, report)
+        loaded = rankdown.load(folder)
+        assert count_params(loaded) == count_params(model)
+        assert torch.equal(outputs(loaded, IDS), outputs(model, IDS)), name
+        models[name], dirs[name] = model, str(folder)
+    torch.save(IDS, tmp_path / "ids.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", REMOTE, json.dumps(dirs), str(tmp_path / "ids.pt"),
+                           str(tmp_path / "r.pt")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    remote = torch.load(tmp_path / "r.pt")
+    for name, model in models.items():
+        r = remote[name]
+        assert all(not v for v in r["info"].values()), (name, r["info"])
+        assert torch.equal(r["logits"], outputs(model, IDS)), name
+        gen = model.generate(IDS[:1], attention_mask=torch.ones_like(IDS[:1]), max_new_tokens=6, do_sample=False)
+        assert torch.equal(r["gen"], gen), name
