@@ -62,7 +62,9 @@ def test_gemma3_reduced_attention_equals_the_stock_one_on_sliding_and_full_layer
 
 # ----------------------------------------------------------------------------- save and load, both ways
 # (family, method): the folders of the families added after the first table, with modegpt where it runs
-ROUND_TRIPS = [("gemma3", "svd-llm"), ("gemma3", "modegpt")]
+# and extra settings; gpt2's excluded c_proj stays a (converted) dense nn.Linear, which loading must rebuild
+ROUND_TRIPS = [("gemma3", "svd-llm", {}), ("gemma3", "modegpt", {}), ("gpt2", "svd-llm", {"exclude": [r"mlp\.c_proj"]}),
+               ("gpt_neox", "svd-llm", {})]
 
 REMOTE = r"""
 import json, sys, torch
@@ -83,10 +85,10 @@ torch.save(out, sys.argv[3])
 
 def test_compressed_folders_load_back_identically_with_and_without_rankdown(tmp_path):
     models, dirs = {}, {}
-    for family, method in ROUND_TRIPS:
+    for family, method, extra in ROUND_TRIPS:
         name = f"{family}-{method}"
         model = tiny_model(family)
-        report = compress(model, None, make_config(method, ratio=0.25), IDS, progress=False,
+        report = compress(model, None, make_config(method, ratio=0.25, **extra), IDS, progress=False,
                           run=RunSettings(batch_size=4))
         folder = rankdown.save(model, None, tmp_path / name, report)
         loaded = rankdown.load(folder)
@@ -106,3 +108,25 @@ def test_compressed_folders_load_back_identically_with_and_without_rankdown(tmp_
         assert torch.equal(r["logits"], outputs(model, IDS)), name
         gen = model.generate(IDS[:1], attention_mask=torch.ones_like(IDS[:1]), max_new_tokens=6, do_sample=False)
         assert torch.equal(r["gen"], gen), name
+
+
+def test_gpt2_conv1d_becomes_linear_with_the_same_outputs_and_streaming_is_refused():
+    """GPT-2 keeps its linears as Conv1D, weights (in, out): prepared, each is an nn.Linear with the
+    transposed weight (same logits), so every method reads (out, in) weights; a streamed skeleton
+    (meta weights, files holding (in, out)) is refused rather than loaded transposed."""
+    from rankdown.arch import UnsupportedModelError, spec_for
+    from rankdown.nn.portable import is_conv1d
+
+    model = tiny_model("gpt2")
+    before = outputs(model, IDS)
+    spec = spec_for(model)
+    done = spec.prepare(model)
+    assert len(done) == 8 and not any(is_conv1d(m) for m in model.modules())
+    c_fc = model.transformer.h[0].mlp.c_fc
+    assert isinstance(c_fc, torch.nn.Linear) and c_fc.weight.shape == (128, 64)
+    assert torch.allclose(outputs(model, IDS), before, atol=1e-5)
+    with torch.device("meta"):
+        skeleton = tiny_model("gpt2")
+    with pytest.raises(UnsupportedModelError, match="--no-stream"):
+        spec.prepare(skeleton)
+    assert not spec.streamable

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from rankdown.nn.portable import unfuse_experts
+from rankdown.nn.portable import is_conv1d, unfuse_experts
 
 
 class UnsupportedModelError(ValueError):
@@ -40,6 +40,7 @@ class ArchSpec:
     attention: str | None = None  # the attention module inside a layer (replaced whole by structured methods)
     qk_norm: bool = False  # queries and keys are RMS-normalised over the head dimension (Qwen3)
     norm_offset: float = 0.0  # the RMS norms scale by ``(norm_offset + w)``: Gemma's ``(1 + w)``
+    conv1d: bool = False  # the linears are GPT-2's Conv1D, weights stored (in, out): made nn.Linear first
 
     @property
     def fused_qkv(self) -> bool:
@@ -75,8 +76,16 @@ class ArchSpec:
             mlp_in, mlp_out = list(self.mlp_in), [self.mlp_out]
         return [attn_in, [self.o], mlp_in, mlp_out]
 
+    @property
+    def streamable(self) -> bool:
+        """Whether a checkpoint's tensors map one to one onto the prepared model's (layer streaming)."""
+        return self.experts is None and not self.conv1d
+
     def prepare(self, model: nn.Module) -> list[str]:
-        """Bring the model into the form methods work on; returns the unfused expert paths."""
+        """Bring the model into the form methods work on; returns the paths changed (unfused experts,
+        Conv1D made nn.Linear), which the saved structure records so that loading does the same."""
+        if self.conv1d:
+            return self._linears_from_conv1d(model)
         if self.experts is None:
             return []
         path, layers = self.find_layers(model)
@@ -85,6 +94,24 @@ class ArchSpec:
             mod = layer.get_submodule(self.experts)
             if hasattr(mod, "gate_up_proj"):  # still fused
                 full = f"{path}.{i}.{self.experts}"
+                unfuse_experts(model, full)
+                done.append(full)
+        return done
+
+
+    def _linears_from_conv1d(self, model: nn.Module) -> list[str]:
+        path, layers = self.find_layers(model)
+        done = []
+        for i, layer in enumerate(layers):
+            for name in dict.fromkeys(n for g in self.groups(layer) for n in g):
+                mod = layer.get_submodule(name)
+                if not is_conv1d(mod):
+                    continue
+                if mod.weight.device.type == "meta":  # a streamed skeleton: the files hold (in, out)
+                    raise UnsupportedModelError(
+                        f"{self.family} stores its linears transposed (Conv1D): streaming cannot map them; "
+                        "compress it in memory (--no-stream)")
+                full = f"{path}.{i}.{name}"
                 unfuse_experts(model, full)
                 done.append(full)
         return done
@@ -118,6 +145,17 @@ FAMILIES: tuple[ArchSpec, ...] = (
         "opt", ("opt",), layers=("model.decoder.layers",),
         q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.out_proj",
         mlp_in=("fc1",), mlp_out="fc2", rope=False, gated_mlp=False, attention="self_attn",
+    ),
+    ArchSpec(  # Conv1D linears, q/k/v fused in c_attn, learned positions
+        "gpt2", ("gpt2",), layers=("transformer.h",),
+        q="attn.c_attn", k="attn.c_attn", v="attn.c_attn", o="attn.c_proj",
+        mlp_in=("mlp.c_fc",), mlp_out="mlp.c_proj", rope=False, gated_mlp=False, attention="attn", conv1d=True,
+    ),
+    ArchSpec(  # Pythia: q/k/v fused (interleaved per head), partial RoPE, parallel attention and MLP
+        "gpt_neox", ("gpt_neox",), layers=("gpt_neox.layers",),
+        q="attention.query_key_value", k="attention.query_key_value", v="attention.query_key_value",
+        o="attention.dense", mlp_in=("mlp.dense_h_to_4h",), mlp_out="mlp.dense_4h_to_h", gated_mlp=False,
+        attention="attention",
     ),
     ArchSpec(
         "bert", ("bert", "roberta", "xlm-roberta"),

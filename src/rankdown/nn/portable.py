@@ -306,9 +306,29 @@ def _act_of(model: nn.Module) -> str:
     return getattr(model.config, "hidden_act", None) or getattr(model.config, "hidden_activation", "silu")
 
 
-def unfuse_experts(model: nn.Module, path: str) -> UnfusedExperts:
-    """Replace the fused experts module at ``path`` by an :class:`UnfusedExperts` with equal weights."""
-    new = UnfusedExperts.from_fused(model.get_submodule(path), _act_of(model))
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's ``Conv1D``: a linear whose weight is stored transposed, (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+
+
+def linear_from_conv1d(conv: nn.Module) -> nn.Linear:
+    """An ``nn.Linear`` computing what a ``Conv1D`` computes (its weight transposed, its bias)."""
+    w = conv.weight  # (in, out)
+    new = nn.Linear(conv.nx, conv.nf, bias=conv.bias is not None, device=w.device, dtype=w.dtype)
+    if w.device.type != "meta":
+        with torch.no_grad():
+            new.weight.copy_(w.t())
+            if conv.bias is not None:
+                new.bias.copy_(conv.bias)
+    return new
+
+
+def unfuse_experts(model: nn.Module, path: str) -> nn.Module:
+    """Bring the module at ``path`` into the form methods work on, with equal weights: fused experts
+    become an :class:`UnfusedExperts`, a ``Conv1D`` an ``nn.Linear`` (the structure's ``unfused_experts``
+    lists both)."""
+    old = model.get_submodule(path)
+    new = linear_from_conv1d(old) if is_conv1d(old) else UnfusedExperts.from_fused(old, _act_of(model))
     model.set_submodule(path, new)
     return new
 
