@@ -16,7 +16,7 @@ IDS = tiny_ids(8, 32)
 
 
 # modegpt rebuilds attention and MLP with smaller dimensions (no LowRankLinear); families it refuses
-MODEGPT_UNSUPPORTED = {"phi3", "gemma2", "mixtral", "bert", "gpt2", "gpt_neox"}
+MODEGPT_UNSUPPORTED = {"phi3", "gemma2", "mixtral", "qwen2_moe", "qwen3_moe", "bert", "gpt2", "gpt_neox"}
 # the output error at 25% as a fraction of the error of a model whose decoder linears are all zero;
 # the largest measured over the families: svd 0.62, asvd 0.62, lillama 0.44, svd-llm 0.27, rom 0.16,
 # modegpt 0.14 (random weights have flat spectra: plain SVD at 25% loses half of what zeros lose)
@@ -95,7 +95,7 @@ def test_exclude_keeps_matching_modules_dense():
     assert abs(report.ratio_achieved - 0.15) <= 0.01
 
 
-@pytest.mark.parametrize("family", ["llama", "opt", "mixtral"])
+@pytest.mark.parametrize("family", ["llama", "opt", "mixtral", "qwen2_moe"])
 def test_svd_llm_from_output_correlations_equals_the_input_route(family, monkeypatch):
     """SVD-LLM sums W C Wᵀ over down_proj's outputs (hidden², not intermediate²): same model as
     from the input correlation, also for experts (mixtral) and biased linears (opt)."""

@@ -22,6 +22,11 @@ CONFIGS = {
     "gemma3": lambda: tf.Gemma3TextConfig(**_COMMON, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
                                           layer_types=["sliding_attention", "full_attention"]),
     "mixtral": lambda: tf.MixtralConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2),
+    # layer 1's MLP dense (mlp_only_layers); experts of width 32, a shared expert of 64 (qwen2_moe)
+    "qwen2_moe": lambda: tf.Qwen2MoeConfig(**_COMMON, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                                           num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1]),
+    "qwen3_moe": lambda: tf.Qwen3MoeConfig(**_COMMON, head_dim=16, moe_intermediate_size=32, num_experts=4,
+                                           num_experts_per_tok=2),
     "opt": lambda: tf.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
                                 num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64),
     "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions=128,

@@ -36,6 +36,9 @@ class ArchSpec:
     gated_mlp: bool = True
     causal: bool = True
     experts: str | None = None  # fused experts module inside a layer (unfused before compressing)
+    # with experts: mlp_in/mlp_out name a shared expert beside them (Qwen2-MoE), or are empty (Mixtral);
+    # dense_mlp names (gate, up, down) of the layers whose MLP is dense (Qwen-MoE's mlp_only_layers)
+    dense_mlp: tuple[str, ...] = field(default=())
     exclude: tuple[str, ...] = field(default=())  # linears never compressed (routers)
     attention: str | None = None  # the attention module inside a layer (replaced whole by structured methods)
     qk_norm: bool = False  # queries and keys are RMS-normalised over the head dimension (Qwen3)
@@ -67,14 +70,28 @@ class ArchSpec:
         the MLP groups hold every expert's projections.
         """
         attn_in = list(dict.fromkeys([self.q, self.k, self.v]))
-        if self.experts is not None:
+        if self.experts is not None and not self.has_experts(layer):
+            mlp_in, mlp_out = list(self.dense_mlp[:-1]), list(self.dense_mlp[-1:])
+        elif self.experts is not None:
             experts = layer.get_submodule(self.experts)
             n = len(experts.experts)
             mlp_in = [f"{self.experts}.experts.{e}.{p}" for e in range(n) for p in ("gate_proj", "up_proj")]
             mlp_out = [f"{self.experts}.experts.{e}.down_proj" for e in range(n)]
+            mlp_in += list(self.mlp_in)  # a shared expert reads the same input
+            mlp_out += [self.mlp_out] if self.mlp_out else []
         else:
             mlp_in, mlp_out = list(self.mlp_in), [self.mlp_out]
         return [attn_in, [self.o], mlp_in, mlp_out]
+
+    def has_experts(self, layer: nn.Module) -> bool:
+        """Whether this layer's MLP is a mixture of experts (not a dense one of an MoE model)."""
+        if self.experts is None:
+            return False
+        try:
+            layer.get_submodule(self.experts)
+        except AttributeError:
+            return False
+        return True
 
     @property
     def streamable(self) -> bool:
@@ -91,6 +108,8 @@ class ArchSpec:
         path, layers = self.find_layers(model)
         done = []
         for i, layer in enumerate(layers):
+            if not self.has_experts(layer):
+                continue
             mod = layer.get_submodule(self.experts)
             if hasattr(mod, "gate_up_proj"):  # still fused
                 full = f"{path}.{i}.{self.experts}"
@@ -140,6 +159,19 @@ FAMILIES: tuple[ArchSpec, ...] = (
         "mixtral", ("mixtral",), layers=("model.layers",),
         q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
         mlp_in=(), mlp_out="", experts="mlp.experts", exclude=("mlp.gate",),
+    ),
+    ArchSpec(  # routed experts plus a gated shared expert; the routers (gate, shared_expert_gate) stay dense
+        "qwen2_moe", ("qwen2_moe",), layers=("model.layers",),
+        q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
+        mlp_in=("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"), mlp_out="mlp.shared_expert.down_proj",
+        experts="mlp.experts", exclude=("mlp.gate", "mlp.shared_expert_gate"),
+        dense_mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+    ),
+    ArchSpec(  # routed experts only, Qwen3's per-head q/k norms
+        "qwen3_moe", ("qwen3_moe",), layers=("model.layers",),
+        q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
+        mlp_in=(), mlp_out="", experts="mlp.experts", exclude=("mlp.gate",), qk_norm=True,
+        dense_mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
     ),
     ArchSpec(
         "opt", ("opt",), layers=("model.decoder.layers",),
