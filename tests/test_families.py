@@ -64,7 +64,8 @@ def test_gemma3_reduced_attention_equals_the_stock_one_on_sliding_and_full_layer
 # (family, method): the folders of the families added after the first table, with modegpt where it runs
 # and extra settings; gpt2's excluded c_proj stays a (converted) dense nn.Linear, which loading must rebuild
 ROUND_TRIPS = [("gemma3", "svd-llm", {}), ("gemma3", "modegpt", {}), ("gpt2", "svd-llm", {"exclude": [r"mlp\.c_proj"]}),
-               ("gpt_neox", "svd-llm", {}), ("qwen2_moe", "svd-llm", {}), ("qwen3_moe", "rom", {})]
+               ("gpt_neox", "svd-llm", {}), ("qwen2_moe", "svd-llm", {}), ("qwen3_moe", "rom", {}),
+               ("olmo2", "svd-llm", {}), ("smollm3", "svd-llm", {}), ("phi4", "svd-llm", {})]
 
 REMOTE = r"""
 import json, sys, torch

@@ -17,10 +17,15 @@ CONFIGS = {
     "qwen2": lambda: tf.Qwen2Config(**_COMMON),  # q/k/v carry biases
     "qwen3": lambda: tf.Qwen3Config(**_COMMON, head_dim=16),
     "phi3": lambda: tf.Phi3Config(**_COMMON, pad_token_id=0),
+    # Phi-4-mini: model_type phi3, a quarter of each head without RoPE, tied embeddings
+    "phi4": lambda: tf.Phi3Config(**_COMMON, pad_token_id=0, partial_rotary_factor=0.75, tie_word_embeddings=True),
     "gemma2": lambda: tf.Gemma2Config(**_COMMON, head_dim=16, sliding_window=8),
     # a sliding layer (window 8 < the tests' 32 tokens, RoPE base 10k) and a full one (base 1M)
     "gemma3": lambda: tf.Gemma3TextConfig(**_COMMON, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
                                           layer_types=["sliding_attention", "full_attention"]),
+    "olmo2": lambda: tf.Olmo2Config(**_COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "smollm3": lambda: tf.SmolLM3Config(**_COMMON, no_rope_layers=[1, 0], pad_token_id=0, bos_token_id=1,
+                                        eos_token_id=2),  # layer 1 without RoPE
     "mixtral": lambda: tf.MixtralConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2),
     # layer 1's MLP dense (mlp_only_layers); experts of width 32, a shared expert of 64 (qwen2_moe)
     "qwen2_moe": lambda: tf.Qwen2MoeConfig(**_COMMON, moe_intermediate_size=32, shared_expert_intermediate_size=64,

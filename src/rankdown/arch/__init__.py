@@ -43,6 +43,7 @@ class ArchSpec:
     attention: str | None = None  # the attention module inside a layer (replaced whole by structured methods)
     qk_norm: bool = False  # queries and keys are RMS-normalised over the head dimension (Qwen3)
     norm_offset: float = 0.0  # the RMS norms scale by ``(norm_offset + w)``: Gemma's ``(1 + w)``
+    no_structured: str = ""  # why MoDeGPT's reduced attention cannot rebuild this family's (empty: it can)
     conv1d: bool = False  # the linears are GPT-2's Conv1D, weights stored (in, out): made nn.Linear first
 
     @property
@@ -147,6 +148,14 @@ FAMILIES: tuple[ArchSpec, ...] = (
     ArchSpec("mistral", ("mistral",), **_LLAMA_LIKE),
     ArchSpec("qwen2", ("qwen2",), **_LLAMA_LIKE),
     ArchSpec("qwen3", ("qwen3",), **_LLAMA_LIKE, qk_norm=True),
+    ArchSpec(  # post-norms only; q/k RMS norms over the whole projection (all heads at once), not per head
+        "olmo2", ("olmo2",), **_LLAMA_LIKE,
+        no_structured="its query/key norms span every head at once, so dropping query/key dimensions changes them",
+    ),
+    ArchSpec(  # llama-like, every 4th layer without RoPE (no_rope_layers)
+        "smollm3", ("smollm3",), **_LLAMA_LIKE,
+        no_structured="some of its layers use no RoPE (NoPE), which the reduced attention does not model yet",
+    ),
     ArchSpec("gemma2", ("gemma2",), **_LLAMA_LIKE, norm_offset=1.0),
     # sliding and full layers with their own RoPE bases: the model hands each layer its cos/sin and mask
     ArchSpec("gemma3", ("gemma3_text",), **_LLAMA_LIKE, qk_norm=True, norm_offset=1.0),

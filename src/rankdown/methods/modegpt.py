@@ -280,6 +280,8 @@ def check_supported(model: nn.Module, spec: ArchSpec) -> None:
         why = "its MLP is a mixture of experts (per-expert Nyström is not implemented)"
     elif getattr(model.config, "attn_logit_softcapping", None) is not None:
         why = "it caps attention logits (softcapping), which the reduced attention (SDPA) cannot do"
+    elif spec.no_structured:
+        why = spec.no_structured
     elif spec.attention is None:
         why = "its architecture entry names no attention module to rebuild"
     if why:
