@@ -131,3 +131,31 @@ def test_gpt2_conv1d_becomes_linear_with_the_same_outputs_and_streaming_is_refus
     with pytest.raises(UnsupportedModelError, match="--no-stream"):
         spec.prepare(skeleton)
     assert not spec.streamable
+
+
+def test_a_dominant_embedding_is_reported_with_what_the_layers_must_carry(caplog):
+    """Gemma 3's 262k vocabulary holds much of a small model: compress says what share the layers
+    hold and how much of theirs the ratio removes (here a 2048-token vocabulary on the tiny layers)."""
+    import logging
+
+    import transformers as tf
+
+    from tiny import CONFIGS
+
+    torch.manual_seed(0)
+    config = CONFIGS["gemma3"]()
+    config.vocab_size = 2048
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    held = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
+    share = held / count_params(model)
+    with caplog.at_level(logging.WARNING, logger="rankdown"):
+        report = compress(model, None, make_config("svd", ratio=0.1), None, progress=False)
+    note = [r.getMessage() for r in caplog.records if "compressed linears hold" in r.getMessage()]
+    assert 0.2 < share < 0.5 and abs(report.ratio_achieved - 0.1) <= 0.01
+    assert len(note) == 1 and f"hold {100 * share:.0f}%" in note[0], note
+    assert f"removing 10% of the model removes {10 / share:.0f}% of theirs" in note[0]
+    small = tiny_model("gemma3")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rankdown"):
+        compress(small, None, make_config("svd", ratio=0.1), None, progress=False)
+    assert not any("compressed linears hold" in r.getMessage() for r in caplog.records)
