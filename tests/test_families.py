@@ -65,7 +65,7 @@ def test_gemma3_reduced_attention_equals_the_stock_one_on_sliding_and_full_layer
 # and extra settings; gpt2's excluded c_proj stays a (converted) dense nn.Linear, which loading must rebuild
 ROUND_TRIPS = [("gemma3", "svd-llm", {}), ("gemma3", "modegpt", {}), ("gpt2", "svd-llm", {"exclude": [r"mlp\.c_proj"]}),
                ("gpt_neox", "svd-llm", {}), ("qwen2_moe", "svd-llm", {}), ("qwen3_moe", "rom", {}),
-               ("olmo2", "svd-llm", {}), ("smollm3", "svd-llm", {}), ("phi4", "svd-llm", {})]
+               ("llama4", "svd-llm", {}), ("olmo2", "svd-llm", {}), ("smollm3", "svd-llm", {}), ("phi4", "svd-llm", {})]
 
 REMOTE = r"""
 import json, sys, torch
@@ -159,3 +159,17 @@ def test_a_dominant_embedding_is_reported_with_what_the_layers_must_carry(caplog
     with caplog.at_level(logging.WARNING, logger="rankdown"):
         compress(small, None, make_config("svd", ratio=0.1), None, progress=False)
     assert not any("compressed linears hold" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "llama4"])
+def test_unfused_experts_compute_what_the_fused_ones_do(family):
+    """Prepared, the fused experts (Qwen's (E, 2I, H) tensors, Llama 4's (E, H, 2I) with every token
+    through every expert) are one nn.Linear per expert projection, and the logits stay the same."""
+    from rankdown.arch import spec_for
+    from rankdown.nn.portable import UnfusedExperts
+
+    model = tiny_model(family)
+    before = outputs(model, IDS)
+    done = spec_for(model).prepare(model)
+    assert done and all(isinstance(model.get_submodule(p), UnfusedExperts) for p in done)
+    assert torch.allclose(outputs(model, IDS), before, atol=1e-5)

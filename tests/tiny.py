@@ -32,6 +32,12 @@ CONFIGS = {
                                            num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1]),
     "qwen3_moe": lambda: tf.Qwen3MoeConfig(**_COMMON, head_dim=16, moe_intermediate_size=32, num_experts=4,
                                            num_experts_per_tok=2),
+    # layer 0 dense (width 128), layer 1 MoE (experts and shared expert of width 32) without RoPE;
+    # attention in chunks of 16 of the tests' 32 tokens
+    "llama4": lambda: tf.Llama4TextConfig(**{**_COMMON, "intermediate_size": 32}, intermediate_size_mlp=128, head_dim=16,
+                                          num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2,
+                                          no_rope_layers=[1, 0], attention_chunk_size=16, pad_token_id=0,
+                                          bos_token_id=1, eos_token_id=2),
     "opt": lambda: tf.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
                                 num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64),
     "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions=128,

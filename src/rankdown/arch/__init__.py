@@ -182,6 +182,15 @@ FAMILIES: tuple[ArchSpec, ...] = (
         mlp_in=(), mlp_out="", experts="mlp.experts", exclude=("mlp.gate",), qk_norm=True,
         dense_mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
     ),
+    ArchSpec(  # Llama 4 text: MoE layers (routed experts, every token through each, plus a shared expert)
+        # interleaved with dense ones; chunked attention, NoPE layers, L2 q/k norms without weights
+        "llama4", ("llama4_text",), layers=("model.layers",),
+        q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
+        mlp_in=("feed_forward.shared_expert.gate_proj", "feed_forward.shared_expert.up_proj"),
+        mlp_out="feed_forward.shared_expert.down_proj", experts="feed_forward.experts",
+        exclude=("feed_forward.router",),
+        dense_mlp=("feed_forward.gate_proj", "feed_forward.up_proj", "feed_forward.down_proj"),
+    ),
     ArchSpec(
         "opt", ("opt",), layers=("model.decoder.layers",),
         q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.out_proj",

@@ -90,20 +90,28 @@ class UnfusedExperts(nn.Module):
     (``gate_up_proj``: (E, 2·inner, hidden), ``down_proj``: (E, hidden, inner)). Unfused, every
     expert's projection is an ``nn.Linear`` that any method can compress like a dense layer. The
     forward takes the same arguments as the fused module and gives the same result.
+
+    ``batched`` (Llama 4): the fused tensors are stored the other way round (``gate_up_proj``: (E,
+    hidden, 2·inner), ``down_proj``: (E, inner, hidden)) and the forward takes every expert's copy
+    of the tokens, already scaled by the router, (E·T, hidden) -> (E·T, hidden).
     """
 
-    def __init__(self, num_experts: int, hidden: int, inner: int, act: str, device=None, dtype=None) -> None:
+    def __init__(self, num_experts: int, hidden: int, inner: int, act: str, device=None, dtype=None,
+                 batched: bool = False) -> None:
         super().__init__()
-        self.num_experts = num_experts
+        self.num_experts, self.hidden, self.batched = num_experts, hidden, batched
         self.experts = nn.ModuleList(
             _Expert(hidden, inner, act, device=device, dtype=dtype) for _ in range(num_experts)
         )
 
     @classmethod
     def from_fused(cls, fused: nn.Module, act: str) -> "UnfusedExperts":
-        gate_up, down = fused.gate_up_proj, fused.down_proj  # (E, 2I, H), (E, H, I)
+        batched = type(fused).__name__ == "Llama4TextExperts"
+        gate_up, down = fused.gate_up_proj, fused.down_proj  # (E, 2I, H), (E, H, I); batched: (E, H, 2I), (E, I, H)
+        if batched:
+            gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
         num, inner2, hidden = gate_up.shape
-        new = cls(num, hidden, inner2 // 2, act, device=gate_up.device, dtype=gate_up.dtype)
+        new = cls(num, hidden, inner2 // 2, act, device=gate_up.device, dtype=gate_up.dtype, batched=batched)
         if gate_up.device.type != "meta":
             with torch.no_grad():
                 for e, expert in enumerate(new.experts):
@@ -114,8 +122,12 @@ class UnfusedExperts(nn.Module):
         return new
 
     def forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,
+        top_k_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if self.batched:  # every expert reads its own copy of the tokens
+            x = hidden_states.view(self.num_experts, -1, self.hidden)
+            return torch.cat([expert(x[e]) for e, expert in enumerate(self.experts)]).view(-1, self.hidden)
         out = torch.zeros_like(hidden_states)
         for e, expert in enumerate(self.experts):
             token_idx, slot = torch.where(top_k_index == e)
