@@ -65,7 +65,8 @@ def test_gemma3_reduced_attention_equals_the_stock_one_on_sliding_and_full_layer
 # and extra settings; gpt2's excluded c_proj stays a (converted) dense nn.Linear, which loading must rebuild
 ROUND_TRIPS = [("gemma3", "svd-llm", {}), ("gemma3", "modegpt", {}), ("gpt2", "svd-llm", {"exclude": [r"mlp\.c_proj"]}),
                ("gpt_neox", "svd-llm", {}), ("qwen2_moe", "svd-llm", {}), ("qwen3_moe", "rom", {}),
-               ("llama4", "svd-llm", {}), ("olmo2", "svd-llm", {}), ("smollm3", "svd-llm", {}), ("phi4", "svd-llm", {})]
+               ("llama4", "svd-llm", {}), ("olmo2", "svd-llm", {}), ("smollm3", "svd-llm", {}), ("phi4", "svd-llm", {}),
+               ("falcon", "svd-llm", {}), ("stablelm", "lillama", {"epochs": 1})]  # the last two: the generic path
 
 REMOTE = r"""
 import json, sys, torch
@@ -173,3 +174,24 @@ def test_unfused_experts_compute_what_the_fused_ones_do(family):
     done = spec_for(model).prepare(model)
     assert done and all(isinstance(model.get_submodule(p), UnfusedExperts) for p in done)
     assert torch.allclose(outputs(model, IDS), before, atol=1e-5)
+
+
+def test_a_family_without_a_row_runs_on_the_generic_path_and_says_so(caplog):
+    """Falcon and StableLM have no row: the layers are the repeated block list, the linears those that
+    compute x Wᵀ + b, grouped by the input they share in one forward (Falcon's parallel attention and
+    MLP read one norm's output); a warning says so, and modegpt refuses naming what it supports."""
+    import logging
+
+    from rankdown.arch import UnsupportedModelError, spec_for
+
+    with caplog.at_level(logging.WARNING, logger="rankdown"):
+        falcon, stablelm = spec_for(tiny_model("falcon")), spec_for(tiny_model("stablelm"))
+    assert falcon.layers == ("transformer.h",) and falcon.observed == (
+        ("self_attention.query_key_value", "mlp.dense_h_to_4h"), ("self_attention.dense",), ("mlp.dense_4h_to_h",))
+    assert stablelm.layers == ("model.layers",) and stablelm.observed == (
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+    notes = [r.getMessage() for r in caplog.records if "generic path" in r.getMessage()]
+    assert len(notes) == 2 and "'falcon' has no row" in notes[0] and "2 layers at transformer.h" in notes[0]
+    with pytest.raises(UnsupportedModelError, match=r"modegpt does not support stablelm: .*generic path.*llama, mistral"):
+        compress(tiny_model("stablelm"), None, make_config("modegpt", ratio=0.2), IDS, progress=False)

@@ -38,6 +38,12 @@ CONFIGS = {
                                           num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2,
                                           no_rope_layers=[1, 0], attention_chunk_size=16, pad_token_id=0,
                                           bos_token_id=1, eos_token_id=2),
+    # no row: the generic path (layers, linears and shared inputs found by looking). Falcon-7B's layout: one
+    # norm feeding attention and MLP in parallel, q/k/v fused; StableLM: llama-like with biased q/k/v, partial RoPE
+    "falcon": lambda: tf.FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      max_position_embeddings=128, new_decoder_architecture=False, parallel_attn=True,
+                                      bias=False, bos_token_id=1, eos_token_id=2),
+    "stablelm": lambda: tf.StableLmConfig(**_COMMON, use_qkv_bias=True, bos_token_id=1, eos_token_id=2),
     "opt": lambda: tf.OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
                                 num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64),
     "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions=128,

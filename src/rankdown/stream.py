@@ -443,7 +443,7 @@ def streamable_family(path: str | os.PathLike) -> bool:
     record = cfg.get("rankdown") or {}
     model_type = record.get("base_model_type") or cfg.get("model_type")
     spec = next((s for s in FAMILIES if model_type in s.model_types), None)
-    return spec is None or spec.streamable
+    return spec is not None and spec.streamable  # the generic path looks at the model in memory
 
 
 class ResumeMismatchError(ConfigError):

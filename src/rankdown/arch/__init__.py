@@ -45,6 +45,7 @@ class ArchSpec:
     norm_offset: float = 0.0  # the RMS norms scale by ``(norm_offset + w)``: Gemma's ``(1 + w)``
     no_structured: str = ""  # why MoDeGPT's reduced attention cannot rebuild this family's (empty: it can)
     conv1d: bool = False  # the linears are GPT-2's Conv1D, weights stored (in, out): made nn.Linear first
+    observed: tuple[tuple[str, ...], ...] = ()  # the generic path: groups found with hooks (arch/generic.py)
 
     @property
     def fused_qkv(self) -> bool:
@@ -70,6 +71,9 @@ class ArchSpec:
         ``[q,k,v] -> [o] -> [mlp inputs] -> [mlp output]`` (docs/METHODS.md §0). With unfused experts
         the MLP groups hold every expert's projections.
         """
+        if self.observed:  # the names of layer 0; a layer without one of them skips it
+            present = {n for n, _ in layer.named_modules()}
+            return [g for g in ([n for n in group if n in present] for group in self.observed) if g]
         attn_in = list(dict.fromkeys([self.q, self.k, self.v]))
         if self.experts is not None and not self.has_experts(layer):
             mlp_in, mlp_out = list(self.dense_mlp[:-1]), list(self.dense_mlp[-1:])
@@ -156,7 +160,8 @@ FAMILIES: tuple[ArchSpec, ...] = (
         "smollm3", ("smollm3",), **_LLAMA_LIKE,
         no_structured="some of its layers use no RoPE (NoPE), which the reduced attention does not model yet",
     ),
-    ArchSpec("gemma2", ("gemma2",), **_LLAMA_LIKE, norm_offset=1.0),
+    ArchSpec("gemma2", ("gemma2",), **_LLAMA_LIKE, norm_offset=1.0,
+             no_structured="it caps attention logits (softcapping), which the reduced attention (SDPA) cannot do"),
     # sliding and full layers with their own RoPE bases: the model hands each layer its cos/sin and mask
     ArchSpec("gemma3", ("gemma3_text",), **_LLAMA_LIKE, qk_norm=True, norm_offset=1.0),
     ArchSpec(
@@ -238,14 +243,29 @@ def base_model_type(config) -> str:
     return record.get("base_model_type") or config.model_type
 
 
+def structured_model_types() -> list[str]:
+    """The model types whose attention MoDeGPT can rebuild (a causal decoder with separate q/k/v, dense MLPs)."""
+    return sorted(t for s in FAMILIES if s.causal and s.attention and not s.fused_qkv and s.experts is None
+                  and not s.no_structured and not (len(s.mlp_in) == 1 and s.gated_mlp) for t in s.model_types)
+
+
 def spec_for(model_or_config) -> ArchSpec:
-    """The :class:`ArchSpec` of a model or config; a clear error for an unsupported family."""
+    """The :class:`ArchSpec` of a model or config. A model of a family without a row gets one found by
+    looking at it (the generic path, :mod:`rankdown.arch.generic`, said with a warning); a config of one,
+    or a model without a repeated block of linears, a clear error."""
     config = getattr(model_or_config, "config", model_or_config)
     mt = base_model_type(config)
-    try:
+    if mt in _BY_TYPE:
         return _BY_TYPE[mt]
-    except KeyError:
-        raise UnsupportedModelError(
-            f"model_type {mt!r} is not supported by rankdown. Supported: {', '.join(supported_model_types())}. "
-            "A new family is one ArchSpec entry in rankdown/arch/__init__.py."
-        ) from None
+    if isinstance(model_or_config, nn.Module):
+        from rankdown.arch.generic import generic_spec
+
+        spec = generic_spec(model_or_config, mt, structured_model_types())
+        if spec is not None:
+            return spec
+    raise UnsupportedModelError(
+        f"model_type {mt!r} is not supported by rankdown: it has no row in its table"
+        f"{' and no repeated block list of linear layers' if isinstance(model_or_config, nn.Module) else ''}. "
+        f"Supported: {', '.join(supported_model_types())}. A new family is one ArchSpec entry in "
+        "rankdown/arch/__init__.py."
+    )

@@ -272,7 +272,9 @@ def geometry(config: Any, attn: nn.Module) -> Geometry:
 def check_supported(model: nn.Module, spec: ArchSpec) -> None:
     """Raise :class:`UnsupportedModelError` (naming the reason and what works instead) where MoDeGPT cannot go."""
     why = None
-    if not spec.causal:
+    if spec.observed:  # the generic path: no roles known
+        why = spec.no_structured
+    elif not spec.causal:
         why = "it is a bidirectional encoder; the reduced attention is written for causal decoders"
     elif spec.fused_qkv or len(spec.mlp_in) == 1 and spec.gated_mlp:
         why = "it fuses q/k/v into one qkv_proj and gate/up into one gate_up_proj (no per-role selection yet)"
