@@ -130,9 +130,9 @@ CASES = {
     "nsamples beyond memory": (lambda f, t: ["compress", "--method", "svd-llm", "--ratio", "0.2", "-q",
                                              "--nsamples", "1000000000000"], ["GiB of memory", "lower --nsamples"]),
     "unknown model_type, compress": (lambda f, t: ["compress", str(f["unknown_type"]), *SVD, "--out", str(t / "o")],
-                                     ["model_type 'frobnicator'", "rankdown supports: bert, gemma2, llama"]),
+                                     ["model_type 'frobnicator'", "rankdown supports: bert, gemma2, gemma3_text"]),
     "unknown model_type, eval": (lambda f, t: ["eval", str(f["unknown_type"]), *PPL],
-                                 ["model_type 'frobnicator'", "rankdown supports: bert, gemma2, llama"]),
+                                 ["model_type 'frobnicator'", "rankdown supports: bert, gemma2, gemma3_text"]),
     # item 7: silently accepted before
     "seqlen 0, compress": (lambda f, t: ["compress", "--method", "svd-llm", "--ratio", "0.2", "-q", "--seqlen", "0"],
                            ["--seqlen must be >= 2", "got 0"]),

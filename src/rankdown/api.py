@@ -106,6 +106,16 @@ def find_targets(model: nn.Module, spec: ArchSpec, exclude: list[str] | tuple[st
     return targets
 
 
+def _warn_small_layer_share(targets: list[Target], params_before: int, ratio: float) -> None:
+    """Say what the ratio asks of the layers when they hold little of the model (Gemma 3's 262k-token
+    embedding is a quarter to a half of its small models): the rest is kept whole."""
+    held = sum(t.dense + (t.out_features if t.bias else 0) for t in targets)
+    if held < 0.75 * params_before:
+        log.warning("the compressed linears hold %.0f%% of the model's %d parameters (embeddings, head and the "
+                    "rest are kept whole): removing %.0f%% of the model removes %.0f%% of theirs",
+                    100 * held / params_before, params_before, 100 * ratio, 100 * ratio * params_before / held)
+
+
 def _hidden_size(model: nn.Module) -> int:
     cfg = model.config
     return int(getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model", 0) or 0)
@@ -163,6 +173,7 @@ def _compress(model: nn.Module, tokenizer: Any, config: MethodConfig, run: RunSe
     earlier = (getattr(model.config, "rankdown", None) or {}).get("structure") or {}
     unfused = list(earlier.get("unfused_experts", [])) + spec.prepare(model)
     targets = find_targets(model, spec, config.exclude)
+    _warn_small_layer_share(targets, params_before, config.ratio)
     check_finite(model, source, progress)  # a NaN met at the last layer would waste the others
     multiple = config.rank_multiple or default_multiple(_hidden_size(model))
     loaded: list[Any] = []  # calibration tokens, loaded once on first use (by plan() or below)

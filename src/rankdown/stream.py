@@ -435,7 +435,7 @@ def can_stream(path: str | os.PathLike) -> bool:
 
 
 def streamable_family(path: str | os.PathLike) -> bool:
-    """Whether the family in folder ``path`` can be streamed (not one with fused experts)."""
+    """Whether the family in folder ``path`` can be streamed (not fused experts, not GPT-2's Conv1D)."""
     from rankdown import io
     from rankdown.arch import FAMILIES
 
@@ -443,7 +443,7 @@ def streamable_family(path: str | os.PathLike) -> bool:
     record = cfg.get("rankdown") or {}
     model_type = record.get("base_model_type") or cfg.get("model_type")
     spec = next((s for s in FAMILIES if model_type in s.model_types), None)
-    return spec is None or spec.experts is None
+    return spec is not None and spec.streamable  # the generic path looks at the model in memory
 
 
 class ResumeMismatchError(ConfigError):

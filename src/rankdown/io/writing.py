@@ -27,8 +27,9 @@ _PREFIX = "rankdown_"
 
 def _check_structure(model: nn.Module, structure: dict) -> None:
     """Refuse to save a folder whose structure does not describe the model: it could never load."""
-    for path in structure.get("unfused_experts", []):
-        if type(model.get_submodule(path)).__name__ != UnfusedExperts.__name__:
+    for path in structure.get("unfused_experts", []):  # fused experts unfused, or a Conv1D made nn.Linear (GPT-2)
+        kind = type(model.get_submodule(path)).__name__
+        if kind not in (UnfusedExperts.__name__, "Linear") and path not in structure.get("modules", {}):
             raise ValueError(f"structure lists {path!r} as unfused experts, but the model's module there is not")
     meta = nn.Linear(1, 1, bias=False, device="meta")  # build_module takes device and dtype from it
     for path, spec in structure.get("modules", {}).items():

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from rankdown.allocate import Target
-from rankdown.arch import ArchSpec, UnsupportedModelError
+from rankdown.arch import ArchSpec, UnsupportedModelError, norm_eps
 from rankdown.config import ConfigError, MethodConfig, setting
 from rankdown.linalg import Guard, cholesky_lower_, guarded_eigh, mm64, release_tail, row_blocks, solve_cholesky_
 from rankdown.methods.base import Method, register
@@ -271,7 +271,9 @@ def geometry(config: Any, attn: nn.Module) -> Geometry:
 def check_supported(model: nn.Module, spec: ArchSpec) -> None:
     """Raise :class:`UnsupportedModelError` (naming the reason and what works instead) where MoDeGPT cannot go."""
     why = None
-    if not spec.causal:
+    if spec.observed:  # the generic path: no roles known
+        why = spec.no_structured
+    elif not spec.causal:
         why = "it is a bidirectional encoder; the reduced attention is written for causal decoders"
     elif spec.fused_qkv or len(spec.mlp_in) == 1 and spec.gated_mlp:
         why = "it fuses q/k/v into one qkv_proj and gate/up into one gate_up_proj (no per-role selection yet)"
@@ -279,6 +281,8 @@ def check_supported(model: nn.Module, spec: ArchSpec) -> None:
         why = "its MLP is a mixture of experts (per-expert Nyström is not implemented)"
     elif getattr(model.config, "attn_logit_softcapping", None) is not None:
         why = "it caps attention logits (softcapping), which the reduced attention (SDPA) cannot do"
+    elif spec.no_structured:
+        why = spec.no_structured
     elif spec.attention is None:
         why = "its architecture entry names no attention module to rebuild"
     if why:
@@ -447,7 +451,8 @@ class ModeGPT(Method):
             "causal": True, "rope": kept.tolist() if rope else None,
             "names": {role: getattr(spec, role)[len(spec.attention) + 1:] for role in "qkvo"},
             "bias": {role: new[role][1] is not None for role in "qkvo"},
-            "qk_norm_eps": float(attn.q_norm.variance_epsilon) if spec.qk_norm else None,
+            "qk_norm_eps": norm_eps(attn.q_norm) if spec.qk_norm else None,
+            **({"qk_norm_offset": spec.norm_offset} if spec.qk_norm and spec.norm_offset else {}),
         }
         w0 = lin["q"].weight
         module = ReducedAttention(record, device=w0.device, dtype=w0.dtype)

@@ -90,20 +90,28 @@ class UnfusedExperts(nn.Module):
     (``gate_up_proj``: (E, 2·inner, hidden), ``down_proj``: (E, hidden, inner)). Unfused, every
     expert's projection is an ``nn.Linear`` that any method can compress like a dense layer. The
     forward takes the same arguments as the fused module and gives the same result.
+
+    ``batched`` (Llama 4): the fused tensors are stored the other way round (``gate_up_proj``: (E,
+    hidden, 2·inner), ``down_proj``: (E, inner, hidden)) and the forward takes every expert's copy
+    of the tokens, already scaled by the router, (E·T, hidden) -> (E·T, hidden).
     """
 
-    def __init__(self, num_experts: int, hidden: int, inner: int, act: str, device=None, dtype=None) -> None:
+    def __init__(self, num_experts: int, hidden: int, inner: int, act: str, device=None, dtype=None,
+                 batched: bool = False) -> None:
         super().__init__()
-        self.num_experts = num_experts
+        self.num_experts, self.hidden, self.batched = num_experts, hidden, batched
         self.experts = nn.ModuleList(
             _Expert(hidden, inner, act, device=device, dtype=dtype) for _ in range(num_experts)
         )
 
     @classmethod
     def from_fused(cls, fused: nn.Module, act: str) -> "UnfusedExperts":
-        gate_up, down = fused.gate_up_proj, fused.down_proj  # (E, 2I, H), (E, H, I)
+        batched = type(fused).__name__ == "Llama4TextExperts"
+        gate_up, down = fused.gate_up_proj, fused.down_proj  # (E, 2I, H), (E, H, I); batched: (E, H, 2I), (E, I, H)
+        if batched:
+            gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
         num, inner2, hidden = gate_up.shape
-        new = cls(num, hidden, inner2 // 2, act, device=gate_up.device, dtype=gate_up.dtype)
+        new = cls(num, hidden, inner2 // 2, act, device=gate_up.device, dtype=gate_up.dtype, batched=batched)
         if gate_up.device.type != "meta":
             with torch.no_grad():
                 for e, expert in enumerate(new.experts):
@@ -114,8 +122,12 @@ class UnfusedExperts(nn.Module):
         return new
 
     def forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,
+        top_k_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if self.batched:  # every expert reads its own copy of the tokens
+            x = hidden_states.view(self.num_experts, -1, self.hidden)
+            return torch.cat([expert(x[e]) for e, expert in enumerate(self.experts)]).view(-1, self.hidden)
         out = torch.zeros_like(hidden_states)
         for e, expert in enumerate(self.experts):
             token_idx, slot = torch.where(top_k_index == e)
@@ -134,17 +146,21 @@ class ReducedLinear(nn.Linear):
 
 
 class HeadRMSNorm(nn.Module):
-    """RMS norm over the last dimension (a head), as Qwen3's q/k norms: ``w * x / rms(x)`` in float32."""
+    """RMS norm over the last dimension (a head), as the q/k norms of Qwen3 (``w * x / rms(x)``, the
+    normalised x cast back before the scale) and of Gemma 3 (``offset`` 1: ``(1 + w) * x / rms(x)``,
+    the scale applied in float32 before the cast back), each family's own rounding."""
 
-    def __init__(self, dim: int, eps: float, device=None, dtype=None) -> None:
+    def __init__(self, dim: int, eps: float, device=None, dtype=None, offset: float = 0.0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
-        self.eps = eps
+        self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.to(torch.float32)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (x * (self.offset + self.weight.float())).to(dtype)
         return self.weight * x.to(dtype)
 
 
@@ -191,8 +207,9 @@ class ReducedAttention(nn.Module):
         for role, (i, o) in shapes.items():
             self.add_module(self.names[role], nn.Linear(i, o, bias=bias[role], **kw))
         eps = spec.get("qk_norm_eps")
-        self.q_norm = HeadRMSNorm(self.qk_dim, eps, **kw) if eps is not None else None
-        self.k_norm = HeadRMSNorm(self.qk_dim, eps, **kw) if eps is not None else None
+        offset = spec.get("qk_norm_offset", 0.0)
+        self.q_norm = HeadRMSNorm(self.qk_dim, eps, offset=offset, **kw) if eps is not None else None
+        self.k_norm = HeadRMSNorm(self.qk_dim, eps, offset=offset, **kw) if eps is not None else None
         self._spec = dict(spec)
         # (device, dtype) -> (flat kept rotary dimensions (kv_heads*qk_dim,), sign (qk_dim,)); a plain dict, not
         # buffers: models are built on the meta device, where non-persistent buffers would not survive loading
@@ -301,9 +318,29 @@ def _act_of(model: nn.Module) -> str:
     return getattr(model.config, "hidden_act", None) or getattr(model.config, "hidden_activation", "silu")
 
 
-def unfuse_experts(model: nn.Module, path: str) -> UnfusedExperts:
-    """Replace the fused experts module at ``path`` by an :class:`UnfusedExperts` with equal weights."""
-    new = UnfusedExperts.from_fused(model.get_submodule(path), _act_of(model))
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's ``Conv1D``: a linear whose weight is stored transposed, (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+
+
+def linear_from_conv1d(conv: nn.Module) -> nn.Linear:
+    """An ``nn.Linear`` computing what a ``Conv1D`` computes (its weight transposed, its bias)."""
+    w = conv.weight  # (in, out)
+    new = nn.Linear(conv.nx, conv.nf, bias=conv.bias is not None, device=w.device, dtype=w.dtype)
+    if w.device.type != "meta":
+        with torch.no_grad():
+            new.weight.copy_(w.t())
+            if conv.bias is not None:
+                new.bias.copy_(conv.bias)
+    return new
+
+
+def unfuse_experts(model: nn.Module, path: str) -> nn.Module:
+    """Bring the module at ``path`` into the form methods work on, with equal weights: fused experts
+    become an :class:`UnfusedExperts`, a ``Conv1D`` an ``nn.Linear`` (the structure's ``unfused_experts``
+    lists both)."""
+    old = model.get_submodule(path)
+    new = linear_from_conv1d(old) if is_conv1d(old) else UnfusedExperts.from_fused(old, _act_of(model))
     model.set_submodule(path, new)
     return new
 
