@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 import rankdown
 from rankdown import io
 from rankdown.reference import reference_dir
-from rankdown.stream import StreamedModel, compress_folder, partial_folder
+from rankdown.storage.folder import StreamedModel
+from rankdown.stream import compress_folder, partial_folder
 from tests.test_cli import ENV, last_json, rankdown as cli
 from tests.tiny import outputs, tiny_ids, tiny_model
 
@@ -82,7 +83,7 @@ def test_only_one_layer_is_materialised_at_a_time(tmp_path):
     assert all(p.device.type == "meta" for p in streamed.model.parameters())
     streamed.load(1, streamed.layers[1])
     assert real() == ["1"]
-    streamed.release(1, streamed.layers[1], write=False)
+    streamed.commit(1, streamed.layers[1], None)
     assert real() == []
 
 
