@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from rankdown import heap
+from rankdown import distributed, heap
 from rankdown.arch import ArchSpec
 from rankdown.engine.capture import LayerInputs, _StopForward, cast, to_device
 from rankdown.engine.observers import InputObserver, OutputObserver, ScalarSum, SharedInputs, merge
@@ -223,6 +223,23 @@ class LayerContext:
                 out.append(self._run(b))
             self._outputs = out
         return self._outputs
+
+    # -- under torchrun -----------------------------------------------------------------------------------
+    @property
+    def processes(self) -> int:
+        """How many processes share the calibration batches (1 without torchrun)."""
+        return distributed.world()
+
+    def most_batches(self) -> int:
+        """The most calibration batches a process holds (this one's count without torchrun)."""
+        return distributed.all_max(self.batches)
+
+    def sum_over_processes(self, values: list[float]) -> list[float]:
+        """The sums over the processes of numbers each computed on its own batches."""
+        total = ScalarSum(len(values))
+        total.add(*values)
+        merge([total])
+        return total.values
 
     @torch.no_grad()
     def mean_over_tokens(self, f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> float:

@@ -271,13 +271,13 @@ class Lillama(Method):
 
         @torch.no_grad()
         def full_loss() -> float:  # the mean over every process's batches under torchrun
-            total, count = distributed.all_sum([sum(float(loss_of(b)) for b in range(len(target))), len(target)])
+            total, count = ctx.sum_over_processes([sum(float(loss_of(b)) for b in range(len(target))), len(target)])
             return total / max(1, count)
 
         def step(b: int) -> float:
             """Gradients of batch ``b`` (of every process's batch ``b`` under torchrun); the loss."""
             opt.zero_grad(set_to_none=True)
-            if distributed.world() == 1:
+            if ctx.processes == 1:
                 loss = loss_of(b)
                 loss.backward()
                 return loss.item()
@@ -287,7 +287,7 @@ class Lillama(Method):
                 loss.backward()
                 mask = ctx.mask(b)
                 tokens = int(mask.sum()) if mask is not None else target[b].shape[:-1].numel()
-            return _share_gradients(factors, None if loss is None else loss.item(), tokens)
+            return distributed.mean_gradients(factors, None if loss is None else loss.item(), tokens)
 
         curve: dict[str, Any] = {"train": [], "eval": [], "best_epoch": 0, "lr": cfg.lr}
         try:
@@ -302,7 +302,7 @@ class Lillama(Method):
             if cfg.epochs and factors:
                 opt = torch.optim.AdamW(factors, lr=cfg.lr)
                 gen = torch.Generator().manual_seed(self.run.seed * 100_003 + ctx.index)
-                steps = distributed.all_max(len(target))  # under torchrun: the most batches a process holds
+                steps = ctx.most_batches()  # under torchrun: the most batches a process holds
                 bar = tqdm(total=cfg.epochs * steps, desc=f"lillama {ctx.prefix}", unit="batch",
                            leave=False, disable=not self._progress)
                 with torch.enable_grad(), bar:
@@ -334,22 +334,6 @@ class Lillama(Method):
 
 
 # ----------------------------------------------------------------------------- helpers
-def _share_gradients(factors: list[torch.Tensor], loss: float | None, tokens: int) -> float:
-    """Replace every process's gradients by their mean over the processes, weighted by the real tokens
-    of each process's batch (0 for a process without a batch this step), in one exchange; returns the
-    weighted mean loss. So a step under torchrun is the step of one process on the union of the
-    processes' batches: N processes at ``batch_size`` train as one process at ``N x batch_size``."""
-    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in factors]
-    extra = torch.tensor([(loss or 0.0) * tokens, float(tokens)], dtype=grads[0].dtype, device=grads[0].device)
-    flat = distributed.all_sum_(torch.cat([g * tokens for g in grads] + [extra]))
-    total = max(float(flat[-1]), 1.0)  # no real token anywhere this step: no update
-    offset = 0
-    for p in factors:
-        p.grad = (flat[offset : offset + p.numel()] / total).view_as(p).clone()
-        offset += p.numel()
-    return float(flat[-2]) / total
-
-
 def _hidden_size(model: Any, targets: list[Target]) -> int:
     cfg = getattr(model, "config", None)
     size = int(getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model", None) or 0)
