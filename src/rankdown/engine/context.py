@@ -36,7 +36,7 @@ class LayerContext:
     prefix: str  # dotted path of the layer in the model, e.g. "model.layers.3"
     layer: nn.Module
     spec: ArchSpec
-    inputs: LayerInputs | None  # the engine's: a method asks through the methods below
+    _inputs: LayerInputs | None  # the engine's: a method asks through the methods below
     device: torch.device
     replaced: dict[str, dict] = field(default_factory=dict)  # path in layer -> module record
     guards: dict[str, dict] = field(default_factory=dict)
@@ -80,15 +80,15 @@ class LayerContext:
     @property
     def batches(self) -> int:
         """How many calibration batches this process holds."""
-        return len(self.inputs.hidden)
+        return len(self._inputs.hidden)
 
     def layer_inputs(self) -> TensorStore:
         """The layer's inputs per batch (b, L, d), on the CPU: the engine's store, to read only."""
-        return self.inputs.hidden
+        return self._inputs.hidden
 
     def mask(self, b: int) -> torch.Tensor | None:
         """Batch ``b``'s real tokens (b, L) bool on the device, None when all are real."""
-        m = self.inputs.masks[b]
+        m = self._inputs.masks[b]
         return None if m is None else m.to(self.device)
 
     def new_store(self) -> TensorStore:
@@ -101,13 +101,13 @@ class LayerContext:
         def move(obj: Any) -> Any:
             return to_device(obj, self.device) if dtype is None else cast(obj, self.device, dtype)
 
-        out = self.layer(move(hidden), *move(self.inputs.args[b]), **move(self.inputs.kwargs[b]))
+        out = self.layer(move(hidden), *move(self._inputs.args[b]), **move(self._inputs.kwargs[b]))
         return out[0] if isinstance(out, tuple) else out
 
     def _run(self, b: int) -> torch.Tensor:
-        assert self.inputs is not None, "this method declared needs_calibration = False"
+        assert self._inputs is not None, "this method declared needs_calibration = False"
         with self._replays.stubbed(self.layer, b, self.device):
-            return self.call(self.inputs.hidden[b], b)
+            return self.call(self._inputs.hidden[b], b)
 
     # -- statistics ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -249,9 +249,9 @@ class LayerContext:
         ys = self.outputs()
         total = ScalarSum(2)  # the sum and the count
         for b in range(len(ys)):
-            x, y = self.inputs.hidden[b], ys[b]
+            x, y = self._inputs.hidden[b], ys[b]
             v = f(x, y)
-            m = self.inputs.masks[b]
+            m = self._inputs.masks[b]
             v = v if m is None else v[m.to(v.device)]
             total.add(float(v.sum()), v.numel())
         # ys stays: the engine hands the same store on as the next layer's inputs (one forward)
