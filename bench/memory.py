@@ -103,8 +103,8 @@ def child_forward(args: argparse.Namespace) -> dict:
     from rankdown import io
     from rankdown.calib import calibration_data
     from rankdown.engine import PlanContext
-    from rankdown.spill import MemoryBudget, parse_bytes
-    from rankdown.stream import StreamedModel
+    from rankdown.storage import MemoryBudget, parse_bytes
+    from rankdown.storage.folder import StreamedModel
 
     torch.manual_seed(0)
     streamed = StreamedModel(args.model, torch.float32)

@@ -7,8 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from rankdown import distributed, engine
-from rankdown.engine import _place_outside_layers, _Replay, capture, to_device
+import rankdown.engine.capture as engine
+from rankdown import distributed
+from rankdown.engine.capture import _place_outside_layers, capture, to_device
+from rankdown.engine.replay import _Replay
 from rankdown.config import ConfigError
 from tiny import tiny_ids, tiny_model
 

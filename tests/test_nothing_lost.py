@@ -18,8 +18,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import rankdown
-from rankdown import cli, io, stream
-from rankdown.stream import StreamedModel, compress_folder, partial_folder
+from rankdown import cli, io
+from rankdown.storage.folder import StreamedModel
+from rankdown.storage.resume import ResumableStore, ResumeMismatchError
+from rankdown.stream import compress_folder, partial_folder
 from tests.test_cli import ENV
 from tests.tiny import outputs, tiny_ids, tiny_model
 
@@ -53,14 +55,14 @@ def _err(capsys) -> list[str]:
 
 def _interrupt_after_layer_0(monkeypatch) -> None:
     """Ctrl-C once layer 0 is written (as a kill would)."""
-    real = StreamedModel.release
+    real = ResumableStore.commit
 
-    def release(self, i, layer, write, ctx=None, seconds=0.0):
-        real(self, i, layer, write, ctx, seconds)
-        if write and i == 0:
+    def commit(self, i, layer, records):
+        real(self, i, layer, records)
+        if records is not None and i == 0:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(StreamedModel, "release", release)
+    monkeypatch.setattr(ResumableStore, "commit", commit)
 
 
 # ----------------------------------------------------------------------------- 1. --out and the input
@@ -135,7 +137,7 @@ def test_resume_refuses_changed_inputs(tmp_path, monkeypatch, change):
     else:  # same size, same date, one weight changed
         _change_one_weight_keeping_size_and_date(src / "model.safetensors")
     what = {"calibration": "the calibration changed", "weights": "the model's weights changed"}[change]
-    with pytest.raises(stream.ResumeMismatchError, match=re.escape(what) + ".*--restart"):
+    with pytest.raises(ResumeMismatchError, match=re.escape(what) + ".*--restart"):
         run()
     assert list(json.loads(state.read_text())["layers"]) == ["0"]  # the partial run is left alone
     run(resume=False)  # --restart
@@ -176,7 +178,7 @@ def test_a_damaged_finished_layer_is_computed_again(tmp_path, monkeypatch, caplo
     else:  # same size, one byte of a weight changed
         data[-3] ^= 0xFF
         shard.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="rankdown.stream"):
+    with caplog.at_level(logging.WARNING, logger="rankdown.storage.resume"):
         compress_folder(src, out, config, IDS, run=four, progress=False)
     assert "layer-00000.safetensors of the partial run is damaged" in caplog.text
     compress_folder(src, tmp_path / "whole", config, IDS, progress=False)
@@ -236,17 +238,18 @@ def test_leftovers_of_killed_saves_are_removed_by_the_next_run(tmp_path, capsys)
 
 KILLER = r"""
 import os, signal, sys
-from rankdown import cli, stream
+from rankdown import cli
 from rankdown.io import writing as io
+from rankdown.storage.resume import ResumableStore
 when, sig = sys.argv[1], getattr(signal, sys.argv[2])
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal gives it (a background job ignores SIGINT)
 if when == "layer":
-    real = stream.StreamedModel.release
-    def release(self, i, layer, write, ctx=None, seconds=0.0):
-        real(self, i, layer, write, ctx, seconds)
-        if write and i == 0:
+    real = ResumableStore.commit
+    def commit(self, i, layer, records):
+        real(self, i, layer, records)
+        if records is not None and i == 0:
             os.kill(os.getpid(), sig)
-    stream.StreamedModel.release = release
+    ResumableStore.commit = commit
 else:
     real_write = io._write
     def write(model, tokenizer, tmp, *a, **k):
@@ -317,7 +320,7 @@ def test_the_statistics_cache_key_follows_the_weights_content(tmp_path):
     """The --stats-cache key is the content digest: a same-size, same-date weight change gives another key
     (it used to be names, sizes and dates), and the digest is read once a process for unchanged files."""
     src = _folder(tmp_path)
-    key = lambda: stream.StreamedModel(src).digest()
+    key = lambda: StreamedModel(src).digest()
     before = key()
     assert key() == before
     _change_one_weight_keeping_size_and_date(src / "model.safetensors")

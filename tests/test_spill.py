@@ -11,7 +11,7 @@ import torch
 
 import rankdown
 from rankdown.config import RunSettings
-from rankdown.spill import MemoryBudget, TensorStore, parse_bytes
+from rankdown.storage import MemoryBudget, TensorStore, parse_bytes
 from tests.tiny import outputs, tiny_ids, tiny_model
 
 

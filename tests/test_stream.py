@@ -16,7 +16,11 @@ from safetensors.torch import load_file, save_file
 import rankdown
 from rankdown import io
 from rankdown.reference import reference_dir
-from rankdown.stream import StreamedModel, compress_folder, partial_folder
+from rankdown.arch import spec_for
+from rankdown.engine import walk_layers
+from rankdown.storage import MemoryStore, TensorStore
+from rankdown.storage.folder import StreamedModel
+from rankdown.stream import compress_folder, partial_folder
 from tests.test_cli import ENV, last_json, rankdown as cli
 from tests.tiny import outputs, tiny_ids, tiny_model
 
@@ -82,7 +86,7 @@ def test_only_one_layer_is_materialised_at_a_time(tmp_path):
     assert all(p.device.type == "meta" for p in streamed.model.parameters())
     streamed.load(1, streamed.layers[1])
     assert real() == ["1"]
-    streamed.release(1, streamed.layers[1], write=False)
+    streamed.commit(1, streamed.layers[1], None)
     assert real() == []
 
 
@@ -196,3 +200,58 @@ def test_restart_discards_a_partial_run(tmp_path):
     res = subprocess.run(_resume_cmd(out, "--restart"), env=ENV, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert not work.exists() and (out / "config.json").is_file()
+
+
+# ----------------------------------------------------------------------------- the engine's layer store
+class _Finished(MemoryStore):
+    """A store that says layer 0 was finished by an earlier run (as a resumed one does)."""
+
+    def __init__(self, model, records):
+        super().__init__(model)
+        self.records, self.committed = records, []
+
+    def load(self, i, layer):
+        return self.records if i == 0 else None
+
+    def commit(self, i, layer, records):
+        self.committed.append((i, records))
+        super().commit(i, layer, records)
+
+
+def test_a_layer_the_store_gives_finished_is_run_not_visited_and_carry_is_freed():
+    model = tiny_model("llama")
+    spec = spec_for(model)
+    done = {"modules": {"model.layers.0.mlp.down_proj": {"type": "x"}}, "guards": {}, "seconds": 1.0}
+    store, visited, left = _Finished(model, done), [], []
+
+    def visit(ctx):
+        visited.append(ctx.index)
+        assert ctx.batches == 2 and ctx.layer_inputs()[0].shape == (4, 32, 64)  # layer 0 ran to feed layer 1
+        ctx.carry["x"] = TensorStore(ctx.budget, [torch.ones(3)])
+        left.append(ctx.carry["x"])
+
+    seconds, records = walk_layers(model, spec, visit, IDS, torch.ones_like(IDS), 4, "cpu", store, progress=False,
+                                   write=True)
+    assert visited == [1] and len(seconds) == 2
+    assert records[0] is done and records[1]["modules"] == {} and set(records[1]) == {"modules", "guards", "seconds"}
+    assert store.committed == [(0, None), (1, records[1])]  # a finished layer is not written again
+    assert len(left[0]) == 0  # what a visit left for a next layer is freed with the walk
+
+
+def test_the_memory_store_puts_each_layer_back_home():
+    """After a visit on another device (meta stands for a GPU: nothing is moved back from it here,
+    the calls are recorded) each layer, and at the end the model, go back where the weights were."""
+    model = tiny_model("llama")
+    moved = []
+    for mod in (model, model.model.layers[1]):
+        mod.to = lambda device, _m=mod: moved.append((_m, torch.device(device)))
+    store = MemoryStore(model)
+    store.begin(torch.device("meta"))
+    store.commit(1, model.model.layers[1], None)
+    store.end()
+    assert moved == [(model.model.layers[1], torch.device("cpu")), (model, torch.device("cpu"))]
+    moved.clear()
+    store.begin(torch.device("cpu"))  # computed where the weights are: nothing to move
+    store.commit(1, model.model.layers[1], None)
+    store.end()
+    assert moved == []

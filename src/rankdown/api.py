@@ -17,7 +17,7 @@ from rankdown.arch import ArchSpec, spec_for
 from rankdown.config import ConfigError, MethodConfig, RunSettings, exclude_pattern
 from rankdown.engine import PlanContext, run_sequential
 from rankdown.methods import method_class
-from rankdown.spill import MemoryBudget, parse_bytes
+from rankdown.storage import LayerStore, MemoryBudget, MemoryStore, parse_bytes
 from rankdown.stats_cache import StatsCache
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def compress(
     nsamples: int = 128,
     seqlen: int = 2048,
     progress: bool = True,
-    source: Any = None,
+    store: LayerStore | None = None,
 ) -> CompressionReport:
     """Compress ``model`` in place to ``config.ratio`` fewer parameters and report what changed.
 
@@ -140,8 +140,9 @@ def compress(
     ``nsamples`` windows of ``seqlen`` tokens with ``run.seed``; unused by data-free methods.
     run: how it runs (device, batch size, seed, memory, statistics cache; default
     :class:`~rankdown.config.RunSettings`\ ()), apart from what it computes (``config``).
-    ``source``: the :class:`rankdown.stream.StreamedModel` whose skeleton ``model`` is, when the
-    layers are read from disk one at a time (see :func:`rankdown.stream.compress_folder`).
+    ``store``: where the layers are kept between their visits (:class:`~rankdown.storage.LayerStore`);
+    by default in memory, or a :class:`rankdown.storage.folder.StreamedModel` whose skeleton ``model``
+    is, when the layers are read from disk one at a time (see :func:`rankdown.stream.compress_folder`).
 
     Under torchrun every process calls this with the same arguments; the calibration batches are
     split between them and the statistics summed (see :mod:`rankdown.distributed`), and every
@@ -157,11 +158,12 @@ def compress(
     cuda = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(run.seed)
-        return _compress(model, tokenizer, config, run, calibration, device, nsamples, seqlen, progress, source)
+        return _compress(model, tokenizer, config, run, calibration, device, nsamples, seqlen, progress,
+                         MemoryStore(model) if store is None else store)
 
 
 def _compress(model: nn.Module, tokenizer: Any, config: MethodConfig, run: RunSettings, calibration: Any,
-              device: torch.device, nsamples: int, seqlen: int, progress: bool, source: Any) -> CompressionReport:
+              device: torch.device, nsamples: int, seqlen: int, progress: bool, store: LayerStore) -> CompressionReport:
     distributed.barrier()  # every process has checked its arguments before any goes on (and writes)
     progress = progress and distributed.is_main()
     method = method_class(config.method)(config, run)
@@ -174,7 +176,7 @@ def _compress(model: nn.Module, tokenizer: Any, config: MethodConfig, run: RunSe
     unfused = list(earlier.get("unfused_experts", [])) + spec.prepare(model)
     targets = find_targets(model, spec, config.exclude)
     _warn_small_layer_share(targets, params_before, config.ratio)
-    check_finite(model, source, progress)  # a NaN met at the last layer would waste the others
+    store.check_finite(progress)  # a NaN met at the last layer would waste the others
     multiple = config.rank_multiple or default_multiple(_hidden_size(model))
     loaded: list[Any] = []  # calibration tokens, loaded once on first use (by plan() or below)
 
@@ -191,12 +193,9 @@ def _compress(model: nn.Module, tokenizer: Any, config: MethodConfig, run: RunSe
 
     with MemoryBudget(parse_bytes(run.max_memory)) as budget:
         context = PlanContext(model, spec, load_calibration, batch_size, device, progress, budget,
-                              source, StatsCache(run.stats_cache) if run.stats_cache else None)
-        ranks = source.saved_ranks() if source is not None else None  # a resumed run keeps its plan
-        if ranks is None:
-            ranks = method.plan(targets, params_before, config.ratio, multiple, context)
-            if source is not None:
-                source.keep_ranks(ranks)
+                              store, StatsCache(run.stats_cache) if run.stats_cache else None)
+        # a resumed run keeps its plan
+        ranks = store.plan(lambda: method.plan(targets, params_before, config.ratio, multiple, context))
 
         data = load_calibration() if method.needs_calibration else None
         if data is not None and method.ranks_from_statistics:
@@ -204,7 +203,7 @@ def _compress(model: nn.Module, tokenizer: Any, config: MethodConfig, run: RunSe
         modules, guards, layer_seconds = run_sequential(
             model, spec, method, ranks,
             None if data is None else data.input_ids, None if data is None else data.attention_mask,
-            batch_size, device, progress, budget, source,
+            batch_size, device, progress, budget, store,
         )
     if budget.spilled:
         log.info("%.1f MB of activations went to disk (max_memory=%s)", budget.spilled / 1e6, run.max_memory)
@@ -218,24 +217,6 @@ def _compress(model: nn.Module, tokenizer: Any, config: MethodConfig, run: RunSe
     log.info("%s: %d -> %d parameters (%.4f removed) in %.1fs", config.method, report.params_before,
              report.params_after, report.ratio_achieved, report.seconds)
     return report
-
-
-def check_finite(model: nn.Module, source: Any = None, progress: bool = False) -> None:
-    """Refuse a model with a NaN or Inf weight before compressing it (a streamed one: every tensor
-    of its files, read block by block), naming the tensor."""
-    from rankdown.io import ModelFolderError
-
-    if source is not None:
-        source.weights.check_finite(progress=progress)
-        return
-    for name, t in model.state_dict().items():
-        if not t.is_floating_point() or t.device.type == "meta":
-            continue
-        flat = t.detach().reshape(-1)
-        for a in range(0, flat.numel(), 2**24):  # a bounded temporary, whatever the tensor's size
-            if not bool(torch.isfinite(flat[a : a + 2**24]).all()):
-                raise ModelFolderError(f"{name} holds NaN or Inf values: the weights are corrupt (or overflowed "
-                                       "when converted to a narrower dtype); fix the model before compressing")
 
 
 def _check_enough_tokens(data: Any, ranks: dict[str, Any]) -> None:

@@ -120,7 +120,7 @@ class RunSettings:
             raise ConfigError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
         if not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
-        from rankdown.spill import parse_bytes
+        from rankdown.storage import parse_bytes
 
         try:
             parse_bytes(self.max_memory)

@@ -176,6 +176,22 @@ def all_sum_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def mean_gradients(params: Sequence[torch.Tensor], loss: float | None, tokens: int) -> float:
+    """Replace every process's gradients of ``params`` by their mean over the processes, weighted by
+    the real tokens of each process's batch (0 for a process without a batch this step), in one
+    exchange; returns the weighted mean loss. So a step under torchrun is the step of one process on
+    the union of the processes' batches: N processes at ``batch_size`` train as one at ``N x batch_size``."""
+    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+    extra = torch.tensor([(loss or 0.0) * tokens, float(tokens)], dtype=grads[0].dtype, device=grads[0].device)
+    flat = all_sum_(torch.cat([g * tokens for g in grads] + [extra]))
+    total = max(float(flat[-1]), 1.0)  # no real token anywhere this step: no update
+    offset = 0
+    for p in params:
+        p.grad = (flat[offset : offset + p.numel()] / total).view_as(p).clone()
+        offset += p.numel()
+    return float(flat[-2]) / total
+
+
 def all_sum(values: Sequence[float]) -> list[float]:
     """The sums over the processes of some numbers (float64)."""
     if world() == 1:

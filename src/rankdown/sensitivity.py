@@ -53,7 +53,7 @@ def unavailable(context: "PlanContext | None") -> str | None:
     """Why the fisher allocation cannot run on this model (None when it can)."""
     if context is None:
         return "it needs a calibration pass (call rankdown.compress())"
-    if context.source is not None:
+    if context.streamed:
         return "the model is streamed layer by layer and its backward pass needs it whole in memory (--no-stream)"
     model = context.model
     if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:

@@ -6,12 +6,12 @@ trained so that the layer's output matches the dense layer's output ``y`` on the
 tokens. Gradients never leave the layer: its inputs are cached activations.
 
 Two inputs per layer (the engine only knows the second):
-- teacher input: the dense model's hidden states entering the layer. The method carries them from
-  layer to layer: the dense layer's outputs on them are computed before the layer is replaced, kept
-  in a :class:`~rankdown.spill.TensorStore` (RAM within ``--max-memory``, disk beyond), used as the
-  distillation target ``y`` and handed to the next layer as its teacher input. Only one layer's
-  dense weights ever exist beside the student's, and only while ``y`` is computed.
-- student input: the outputs of the compressed layers before it (``ctx.inputs.hidden``).
+- teacher input: the dense model's hidden states entering the layer, carried from layer to layer
+  in the walk's ``ctx.carry``: the dense layer's outputs on them are computed before the layer is
+  replaced, kept in a :class:`~rankdown.storage.TensorStore` (RAM within ``--max-memory``, disk
+  beyond), used as the distillation target ``y`` and handed to the next layer as its teacher input.
+  Only one layer's dense weights ever exist beside the student's, and only while ``y`` is computed.
+- student input: the outputs of the compressed layers before it (``ctx.layer_inputs()``).
 The loss per token is ``mean_d |a − y| − log σ(cos(a, y))``, padding left out; ``teacher+student``
 sums the losses of both paths.
 
@@ -42,7 +42,7 @@ from rankdown.linalg import svd_factors
 from rankdown.methods.base import Method, install_factors, register
 from rankdown.methods.rom import ROM, ROMConfig
 from rankdown.nn.portable import LowRankLinear
-from rankdown.spill import TensorStore
+from rankdown.storage import TensorStore
 
 if TYPE_CHECKING:
     from rankdown.engine import LayerContext, PlanContext
@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 LILLAMA_STRATEGIES = ("bottom", "top", "uniform")
 LILLAMA_INITS = ("svd", "rom")
 LILLAMA_LOSSES = ("teacher+student", "teacher", "student")
+TEACHER, TEACHER_OF = "lillama.teacher", "lillama.teacher_of"  # keys of the walk's ctx.carry
 
 
 @dataclass
@@ -176,8 +177,6 @@ class Lillama(Method):
         self._reset()
 
     def _reset(self) -> None:
-        self._teacher: TensorStore | None = None  # dense outputs of layer _teacher_of = next teacher input
-        self._teacher_of: int | None = None
         self._curves: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ allocation
@@ -212,14 +211,16 @@ class Lillama(Method):
     # ------------------------------------------------------------------ one layer
     def compress_layer(self, ctx: "LayerContext", ranks: dict[str, int]) -> None:
         t0 = time.perf_counter()
-        student = ctx.inputs.hidden
-        if self._teacher is not None and self._teacher_of == ctx.index - 1:
-            teacher_in = self._teacher
+        student = ctx.layer_inputs()
+        # the dense outputs of layer teacher_of, handed on by its visit: this layer's teacher input
+        teacher, teacher_of = ctx.carry.pop(TEACHER, None), ctx.carry.pop(TEACHER_OF, None)
+        if teacher is not None and teacher_of == ctx.index - 1:
+            teacher_in = teacher
         else:
-            if self._teacher is not None:  # a dense layer in between: its teacher outputs were never computed
+            if teacher is not None:  # a dense layer in between: its teacher outputs were never computed
                 log.warning("lillama: layer %d follows an uncompressed layer; its teacher input is the student's",
                             ctx.index)
-                self._teacher.clear()
+                teacher.clear()
             teacher_in = student
         target = self._dense_outputs(ctx, teacher_in)  # before any module is replaced
         self._init_factors(ctx, ranks)
@@ -229,15 +230,14 @@ class Lillama(Method):
             teacher_in.clear()
         if self._last_layer is not None and ctx.index >= self._last_layer:
             target.clear()  # no later layer is compressed: its teacher input is not needed
-            self._teacher, self._teacher_of = None, None
         else:
-            self._teacher, self._teacher_of = target, ctx.index
+            ctx.carry[TEACHER], ctx.carry[TEACHER_OF] = target, ctx.index
 
     @torch.no_grad()
     def _dense_outputs(self, ctx: "LayerContext", hidden: Any) -> TensorStore:
-        out = TensorStore(ctx.budget)
+        out = ctx.new_store()
         for b in range(len(hidden)):
-            out.append(_call(ctx, hidden[b], b, None))
+            out.append(ctx.call(hidden[b], b))
         return out
 
     def _init_factors(self, ctx: "LayerContext", ranks: dict[str, int]) -> None:
@@ -256,28 +256,28 @@ class Lillama(Method):
         factors = [p for m in layer.modules() if isinstance(m, LowRankLinear) for p in (m.A.weight, m.B.weight)]
         dtype = next(layer.parameters()).dtype
         grad_flags = {p: p.requires_grad for p in layer.parameters()}
-        same = teacher_in is ctx.inputs.hidden  # teacher and student paths see the same inputs
+        student = ctx.layer_inputs()
+        same = teacher_in is student  # teacher and student paths see the same inputs
         paths = {"teacher+student": ["teacher", "student"], "teacher": ["teacher"], "student": ["student"]}[cfg.loss]
-        feeds = [ctx.inputs.hidden if p == "student" else teacher_in for p in paths]
+        feeds = [student if p == "student" else teacher_in for p in paths]
         if same:
             feeds = feeds[:1]
         weight = len(paths) / len(feeds)  # one pass counts for both paths when they coincide
 
         def loss_of(b: int) -> torch.Tensor:
             y = target[b].to(ctx.device, torch.float32)
-            mask = ctx.inputs.masks[b]
-            mask = None if mask is None else mask.to(ctx.device)
-            return weight * sum(token_loss(_call(ctx, feed[b], b, torch.float32), y, mask) for feed in feeds)
+            mask = ctx.mask(b)
+            return weight * sum(token_loss(ctx.call(feed[b], b, torch.float32), y, mask) for feed in feeds)
 
         @torch.no_grad()
         def full_loss() -> float:  # the mean over every process's batches under torchrun
-            total, count = distributed.all_sum([sum(float(loss_of(b)) for b in range(len(target))), len(target)])
+            total, count = ctx.sum_over_processes([sum(float(loss_of(b)) for b in range(len(target))), len(target)])
             return total / max(1, count)
 
         def step(b: int) -> float:
             """Gradients of batch ``b`` (of every process's batch ``b`` under torchrun); the loss."""
             opt.zero_grad(set_to_none=True)
-            if distributed.world() == 1:
+            if ctx.processes == 1:
                 loss = loss_of(b)
                 loss.backward()
                 return loss.item()
@@ -285,9 +285,9 @@ class Lillama(Method):
             if b < len(target):
                 loss = loss_of(b)
                 loss.backward()
-                mask = ctx.inputs.masks[b]
+                mask = ctx.mask(b)
                 tokens = int(mask.sum()) if mask is not None else target[b].shape[:-1].numel()
-            return _share_gradients(factors, None if loss is None else loss.item(), tokens)
+            return distributed.mean_gradients(factors, None if loss is None else loss.item(), tokens)
 
         curve: dict[str, Any] = {"train": [], "eval": [], "best_epoch": 0, "lr": cfg.lr}
         try:
@@ -302,7 +302,7 @@ class Lillama(Method):
             if cfg.epochs and factors:
                 opt = torch.optim.AdamW(factors, lr=cfg.lr)
                 gen = torch.Generator().manual_seed(self.run.seed * 100_003 + ctx.index)
-                steps = distributed.all_max(len(target))  # under torchrun: the most batches a process holds
+                steps = ctx.most_batches()  # under torchrun: the most batches a process holds
                 bar = tqdm(total=cfg.epochs * steps, desc=f"lillama {ctx.prefix}", unit="batch",
                            leave=False, disable=not self._progress)
                 with torch.enable_grad(), bar:
@@ -334,40 +334,6 @@ class Lillama(Method):
 
 
 # ----------------------------------------------------------------------------- helpers
-def _share_gradients(factors: list[torch.Tensor], loss: float | None, tokens: int) -> float:
-    """Replace every process's gradients by their mean over the processes, weighted by the real tokens
-    of each process's batch (0 for a process without a batch this step), in one exchange; returns the
-    weighted mean loss. So a step under torchrun is the step of one process on the union of the
-    processes' batches: N processes at ``batch_size`` train as one process at ``N x batch_size``."""
-    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in factors]
-    extra = torch.tensor([(loss or 0.0) * tokens, float(tokens)], dtype=grads[0].dtype, device=grads[0].device)
-    flat = distributed.all_sum_(torch.cat([g * tokens for g in grads] + [extra]))
-    total = max(float(flat[-1]), 1.0)  # no real token anywhere this step: no update
-    offset = 0
-    for p in factors:
-        p.grad = (flat[offset : offset + p.numel()] / total).view_as(p).clone()
-        offset += p.numel()
-    return float(flat[-2]) / total
-
-
-def _cast(obj: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
-    """``obj`` with every tensor moved to ``device`` and every floating one cast to ``dtype``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, dtype) if dtype is not None and obj.is_floating_point() else obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_cast(o, device, dtype) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _cast(v, device, dtype) for k, v in obj.items()}
-    return obj
-
-
-def _call(ctx: "LayerContext", hidden: torch.Tensor, b: int, dtype: torch.dtype | None) -> torch.Tensor:
-    """The layer's output on ``hidden`` (b, L, d) with batch ``b``'s other arguments, in ``dtype``."""
-    out = ctx.layer(_cast(hidden, ctx.device, dtype), *_cast(ctx.inputs.args[b], ctx.device, dtype),
-                    **_cast(ctx.inputs.kwargs[b], ctx.device, dtype))
-    return out[0] if isinstance(out, tuple) else out
-
-
 def _hidden_size(model: Any, targets: list[Target]) -> int:
     cfg = getattr(model, "config", None)
     size = int(getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model", None) or 0)

@@ -354,24 +354,14 @@ class ModeGPT(Method):
 
     def block_influence(self, context: "PlanContext", wanted: set[int]) -> dict[int, float]:
         """Layer index -> ``1 − mean_t cos(x_t, y_t)`` of the dense layer's input and output on real tokens."""
-        from rankdown import distributed
-
         out: dict[int, float] = {}
 
+        def cos(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return nn.functional.cosine_similarity(x.to(torch.float64), y.to(torch.float64).to(x.device), dim=-1)
+
         def visit(ctx: "LayerContext") -> None:
-            if ctx.index not in wanted:
-                return
-            ys = ctx.outputs()
-            total, count = 0.0, 0
-            for b in range(len(ys)):
-                x, y = ctx.inputs.hidden[b], ys[b]
-                cos = nn.functional.cosine_similarity(x.to(torch.float64), y.to(torch.float64).to(x.device), dim=-1)
-                m = ctx.inputs.masks[b]
-                cos = cos if m is None else cos[m.to(cos.device)]
-                total, count = total + float(cos.sum()), count + cos.numel()
-            # ys stays: the engine hands the same store on as the next layer's inputs (one forward)
-            total, count = distributed.all_sum([total, count])  # over every process's batches under torchrun
-            out[ctx.index] = 1.0 - total / max(count, 1)
+            if ctx.index in wanted:  # over every process's batches under torchrun
+                out[ctx.index] = 1.0 - ctx.mean_over_tokens(cos)
 
         context.walk_dense(visit)
         return out
