@@ -26,7 +26,7 @@ from rankdown.nn.portable import ReducedAttention, ReducedLinear
 from tiny import outputs, rel_error, tiny_ids, tiny_model, zeroed_error
 
 IDS = tiny_ids(8, 32)
-SUPPORTED = ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "opt"]
+SUPPORTED = ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "gemma3", "opt"]
 F64 = torch.float64
 
 
@@ -250,8 +250,10 @@ def test_every_supported_family_shrinks_dimensions_and_meets_the_ratio(compresse
     rel, zeroed = rel_error(after, before), zeroed_error(family, IDS, before)
     assert rel < 0.3 * zeroed, f"relative output error {rel:.4f}, {rel / zeroed:.2f} of zeroed layers'"
     attn = [m for m in model.modules() if isinstance(m, ReducedAttention)]
-    assert len(attn) == 2 and all(a.v_dim < a.head_dim for a in attn)
-    if family == "qwen3":  # q/k norms over the head: query/key kept whole
+    # gemma3's q/k stay whole, so the global allocation may keep one layer's attention dense
+    assert len(attn) == 2 or (family == "gemma3" and len(attn) == 1)
+    assert all(a.v_dim < a.head_dim for a in attn)
+    if family in ("qwen3", "gemma3"):  # q/k norms over the head: query/key kept whole
         assert all(a.qk_dim == a.head_dim and a.q_norm is not None for a in attn)
     else:
         assert all(a.qk_dim < a.head_dim for a in attn)

@@ -139,7 +139,7 @@ def compress(
     (``wikitext2``, ``c4``, ``ptb``, ``reference``, a .txt or .jsonl file) sampled into
     ``nsamples`` windows of ``seqlen`` tokens with ``run.seed``; unused by data-free methods.
     run: how it runs (device, batch size, seed, memory, statistics cache; default
-    :class:`~rankdown.config.RunSettings`\ ()), apart from what it computes (``config``).
+    :class:`~rankdown.config.RunSettings` ()), apart from what it computes (``config``).
     ``store``: where the layers are kept between their visits (:class:`~rankdown.storage.LayerStore`);
     by default in memory, or a :class:`rankdown.storage.folder.StreamedModel` whose skeleton ``model``
     is, when the layers are read from disk one at a time (see :func:`rankdown.stream.compress_folder`).
