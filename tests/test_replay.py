@@ -91,3 +91,11 @@ def test_replay_is_checked_against_the_real_module(monkeypatch):
     fast, calls = _compress("llama", "svd-llm", True, monkeypatch)
     assert calls == {"attn": 2 * (2 + 2), "mlp": 2 * (3 + 2), "dense_gate": 0}
     assert _same(full, fast)
+
+
+def test_a_layer_trained_in_place_passes_on_its_trained_outputs(monkeypatch):
+    """Lillama starts from rom's factors (recorded with replay) and trains them in place: the next
+    layer must then be fed the trained layer's outputs, as it is without any replay."""
+    full, _ = _compress("llama", "lillama", False, monkeypatch)
+    fast, _ = _compress("llama", "lillama", True, monkeypatch)
+    assert _same(full, fast)

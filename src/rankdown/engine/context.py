@@ -59,6 +59,13 @@ class LayerContext:
         self._forget_outputs()
         self._replays.replaced(name, self._group_of(name))
 
+    def changed(self) -> None:
+        """The method changed the layer's weights in place (training): what the engine kept of
+        the layer's earlier passes (its outputs, the recorded inputs of replayed modules) is stale,
+        and the next layer's inputs come from a full run of the layer as it is now."""
+        self._forget_outputs()
+        self._replays.clear()
+
     def note(self, name: str, guard: Guard) -> None:
         self.guards[name] = guard.to_dict()
 
