@@ -119,7 +119,7 @@ def test_fisher_allocation_beats_uniform(smol):
 
 
 def test_best_method_within_three_times_dense(smol):
-    """Measured 2.49x (lillama, 2.56x before its replay fix; modegpt 2.72x, rom 2.88x) with this protocol; svd-llm with its paper's
-    allocation is 6.35x. The goal of 1.6x is not met yet."""
+    """Measured 2.49x (lillama, 2.56x before its replay fix; modegpt 2.72x, rom 2.88x) with this
+    protocol; svd-llm with its paper's allocation is 6.35x. The goal of 1.6x is not met yet."""
     best = min(result(smol, n)["ppl"] for n in ("rom", "modegpt", "lillama"))
     assert best < 3.0 * result(smol, "dense")["ppl"]
