@@ -66,7 +66,9 @@ def test_gemma3_reduced_attention_equals_the_stock_one_on_sliding_and_full_layer
 ROUND_TRIPS = [("gemma3", "svd-llm", {}), ("gemma3", "modegpt", {}), ("gpt2", "svd-llm", {"exclude": [r"mlp\.c_proj"]}),
                ("gpt_neox", "svd-llm", {}), ("qwen2_moe", "svd-llm", {}), ("qwen3_moe", "rom", {}),
                ("llama4", "svd-llm", {}), ("olmo2", "svd-llm", {}), ("smollm3", "svd-llm", {}), ("phi4", "svd-llm", {}),
-               ("falcon", "svd-llm", {}), ("stablelm", "lillama", {"epochs": 1})]  # the last two: the generic path
+               ("falcon", "svd-llm", {}), ("stablelm", "lillama", {"epochs": 1}),  # these two: the generic path
+               ("mixtral", "modegpt", {}), ("qwen2_moe", "modegpt", {}), ("qwen3_moe", "modegpt", {}),
+               ("smollm3", "modegpt", {})]
 
 REMOTE = r"""
 import json, sys, torch

@@ -88,6 +88,23 @@ class ArchSpec:
             mlp_in, mlp_out = list(self.mlp_in), [self.mlp_out]
         return [attn_in, [self.o], mlp_in, mlp_out]
 
+    def mlps(self, layer: nn.Module) -> list[tuple[tuple[str, ...], str]]:
+        """The MLPs of one layer as (input projections, output projection): the dense MLP; or every
+        unfused expert and the shared expert beside them; or an MoE model's dense MLP in a layer without
+        experts."""
+        if self.observed:
+            return []
+        if self.experts is not None and not self.has_experts(layer):
+            return [(tuple(self.dense_mlp[:-1]), self.dense_mlp[-1])] if self.dense_mlp else []
+        out = []
+        if self.experts is not None:
+            n = len(layer.get_submodule(self.experts).experts)
+            out = [((f"{e}.gate_proj", f"{e}.up_proj"), f"{e}.down_proj")
+                   for e in (f"{self.experts}.experts.{i}" for i in range(n))]
+        if self.mlp_out:
+            out.append((tuple(self.mlp_in), self.mlp_out))
+        return out
+
     def has_experts(self, layer: nn.Module) -> bool:
         """Whether this layer's MLP is a mixture of experts (not a dense one of an MoE model)."""
         if self.experts is None:
@@ -156,10 +173,8 @@ FAMILIES: tuple[ArchSpec, ...] = (
         "olmo2", ("olmo2",), **_LLAMA_LIKE,
         no_structured="its query/key norms span every head at once, so dropping query/key dimensions changes them",
     ),
-    ArchSpec(  # llama-like, every 4th layer without RoPE (no_rope_layers)
-        "smollm3", ("smollm3",), **_LLAMA_LIKE,
-        no_structured="some of its layers use no RoPE (NoPE), which the reduced attention does not model yet",
-    ),
+    # llama-like, every 4th layer without RoPE (no_rope_layers): its attention's use_rope says which
+    ArchSpec("smollm3", ("smollm3",), **_LLAMA_LIKE),
     ArchSpec("gemma2", ("gemma2",), **_LLAMA_LIKE, norm_offset=1.0,
              no_structured="it caps attention logits (softcapping), which the reduced attention (SDPA) cannot do"),
     # sliding and full layers with their own RoPE bases: the model hands each layer its cos/sin and mask
@@ -167,25 +182,26 @@ FAMILIES: tuple[ArchSpec, ...] = (
     ArchSpec(
         "phi3", ("phi3",), layers=("model.layers",),
         q="self_attn.qkv_proj", k="self_attn.qkv_proj", v="self_attn.qkv_proj", o="self_attn.o_proj",
-        mlp_in=("mlp.gate_up_proj",), mlp_out="mlp.down_proj",
+        mlp_in=("mlp.gate_up_proj",), mlp_out="mlp.down_proj", attention="self_attn",
+        no_structured="it fuses q/k/v into one qkv_proj and gate/up into one gate_up_proj (no per-role selection yet)",
     ),
     ArchSpec(
         "mixtral", ("mixtral",), layers=("model.layers",),
         q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
-        mlp_in=(), mlp_out="", experts="mlp.experts", exclude=("mlp.gate",),
+        mlp_in=(), mlp_out="", experts="mlp.experts", exclude=("mlp.gate",), attention="self_attn",
     ),
     ArchSpec(  # routed experts plus a gated shared expert; the routers (gate, shared_expert_gate) stay dense
         "qwen2_moe", ("qwen2_moe",), layers=("model.layers",),
         q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
         mlp_in=("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"), mlp_out="mlp.shared_expert.down_proj",
         experts="mlp.experts", exclude=("mlp.gate", "mlp.shared_expert_gate"),
-        dense_mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+        dense_mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), attention="self_attn",
     ),
     ArchSpec(  # routed experts only, Qwen3's per-head q/k norms
         "qwen3_moe", ("qwen3_moe",), layers=("model.layers",),
         q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
         mlp_in=(), mlp_out="", experts="mlp.experts", exclude=("mlp.gate",), qk_norm=True,
-        dense_mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+        dense_mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), attention="self_attn",
     ),
     ArchSpec(  # Llama 4 text: MoE layers (routed experts, every token through each, plus a shared expert)
         # interleaved with dense ones; chunked attention, NoPE layers, L2 q/k norms without weights
@@ -195,6 +211,8 @@ FAMILIES: tuple[ArchSpec, ...] = (
         mlp_out="feed_forward.shared_expert.down_proj", experts="feed_forward.experts",
         exclude=("feed_forward.router",),
         dense_mlp=("feed_forward.gate_proj", "feed_forward.up_proj", "feed_forward.down_proj"),
+        no_structured=("its attention (chunked windows, weightless L2 query/key norms, a position-dependent query "
+                       "temperature in its NoPE layers) is not one the reduced attention computes"),
     ),
     ArchSpec(
         "opt", ("opt",), layers=("model.decoder.layers",),
@@ -205,12 +223,14 @@ FAMILIES: tuple[ArchSpec, ...] = (
         "gpt2", ("gpt2",), layers=("transformer.h",),
         q="attn.c_attn", k="attn.c_attn", v="attn.c_attn", o="attn.c_proj",
         mlp_in=("mlp.c_fc",), mlp_out="mlp.c_proj", rope=False, gated_mlp=False, attention="attn", conv1d=True,
+        no_structured="it fuses q/k/v into one c_attn, and its attention block is called with GPT-2's own arguments",
     ),
     ArchSpec(  # Pythia: q/k/v fused (interleaved per head), partial RoPE, parallel attention and MLP
         "gpt_neox", ("gpt_neox",), layers=("gpt_neox.layers",),
         q="attention.query_key_value", k="attention.query_key_value", v="attention.query_key_value",
         o="attention.dense", mlp_in=("mlp.dense_h_to_4h",), mlp_out="mlp.dense_4h_to_h", gated_mlp=False,
         attention="attention",
+        no_structured="it interleaves q/k/v per head in one query_key_value linear, with RoPE on part of each head",
     ),
     ArchSpec(
         "bert", ("bert", "roberta", "xlm-roberta"),
@@ -218,6 +238,7 @@ FAMILIES: tuple[ArchSpec, ...] = (
         q="attention.self.query", k="attention.self.key", v="attention.self.value",
         o="attention.output.dense", mlp_in=("intermediate.dense",), mlp_out="output.dense",
         rope=False, gated_mlp=False, causal=False,
+        no_structured="it is a bidirectional encoder; the reduced attention is written for causal decoders",
     ),
 )
 
@@ -244,9 +265,8 @@ def base_model_type(config) -> str:
 
 
 def structured_model_types() -> list[str]:
-    """The model types whose attention MoDeGPT can rebuild (a causal decoder with separate q/k/v, dense MLPs)."""
-    return sorted(t for s in FAMILIES if s.causal and s.attention and not s.fused_qkv and s.experts is None
-                  and not s.no_structured and not (len(s.mlp_in) == 1 and s.gated_mlp) for t in s.model_types)
+    """The model types whose attention MoDeGPT can rebuild (a row naming its attention, no refusal)."""
+    return sorted(t for s in FAMILIES if s.attention and not s.no_structured for t in s.model_types)
 
 
 def spec_for(model_or_config) -> ArchSpec:
