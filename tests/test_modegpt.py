@@ -277,6 +277,28 @@ def test_smollm3_nope_layers_select_single_dimensions_and_rotate_nothing(compres
     assert nope_layer.qk_dim < nope_layer.head_dim and rope_layer.qk_dim % 2 == 0
 
 
+def test_bert_encoder_attention_is_rebuilt_bidirectional_with_its_output_projection_outside():
+    """BERT: the self-attention (q/k/v, no RoPE, bidirectional) becomes a ReducedAttention returning its
+    heads; the output projection, in BertSelfOutput with the residual norm, a ReducedLinear reading the
+    smaller value heads. A right-padded row's real tokens get what the sequence alone gets."""
+    model = tiny_model("bert")
+    before = outputs(model, IDS)
+    report = compress(model, None, make_config("modegpt", ratio=0.3), IDS, progress=False, run=RunSettings(batch_size=4))
+    assert abs(report.ratio_achieved - 0.3) <= 0.01
+    rel = rel_error(outputs(model, IDS), before)
+    assert rel < 0.3 * zeroed_error("bert", IDS, before)
+    for layer in model.encoder.layer:
+        attn, out = layer.attention.self, layer.attention.output.dense
+        assert isinstance(attn, ReducedAttention) and not attn.is_causal and attn.rope is None
+        assert attn.qk_dim < attn.head_dim and isinstance(out, ReducedLinear) and out.in_features == 4 * attn.v_dim
+    am = torch.ones_like(IDS[:2])
+    am[1, 20:] = 0
+    with torch.no_grad():
+        padded = model(input_ids=IDS[:2], attention_mask=am).last_hidden_state
+        alone = model(input_ids=IDS[1:2, :20]).last_hidden_state
+    assert torch.allclose(padded[1, :20], alone[0], atol=1e-5)
+
+
 def test_experts_each_keep_their_own_channels_and_an_unrouted_one_keeps_its_largest(monkeypatch):
     """Mixture of experts: every expert's MLP is a Nyström of its own down projection on the tokens routed
     to it (the router untouched); an expert no calibration token reached keeps the channels of largest

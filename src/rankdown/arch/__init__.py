@@ -237,8 +237,7 @@ FAMILIES: tuple[ArchSpec, ...] = (
         layers=("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer"),
         q="attention.self.query", k="attention.self.key", v="attention.self.value",
         o="attention.output.dense", mlp_in=("intermediate.dense",), mlp_out="output.dense",
-        rope=False, gated_mlp=False, causal=False,
-        no_structured="it is a bidirectional encoder; the reduced attention is written for causal decoders",
+        rope=False, gated_mlp=False, causal=False, attention="attention.self",  # o lies outside: attention.output
     ),
 )
 

@@ -205,7 +205,12 @@ class ReducedAttention(nn.Module):
         shapes = {"q": (self.hidden, self.heads * self.qk_dim), "k": (self.hidden, self.kv_heads * self.qk_dim),
                   "v": (self.hidden, self.kv_heads * self.v_dim), "o": (self.heads * self.v_dim, self.hidden)}
         for role, (i, o) in shapes.items():
-            self.add_module(self.names[role], nn.Linear(i, o, bias=bias[role], **kw))
+            if role in self.names:  # no "o": the output projection lies outside (BERT's), the heads are returned
+                self.add_module(self.names[role], nn.Linear(i, o, bias=bias[role], **kw))
+        # RoPE on the leading rotary_dim of each original head (Phi-4-mini: part of it): the kept pairs rotate,
+        # the kept dimensions after them pass through
+        self.rotary_dim = spec.get("rotary_dim", self.head_dim)
+        self.softcap = spec.get("softcap")  # Gemma 2: logits ← cap·tanh(logits / cap) before the mask
         eps = spec.get("qk_norm_eps")
         offset = spec.get("qk_norm_offset", 0.0)
         self.q_norm = HeadRMSNorm(self.qk_dim, eps, offset=offset, **kw) if eps is not None else None
@@ -221,9 +226,9 @@ class ReducedAttention(nn.Module):
     def _rope_index(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         key = (device, dtype)
         if key not in self._index:
-            pairs = torch.tensor(self.rope, dtype=torch.long, device=device)  # (kv_heads, qk_dim / 2)
-            idx = torch.cat([pairs, pairs + self.head_dim // 2], dim=-1).reshape(-1)
-            half = self.qk_dim // 2
+            pairs = torch.tensor(self.rope, dtype=torch.long, device=device)  # (kv_heads, rotated / 2)
+            idx = torch.cat([pairs, pairs + self.rotary_dim // 2], dim=-1).reshape(-1)
+            half = pairs.shape[-1]
             sign = torch.cat([torch.full((half,), -1.0), torch.ones(half)]).to(device=device, dtype=dtype)
             self._index[key] = (idx, sign)
         return self._index[key]
@@ -232,7 +237,7 @@ class ReducedAttention(nn.Module):
         """cos, sin: (b, L, head_dim) of the original size -> (b, L, kv_heads, qk_dim) at each kv head's
         kept dimensions, sin with the half rotation's sign (``rot(x)·sin = swap(x)·(sign·sin)``)."""
         idx, sign = self._rope_index(cos.device, sin.dtype)
-        shape = (*cos.shape[:-1], self.kv_heads, self.qk_dim)
+        shape = (*cos.shape[:-1], self.kv_heads, sign.shape[0])
         return cos.index_select(-1, idx).view(shape), sin.index_select(-1, idx).view(shape) * sign
 
     def forward(
@@ -256,8 +261,14 @@ class ReducedAttention(nn.Module):
             if position_embeddings is None:
                 raise ValueError("this attention uses rotary embeddings: the layer must pass position_embeddings")
             cos, sin = self._rope_tables(*position_embeddings)
-            q = q * cos[..., None, :] + _swap_halves(q) * sin[..., None, :]
-            k = k * cos + _swap_halves(k) * sin
+            n = cos.shape[-1]  # rotated dimensions; fewer than qk_dim with partial RoPE
+            if n == qk:
+                q = q * cos[..., None, :] + _swap_halves(q) * sin[..., None, :]
+                k = k * cos + _swap_halves(k) * sin
+            else:
+                qr, kr = q[..., :n], k[..., :n]
+                q = torch.cat([qr * cos[..., None, :] + _swap_halves(qr) * sin[..., None, :], q[..., n:]], -1)
+                k = torch.cat([kr * cos + _swap_halves(kr) * sin, k[..., n:]], -1)
         q = q.view(b, L, self.heads, qk).transpose(1, 2)
         k = k.transpose(1, 2)
         cache = past_key_values if cache is None else cache  # renamed ``cache`` in transformers 5.24
@@ -270,11 +281,14 @@ class ReducedAttention(nn.Module):
                 mask = mask[..., :kv_len]
             if mask.dtype != torch.bool and mask.dtype != q.dtype:
                 mask = mask.to(q.dtype)
-        if L == 1 and (mask is None or mask.dim() == 4):
+        if self.softcap is not None:
+            out = self._eager(q, k, v, mask)
+        elif L == 1 and (mask is None or mask.dim() == 4):
             out = self._one_token(q, k, v, mask)
         else:
             out = self._sdpa(q, k, v, mask)
-        return proj[self.names["o"]](out.transpose(1, 2).reshape(b, L, self.heads * vd)), None
+        out = out.transpose(1, 2).reshape(b, L, self.heads * vd)
+        return (proj[self.names["o"]](out) if "o" in self.names else out), None
 
     def _one_token(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """q: (b, heads, 1, qk), k: (b, kv_heads, T, qk), v: (b, kv_heads, T, v), mask: None or
@@ -287,6 +301,20 @@ class ReducedAttention(nn.Module):
             s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m
         p = torch.softmax(s.float(), dim=-1).to(v.dtype)  # in float32, as SDPA and the eager attention do
         return torch.matmul(p, v).view(b, self.heads, 1, self.v_dim)
+
+    def _eager(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Written out, with Gemma 2's soft-capped logits (SDPA cannot cap): q: (b, heads, L, qk), k: (b,
+        kv_heads, T, qk), v: (b, kv_heads, T, v), mask None (causal), boolean or additive -> (b, heads, L, v)."""
+        G, L, T = self.num_key_value_groups, q.shape[2], k.shape[2]
+        k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+        s = torch.matmul(q, k.transpose(2, 3)) * self.scaling
+        s = torch.tanh(s / self.softcap) * self.softcap
+        if mask is None and self.is_causal:  # aligned bottom-right: a cached prefix sees everything
+            mask = torch.ones(L, T, dtype=torch.bool, device=q.device).tril(T - L)
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(p, v)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """q: (b, heads, L, qk), k: (b, kv_heads, T, qk), v: (b, kv_heads, T, v) -> (b, heads, L, v)."""
