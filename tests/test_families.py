@@ -60,6 +60,33 @@ def test_gemma3_reduced_attention_equals_the_stock_one_on_sliding_and_full_layer
     assert torch.equal(gen[0], gen[1])
 
 
+def test_phi_fused_qkv_and_partial_rope_in_the_reduced_attention():
+    """Phi-3/Phi-4: q/k/v are row blocks of one qkv_proj, sliced into three linears; Phi-4-mini rotates
+    only the leading 3/4 of each head. A full-size ReducedAttention from those slices (every rotary pair
+    of the rotated part, the rest passed through) gives the stock logits and greedy tokens with a KV cache."""
+    dense = tiny_model("phi4")
+    cfg = dense.config
+    H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, dense.model.layers[0].self_attn.head_dim
+    rot = int(hd * cfg.rope_parameters["partial_rotary_factor"])
+    assert rot < hd
+    red = copy.deepcopy(dense)
+    for i, layer in enumerate(red.model.layers):
+        attn = layer.self_attn
+        spec = {"type": "attention", "hidden": cfg.hidden_size, "heads": H, "kv_heads": Hkv, "head_dim": hd,
+                "qk_dim": hd, "v_dim": hd, "scale": attn.scaling, "layer_idx": i, "rope": [list(range(rot // 2))] * Hkv,
+                "rotary_dim": rot, "names": {r: f"{r}_proj" for r in "qkvo"}, "bias": {r: False for r in "qkvo"}}
+        new = ReducedAttention(spec)
+        q, k, v = attn.qkv_proj.weight.split([H * hd, Hkv * hd, Hkv * hd])
+        with torch.no_grad():
+            for name, w in (("q_proj", q), ("k_proj", k), ("v_proj", v), ("o_proj", attn.o_proj.weight)):
+                new.get_submodule(name).weight.copy_(w)
+        layer.self_attn = new
+    assert torch.allclose(outputs(red, IDS), outputs(dense, IDS), atol=1e-5)
+    gen = [m.generate(IDS[:2], attention_mask=torch.ones_like(IDS[:2]), max_new_tokens=8, do_sample=False)
+           for m in (red, dense)]
+    assert torch.equal(gen[0], gen[1])
+
+
 # ----------------------------------------------------------------------------- save and load, both ways
 # (family, method): the folders of the families added after the first table, with modegpt where it runs
 # and extra settings; gpt2's excluded c_proj stays a (converted) dense nn.Linear, which loading must rebuild
@@ -68,7 +95,7 @@ ROUND_TRIPS = [("gemma3", "svd-llm", {}), ("gemma3", "modegpt", {}), ("gpt2", "s
                ("llama4", "svd-llm", {}), ("olmo2", "svd-llm", {}), ("smollm3", "svd-llm", {}), ("phi4", "svd-llm", {}),
                ("falcon", "svd-llm", {}), ("stablelm", "lillama", {"epochs": 1}),  # these two: the generic path
                ("mixtral", "modegpt", {}), ("qwen2_moe", "modegpt", {}), ("qwen3_moe", "modegpt", {}),
-               ("smollm3", "modegpt", {}), ("bert", "modegpt", {})]  # an encoder: AutoModel, hidden states
+               ("smollm3", "modegpt", {}), ("bert", "modegpt", {}), ("phi3", "modegpt", {}), ("phi4", "modegpt", {})]  # an encoder: AutoModel, hidden states
 
 REMOTE = r"""
 import json, sys, torch

@@ -27,8 +27,9 @@ from tiny import outputs, rel_error, tiny_ids, tiny_model, zeroed_error
 
 IDS = tiny_ids(8, 32)
 SUPPORTED = ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "gemma3", "opt", "smollm3", "mixtral", "qwen2_moe",
-             "qwen3_moe"]
-QK_WHOLE = {"qwen3", "gemma3", "qwen3_moe"}  # q/k norms over the head: query/key kept whole
+             "qwen3_moe", "phi3", "phi4"]
+QK_NORM = {"qwen3", "gemma3", "qwen3_moe"}  # q/k norms over the head: query/key kept whole
+QK_WHOLE = QK_NORM | {"phi4"}  # and RoPE on part of each head
 F64 = torch.float64
 
 
@@ -256,7 +257,7 @@ def test_every_supported_family_shrinks_dimensions_and_meets_the_ratio(compresse
     assert len(attn) == 2 or (family == "gemma3" and len(attn) == 1)
     assert all(a.v_dim < a.head_dim for a in attn)
     if family in QK_WHOLE:
-        assert all(a.qk_dim == a.head_dim and a.q_norm is not None for a in attn)
+        assert all(a.qk_dim == a.head_dim and (a.q_norm is not None) == (family in QK_NORM) for a in attn)
     else:
         assert all(a.qk_dim < a.head_dim for a in attn)
     assert any(isinstance(m, ReducedLinear) for m in model.modules())
@@ -328,7 +329,7 @@ def test_experts_each_keep_their_own_channels_and_an_unrouted_one_keeps_its_larg
         assert len({tuple(r) for r in picked}) == 4  # each expert chose from its own correlation
 
 
-@pytest.mark.parametrize("family", ["phi3", "gemma2", "olmo2", "llama4", "gpt2"])
+@pytest.mark.parametrize("family", ["gemma2", "olmo2", "llama4", "gpt2", "gpt_neox"])
 def test_unsupported_families_say_why_and_what_works(family):
     with pytest.raises(UnsupportedModelError, match=r"modegpt does not support .*rom or svd-llm"):
         compress(tiny_model(family), None, make_config("modegpt", ratio=0.2), IDS, progress=False)

@@ -182,8 +182,7 @@ FAMILIES: tuple[ArchSpec, ...] = (
     ArchSpec(
         "phi3", ("phi3",), layers=("model.layers",),
         q="self_attn.qkv_proj", k="self_attn.qkv_proj", v="self_attn.qkv_proj", o="self_attn.o_proj",
-        mlp_in=("mlp.gate_up_proj",), mlp_out="mlp.down_proj", attention="self_attn",
-        no_structured="it fuses q/k/v into one qkv_proj and gate/up into one gate_up_proj (no per-role selection yet)",
+        mlp_in=("mlp.gate_up_proj",), mlp_out="mlp.down_proj", attention="self_attn",  # fused: sliced by role
     ),
     ArchSpec(
         "mixtral", ("mixtral",), layers=("model.layers",),

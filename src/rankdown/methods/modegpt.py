@@ -162,7 +162,7 @@ class ModeGPT(Method):
             from rankdown.sensitivity import DEFAULT_SPECTRA_TOKENS, fisher_curves
 
             wanted = {t.path: t for t in targets}
-            parts = [f"{s.prefix}.{n}" for s in shapes for n in (spec.q, spec.k, spec.o, *(m.out for m in s.mlps))]
+            parts = dict.fromkeys(f"{s.prefix}.{n}" for s in shapes for n in (spec.q, spec.k, spec.o, *(m.out for m in s.mlps)))
             curves = fisher_curves(context, [wanted[p] for p in parts if p in wanted], False,
                                    self.config.fisher_tokens, DEFAULT_SPECTRA_TOKENS)
             phis, size = fisher_sparsity(shapes, curves, total_params, ratio, self.config.cap)
