@@ -60,6 +60,48 @@ def test_gemma3_reduced_attention_equals_the_stock_one_on_sliding_and_full_layer
     assert torch.equal(gen[0], gen[1])
 
 
+def test_gemma2_soft_capped_logits_in_the_reduced_attention():
+    """Gemma 2 caps its attention logits (cap·tanh(s/cap), before the mask; SDPA cannot): full-size
+    reduced attentions carrying the cap take the eager path and give the stock logits and greedy tokens,
+    on its sliding and full layers, with padding and a KV cache; without the cap they would not."""
+    import transformers as tf
+
+    from tiny import CONFIGS
+
+    torch.manual_seed(0)
+    cfg = CONFIGS["gemma2"]()
+    cfg.attn_logit_softcapping = 1.0  # a cap the tiny model's logits reach (Gemma 2's own is 50) ...
+    dense = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # ... once its queries are scaled up
+        for layer in dense.model.layers:
+            layer.self_attn.q_proj.weight.mul_(100.0)
+    assert "sliding_attention" in cfg.layer_types and IDS.shape[1] > cfg.sliding_window
+    H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    got = {}
+    for cap in (cfg.attn_logit_softcapping, None):
+        red = copy.deepcopy(dense)
+        for i, layer in enumerate(red.model.layers):
+            attn = layer.self_attn
+            spec = {"type": "attention", "hidden": cfg.hidden_size, "heads": H, "kv_heads": Hkv, "head_dim": hd,
+                    "qk_dim": hd, "v_dim": hd, "scale": attn.scaling, "layer_idx": i, "rope": [list(range(hd // 2))] * Hkv,
+                    "names": {r: f"{r}_proj" for r in "qkvo"}, "bias": {r: False for r in "qkvo"},
+                    **({"softcap": cap} if cap else {})}
+            new = ReducedAttention(spec)
+            with torch.no_grad():
+                for name, p in new.named_parameters():
+                    p.copy_(attn.get_parameter(name))
+            layer.self_attn = new
+        got[cap] = red
+    want = outputs(dense, IDS)
+    assert torch.allclose(outputs(got[cfg.attn_logit_softcapping], IDS), want, atol=1e-5)
+    assert not torch.allclose(outputs(got[None], IDS), want, atol=1e-2)
+    am = torch.ones_like(IDS[:2])
+    am[1, :5] = 0  # left padding
+    gen = [m.generate(IDS[:2], attention_mask=am, max_new_tokens=12, do_sample=False)
+           for m in (got[cfg.attn_logit_softcapping], dense)]
+    assert torch.equal(gen[0], gen[1])
+
+
 def test_phi_fused_qkv_and_partial_rope_in_the_reduced_attention():
     """Phi-3/Phi-4: q/k/v are row blocks of one qkv_proj, sliced into three linears; Phi-4-mini rotates
     only the leading 3/4 of each head. A full-size ReducedAttention from those slices (every rotary pair
@@ -95,7 +137,8 @@ ROUND_TRIPS = [("gemma3", "svd-llm", {}), ("gemma3", "modegpt", {}), ("gpt2", "s
                ("llama4", "svd-llm", {}), ("olmo2", "svd-llm", {}), ("smollm3", "svd-llm", {}), ("phi4", "svd-llm", {}),
                ("falcon", "svd-llm", {}), ("stablelm", "lillama", {"epochs": 1}),  # these two: the generic path
                ("mixtral", "modegpt", {}), ("qwen2_moe", "modegpt", {}), ("qwen3_moe", "modegpt", {}),
-               ("smollm3", "modegpt", {}), ("bert", "modegpt", {}), ("phi3", "modegpt", {}), ("phi4", "modegpt", {})]  # an encoder: AutoModel, hidden states
+               ("smollm3", "modegpt", {}), ("bert", "modegpt", {}), ("phi3", "modegpt", {}), ("phi4", "modegpt", {}),
+               ("gemma2", "modegpt", {})]  # an encoder: AutoModel, hidden states
 
 REMOTE = r"""
 import json, sys, torch

@@ -175,8 +175,8 @@ FAMILIES: tuple[ArchSpec, ...] = (
     ),
     # llama-like, every 4th layer without RoPE (no_rope_layers): its attention's use_rope says which
     ArchSpec("smollm3", ("smollm3",), **_LLAMA_LIKE),
-    ArchSpec("gemma2", ("gemma2",), **_LLAMA_LIKE, norm_offset=1.0,
-             no_structured="it caps attention logits (softcapping), which the reduced attention (SDPA) cannot do"),
+    # attention logits soft-capped (the reduced attention's eager path); sliding layers: the model's masks
+    ArchSpec("gemma2", ("gemma2",), **_LLAMA_LIKE, norm_offset=1.0),
     # sliding and full layers with their own RoPE bases: the model hands each layer its cos/sin and mask
     ArchSpec("gemma3", ("gemma3_text",), **_LLAMA_LIKE, qk_norm=True, norm_offset=1.0),
     ArchSpec(
