@@ -60,6 +60,42 @@ def test_gemma3_reduced_attention_equals_the_stock_one_on_sliding_and_full_layer
     assert torch.equal(gen[0], gen[1])
 
 
+def test_olmo2_whole_projection_query_key_norms_in_the_reduced_attention():
+    """OLMo 2 RMS-normalises each whole q and k projection (every head at once, the scale in float32):
+    full-size reduced attentions with that norm (random weights) give the stock logits and greedy
+    tokens with padding and a KV cache; the per-head norm of Qwen3 would not."""
+    dense = tiny_model("olmo2")
+    cfg = dense.config
+    H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, dense.model.layers[0].self_attn.head_dim
+    with torch.no_grad():
+        for layer in dense.model.layers:
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                norm.weight.normal_(1.0, 0.3)
+    got = {}
+    for whole in (True, False):
+        red = copy.deepcopy(dense)
+        for i, layer in enumerate(red.model.layers):
+            attn = layer.self_attn
+            spec = {"type": "attention", "hidden": cfg.hidden_size, "heads": H, "kv_heads": Hkv, "head_dim": hd,
+                    "qk_dim": hd, "v_dim": hd, "scale": attn.scaling, "layer_idx": i, "rope": [list(range(hd // 2))] * Hkv,
+                    "names": {r: f"{r}_proj" for r in "qkvo"}, "bias": {r: False for r in "qkvo"},
+                    "qk_norm_eps": attn.q_norm.variance_epsilon, "qk_norm_all": whole}
+            new = ReducedAttention(spec)
+            with torch.no_grad():
+                for name, p in new.named_parameters():
+                    src = attn.get_parameter(name)
+                    p.copy_(src if whole or "norm" not in name else src.view(-1, hd)[0])
+            layer.self_attn = new
+        got[whole] = red
+    want = outputs(dense, IDS)
+    assert torch.allclose(outputs(got[True], IDS), want, atol=1e-5)
+    assert not torch.allclose(outputs(got[False], IDS), want, atol=1e-2)
+    am = torch.ones_like(IDS[:2])
+    am[1, :5] = 0
+    gen = [m.generate(IDS[:2], attention_mask=am, max_new_tokens=8, do_sample=False) for m in (got[True], dense)]
+    assert torch.equal(gen[0], gen[1])
+
+
 def test_gemma2_soft_capped_logits_in_the_reduced_attention():
     """Gemma 2 caps its attention logits (cap·tanh(s/cap), before the mask; SDPA cannot): full-size
     reduced attentions carrying the cap take the eager path and give the stock logits and greedy tokens,
@@ -138,7 +174,7 @@ ROUND_TRIPS = [("gemma3", "svd-llm", {}), ("gemma3", "modegpt", {}), ("gpt2", "s
                ("falcon", "svd-llm", {}), ("stablelm", "lillama", {"epochs": 1}),  # these two: the generic path
                ("mixtral", "modegpt", {}), ("qwen2_moe", "modegpt", {}), ("qwen3_moe", "modegpt", {}),
                ("smollm3", "modegpt", {}), ("bert", "modegpt", {}), ("phi3", "modegpt", {}), ("phi4", "modegpt", {}),
-               ("gemma2", "modegpt", {})]  # an encoder: AutoModel, hidden states
+               ("gemma2", "modegpt", {}), ("olmo2", "modegpt", {})]  # an encoder: AutoModel, hidden states
 
 REMOTE = r"""
 import json, sys, torch

@@ -42,6 +42,7 @@ class ArchSpec:
     exclude: tuple[str, ...] = field(default=())  # linears never compressed (routers)
     attention: str | None = None  # the attention module inside a layer (replaced whole by structured methods)
     qk_norm: bool = False  # queries and keys are RMS-normalised over the head dimension (Qwen3)
+    qk_norm_all: bool = False  # ... over the whole projection, every head at once (OLMo 2)
     norm_offset: float = 0.0  # the RMS norms scale by ``(norm_offset + w)``: Gemma's ``(1 + w)``
     no_structured: str = ""  # why MoDeGPT's reduced attention cannot rebuild this family's (empty: it can)
     conv1d: bool = False  # the linears are GPT-2's Conv1D, weights stored (in, out): made nn.Linear first
@@ -169,10 +170,8 @@ FAMILIES: tuple[ArchSpec, ...] = (
     ArchSpec("mistral", ("mistral",), **_LLAMA_LIKE),
     ArchSpec("qwen2", ("qwen2",), **_LLAMA_LIKE),
     ArchSpec("qwen3", ("qwen3",), **_LLAMA_LIKE, qk_norm=True),
-    ArchSpec(  # post-norms only; q/k RMS norms over the whole projection (all heads at once), not per head
-        "olmo2", ("olmo2",), **_LLAMA_LIKE,
-        no_structured="its query/key norms span every head at once, so dropping query/key dimensions changes them",
-    ),
+    # post-norms only; q/k RMS norms over the whole projection (all heads at once): query/key kept whole
+    ArchSpec("olmo2", ("olmo2",), **_LLAMA_LIKE, qk_norm=True, qk_norm_all=True),
     # llama-like, every 4th layer without RoPE (no_rope_layers): its attention's use_rope says which
     ArchSpec("smollm3", ("smollm3",), **_LLAMA_LIKE),
     # attention logits soft-capped (the reduced attention's eager path); sliding layers: the model's masks

@@ -269,6 +269,7 @@ class ModeGPT(Method):
             "bias": {role: new[role][1] is not None for role in inside},
             "qk_norm_eps": norm_eps(attn.q_norm) if spec.qk_norm else None,
             **({"qk_norm_offset": spec.norm_offset} if spec.qk_norm and spec.norm_offset else {}),
+            **({"qk_norm_all": True} if spec.qk_norm_all else {}),
             **({"rotary_dim": geo.rotary_dim} if rope and geo.rotary_dim < hd else {}),
             **({"softcap": float(softcap)} if softcap is not None else {}),
         }

@@ -148,18 +148,19 @@ class ReducedLinear(nn.Linear):
 class HeadRMSNorm(nn.Module):
     """RMS norm over the last dimension (a head), as the q/k norms of Qwen3 (``w * x / rms(x)``, the
     normalised x cast back before the scale) and of Gemma 3 (``offset`` 1: ``(1 + w) * x / rms(x)``,
-    the scale applied in float32 before the cast back), each family's own rounding."""
+    the scale applied in float32 before the cast back), each family's own rounding; ``in_float``: OLMo 2's
+    (``w * x / rms(x)`` over a whole projection, the scale applied in float32)."""
 
-    def __init__(self, dim: int, eps: float, device=None, dtype=None, offset: float = 0.0) -> None:
+    def __init__(self, dim: int, eps: float, device=None, dtype=None, offset: float = 0.0, in_float: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
-        self.eps, self.offset = eps, offset
+        self.eps, self.offset, self.in_float = eps, offset, in_float
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.to(torch.float32)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.offset:
+        if self.offset or self.in_float:
             return (x * (self.offset + self.weight.float())).to(dtype)
         return self.weight * x.to(dtype)
 
@@ -213,8 +214,12 @@ class ReducedAttention(nn.Module):
         self.softcap = spec.get("softcap")  # Gemma 2: logits ← cap·tanh(logits / cap) before the mask
         eps = spec.get("qk_norm_eps")
         offset = spec.get("qk_norm_offset", 0.0)
-        self.q_norm = HeadRMSNorm(self.qk_dim, eps, offset=offset, **kw) if eps is not None else None
-        self.k_norm = HeadRMSNorm(self.qk_dim, eps, offset=offset, **kw) if eps is not None else None
+        # OLMo 2 normalises the whole projection (every head at once), the scale applied in float32
+        self.qk_norm_all = bool(spec.get("qk_norm_all", False))
+        nq, nk = (self.heads * self.qk_dim, self.kv_heads * self.qk_dim) if self.qk_norm_all else (self.qk_dim,) * 2
+        norm = dict(offset=offset, in_float=self.qk_norm_all, **kw)
+        self.q_norm = HeadRMSNorm(nq, eps, **norm) if eps is not None else None
+        self.k_norm = HeadRMSNorm(nk, eps, **norm) if eps is not None else None
         self._spec = dict(spec)
         # (device, dtype) -> (flat kept rotary dimensions (kv_heads*qk_dim,), sign (qk_dim,)); a plain dict, not
         # buffers: models are built on the meta device, where non-persistent buffers would not survive loading
@@ -252,10 +257,13 @@ class ReducedAttention(nn.Module):
         b, L, _ = hidden_states.shape
         Hkv, G, qk, vd = self.kv_heads, self.num_key_value_groups, self.qk_dim, self.v_dim
         proj = self._modules
-        q = proj[self.names["q"]](hidden_states).view(b, L, Hkv, G, qk)
-        k = proj[self.names["k"]](hidden_states).view(b, L, Hkv, qk)
+        q = proj[self.names["q"]](hidden_states)
+        k = proj[self.names["k"]](hidden_states)
+        if self.q_norm is not None and self.qk_norm_all:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.view(b, L, Hkv, G, qk), k.view(b, L, Hkv, qk)
         v = proj[self.names["v"]](hidden_states).view(b, L, Hkv, vd).transpose(1, 2)
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.qk_norm_all:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
             if position_embeddings is None:
