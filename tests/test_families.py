@@ -174,7 +174,8 @@ ROUND_TRIPS = [("gemma3", "svd-llm", {}), ("gemma3", "modegpt", {}), ("gpt2", "s
                ("falcon", "svd-llm", {}), ("stablelm", "lillama", {"epochs": 1}),  # these two: the generic path
                ("mixtral", "modegpt", {}), ("qwen2_moe", "modegpt", {}), ("qwen3_moe", "modegpt", {}),
                ("smollm3", "modegpt", {}), ("bert", "modegpt", {}), ("phi3", "modegpt", {}), ("phi4", "modegpt", {}),
-               ("gemma2", "modegpt", {}), ("olmo2", "modegpt", {})]  # an encoder: AutoModel, hidden states
+               ("gemma2", "modegpt", {}), ("olmo2", "modegpt", {}),
+               ("gpt2", "modegpt", {}), ("gpt_neox", "modegpt", {})]  # an encoder: AutoModel, hidden states
 
 REMOTE = r"""
 import json, sys, torch

@@ -43,6 +43,7 @@ class ArchSpec:
     attention: str | None = None  # the attention module inside a layer (replaced whole by structured methods)
     qk_norm: bool = False  # queries and keys are RMS-normalised over the head dimension (Qwen3)
     qk_norm_all: bool = False  # ... over the whole projection, every head at once (OLMo 2)
+    qkv_per_head: bool = False  # a fused qkv linear's rows are [q; k; v] per head (GPT-NeoX), not [q; k; v]
     norm_offset: float = 0.0  # the RMS norms scale by ``(norm_offset + w)``: Gemma's ``(1 + w)``
     no_structured: str = ""  # why MoDeGPT's reduced attention cannot rebuild this family's (empty: it can)
     conv1d: bool = False  # the linears are GPT-2's Conv1D, weights stored (in, out): made nn.Linear first
@@ -221,14 +222,12 @@ FAMILIES: tuple[ArchSpec, ...] = (
         "gpt2", ("gpt2",), layers=("transformer.h",),
         q="attn.c_attn", k="attn.c_attn", v="attn.c_attn", o="attn.c_proj",
         mlp_in=("mlp.c_fc",), mlp_out="mlp.c_proj", rope=False, gated_mlp=False, attention="attn", conv1d=True,
-        no_structured="it fuses q/k/v into one c_attn, and its attention block is called with GPT-2's own arguments",
     ),
     ArchSpec(  # Pythia: q/k/v fused (interleaved per head), partial RoPE, parallel attention and MLP
         "gpt_neox", ("gpt_neox",), layers=("gpt_neox.layers",),
         q="attention.query_key_value", k="attention.query_key_value", v="attention.query_key_value",
         o="attention.dense", mlp_in=("mlp.dense_h_to_4h",), mlp_out="mlp.dense_4h_to_h", gated_mlp=False,
-        attention="attention",
-        no_structured="it interleaves q/k/v per head in one query_key_value linear, with RoPE on part of each head",
+        attention="attention", qkv_per_head=True,
     ),
     ArchSpec(
         "bert", ("bert", "roberta", "xlm-roberta"),

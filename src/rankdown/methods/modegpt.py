@@ -260,13 +260,18 @@ class ModeGPT(Method):
             new["v"], new["o"] = (W["v"], b["v"]), (W["o"], b["o"])
 
         # the roles inside the attention module (BERT's output projection is outside it, replaced on its own)
-        inside = {role: _inner_name(spec, role) for role in "qkvo" if _inner_name(spec, role)}
+        if spec.fused_qkv:  # one qkv linear, as the original's (GPT-2's keeps its name: its Conv1D conversion is recorded)
+            inside = {"qkv": _inner_name(spec, "q"), "o": _inner_name(spec, "o")}
+            has_bias = {"qkv": any(new[role][1] is not None for role in "qkv"), "o": new["o"][1] is not None}
+        else:
+            inside = {role: _inner_name(spec, role) for role in "qkvo" if _inner_name(spec, role)}
+            has_bias = {role: new[role][1] is not None for role in inside}
         softcap = getattr(attn.config, "attn_logit_softcapping", None)
         record = {
             "type": "attention", "hidden": d, "heads": H, "kv_heads": Hkv, "head_dim": hd, "qk_dim": d_qk, "v_dim": r,
             "scale": float(attn.scaling), "layer_idx": ctx.index if getattr(attn, "layer_idx", None) is None else int(attn.layer_idx),
             "causal": spec.causal, "rope": kept.tolist() if rope else None, "names": inside,
-            "bias": {role: new[role][1] is not None for role in inside},
+            "bias": has_bias,
             "qk_norm_eps": norm_eps(attn.q_norm) if spec.qk_norm else None,
             **({"qk_norm_offset": spec.norm_offset} if spec.qk_norm and spec.norm_offset else {}),
             **({"qk_norm_all": True} if spec.qk_norm_all else {}),
@@ -275,10 +280,18 @@ class ModeGPT(Method):
         }
         w0 = W["q"]
         module = ReducedAttention(record, device=w0.device, dtype=w0.dtype)
+        rows, at = {"q": H * d_qk, "k": Hkv * d_qk, "v": Hkv * r}, 0
         with torch.no_grad():
             for role in "qkvo":
                 weight, bias = new[role]
                 _check_finite(ctx, f"{spec.attention}.{role}", weight, bias)
+                if role in rows and spec.fused_qkv:  # its block of rows in the one qkv linear
+                    target, sl = module.get_submodule(inside["qkv"]), slice(at, at + rows[role])
+                    at += rows[role]
+                    target.weight[sl].copy_(weight)
+                    if target.bias is not None:
+                        target.bias[sl].copy_(bias) if bias is not None else target.bias[sl].zero_()
+                    continue
                 if role in inside:
                     target = module.get_submodule(inside[role])
                 elif r < hd:  # an output projection outside the attention module: its reduced input
@@ -337,8 +350,6 @@ class ModeGPT(Method):
 
 def _inner_name(spec: ArchSpec, role: str) -> str:
     """The name of role's linear inside the rebuilt attention ('' when it lies outside the attention module)."""
-    if spec.fused_qkv and role != "o":
-        return f"{role}_proj"
     path = getattr(spec, role)
     return path[len(spec.attention) + 1:] if path.startswith(spec.attention + ".") else ""
 
@@ -346,9 +357,13 @@ def _inner_name(spec: ArchSpec, role: str) -> str:
 def _role_weights(ctx: "LayerContext", geo: Geometry) -> tuple[dict, dict]:
     """Weights (own dtype) and float64 biases (on the device) of q, k, v, o; rows of one fused qkv linear."""
     spec = ctx.spec
-    if spec.fused_qkv:  # Phi-3: [q (heads·hd); k (kv_heads·hd); v (kv_heads·hd)]
-        fused, q, kv = ctx.module(spec.q), geo.heads * geo.head_dim, geo.kv_heads * geo.head_dim
+    if spec.fused_qkv:  # Phi-3, GPT-2: [q (heads·hd); k (kv_heads·hd); v (kv_heads·hd)]; GPT-NeoX: per head
+        fused, q, kv, hd = ctx.module(spec.q), geo.heads * geo.head_dim, geo.kv_heads * geo.head_dim, geo.head_dim
         rows = {"q": slice(0, q), "k": slice(q, q + kv), "v": slice(q + kv, q + 2 * kv)}
+        if spec.qkv_per_head:
+            head = torch.arange(hd, device=fused.weight.device)
+            rows = {r: (torch.arange(geo.heads, device=head.device)[:, None] * 3 * hd + j * hd + head).reshape(-1)
+                    for j, r in enumerate("qkv")}
         parts = {role: (fused.weight[sl], None if fused.bias is None else fused.bias[sl]) for role, sl in rows.items()}
         o = ctx.module(spec.o)
         parts["o"] = (o.weight, o.bias)

@@ -205,6 +205,9 @@ class ReducedAttention(nn.Module):
         kw = dict(device=device, dtype=dtype)
         shapes = {"q": (self.hidden, self.heads * self.qk_dim), "k": (self.hidden, self.kv_heads * self.qk_dim),
                   "v": (self.hidden, self.kv_heads * self.v_dim), "o": (self.heads * self.v_dim, self.hidden)}
+        # "qkv" instead of q, k, v: one linear whose rows are [q; k; v] (fused as in Phi-3, GPT-2, GPT-NeoX)
+        self.split = [self.heads * self.qk_dim, self.kv_heads * self.qk_dim, self.kv_heads * self.v_dim]
+        shapes["qkv"] = (self.hidden, sum(self.split))
         for role, (i, o) in shapes.items():
             if role in self.names:  # no "o": the output projection lies outside (BERT's), the heads are returned
                 self.add_module(self.names[role], nn.Linear(i, o, bias=bias[role], **kw))
@@ -257,12 +260,16 @@ class ReducedAttention(nn.Module):
         b, L, _ = hidden_states.shape
         Hkv, G, qk, vd = self.kv_heads, self.num_key_value_groups, self.qk_dim, self.v_dim
         proj = self._modules
-        q = proj[self.names["q"]](hidden_states)
-        k = proj[self.names["k"]](hidden_states)
+        if "qkv" in self.names:
+            q, k, v = proj[self.names["qkv"]](hidden_states).split(self.split, -1)
+        else:
+            q = proj[self.names["q"]](hidden_states)
+            k = proj[self.names["k"]](hidden_states)
+            v = proj[self.names["v"]](hidden_states)
         if self.q_norm is not None and self.qk_norm_all:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.view(b, L, Hkv, G, qk), k.view(b, L, Hkv, qk)
-        v = proj[self.names["v"]](hidden_states).view(b, L, Hkv, vd).transpose(1, 2)
+        v = v.view(b, L, Hkv, vd).transpose(1, 2)
         if self.q_norm is not None and not self.qk_norm_all:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
@@ -280,6 +287,7 @@ class ReducedAttention(nn.Module):
         q = q.view(b, L, self.heads, qk).transpose(1, 2)
         k = k.transpose(1, 2)
         cache = past_key_values if cache is None else cache  # renamed ``cache`` in transformers 5.24
+        cache = kwargs.get("layer_past") if cache is None else cache  # GPT-NeoX's name
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         kv_len = k.shape[2]
