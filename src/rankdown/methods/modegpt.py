@@ -14,7 +14,9 @@ The attention becomes a :class:`~rankdown.nn.portable.ReducedAttention` (query/k
 ``d_qk``, value head size ``d_v``), the MLP linears :class:`~rankdown.nn.portable.ReducedLinear`.
 Layer sparsities come from block influence (``1 − mean cos(x, y)`` of a layer's input and output);
 in a layer of sparsity ``φ`` the query/key head size loses only ``qk_share·φ`` (0.25·φ by default, a
-choice: see modegpt_alloc), the value head size and MLP width ``φ``.
+choice: see modegpt_alloc), the value head size and MLP width ``φ``. The decompositions are in
+modegpt_math; here a layer is rebuilt: every MLP of it (the dense one, each expert on its routed
+tokens, a shared expert) and its attention (fused roles sliced, q/k whole where normed or partly rotated).
 """
 
 from __future__ import annotations
