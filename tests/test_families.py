@@ -60,26 +60,139 @@ def test_gemma3_reduced_attention_equals_the_stock_one_on_sliding_and_full_layer
     assert torch.equal(gen[0], gen[1])
 
 
+def test_olmo2_whole_projection_query_key_norms_in_the_reduced_attention():
+    """OLMo 2 RMS-normalises each whole q and k projection (every head at once, the scale in float32):
+    full-size reduced attentions with that norm (random weights) give the stock logits and greedy
+    tokens with padding and a KV cache; the per-head norm of Qwen3 would not."""
+    dense = tiny_model("olmo2")
+    cfg = dense.config
+    H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, dense.model.layers[0].self_attn.head_dim
+    with torch.no_grad():
+        for layer in dense.model.layers:
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                norm.weight.normal_(1.0, 0.3)
+    got = {}
+    for whole in (True, False):
+        red = copy.deepcopy(dense)
+        for i, layer in enumerate(red.model.layers):
+            attn = layer.self_attn
+            spec = {"type": "attention", "hidden": cfg.hidden_size, "heads": H, "kv_heads": Hkv, "head_dim": hd,
+                    "qk_dim": hd, "v_dim": hd, "scale": attn.scaling, "layer_idx": i, "rope": [list(range(hd // 2))] * Hkv,
+                    "names": {r: f"{r}_proj" for r in "qkvo"}, "bias": {r: False for r in "qkvo"},
+                    "qk_norm_eps": attn.q_norm.variance_epsilon, "qk_norm_all": whole}
+            new = ReducedAttention(spec)
+            with torch.no_grad():
+                for name, p in new.named_parameters():
+                    src = attn.get_parameter(name)
+                    p.copy_(src if whole or "norm" not in name else src.view(-1, hd)[0])
+            layer.self_attn = new
+        got[whole] = red
+    want = outputs(dense, IDS)
+    assert torch.allclose(outputs(got[True], IDS), want, atol=1e-5)
+    assert not torch.allclose(outputs(got[False], IDS), want, atol=1e-2)
+    am = torch.ones_like(IDS[:2])
+    am[1, :5] = 0
+    gen = [m.generate(IDS[:2], attention_mask=am, max_new_tokens=8, do_sample=False) for m in (got[True], dense)]
+    assert torch.equal(gen[0], gen[1])
+
+
+def test_gemma2_soft_capped_logits_in_the_reduced_attention():
+    """Gemma 2 caps its attention logits (cap·tanh(s/cap), before the mask; SDPA cannot): full-size
+    reduced attentions carrying the cap take the eager path and give the stock logits and greedy tokens,
+    on its sliding and full layers, with padding and a KV cache; without the cap they would not."""
+    import transformers as tf
+
+    from tiny import CONFIGS
+
+    torch.manual_seed(0)
+    cfg = CONFIGS["gemma2"]()
+    cfg.attn_logit_softcapping = 1.0  # a cap the tiny model's logits reach (Gemma 2's own is 50) ...
+    dense = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # ... once its queries are scaled up
+        for layer in dense.model.layers:
+            layer.self_attn.q_proj.weight.mul_(100.0)
+    assert "sliding_attention" in cfg.layer_types and IDS.shape[1] > cfg.sliding_window
+    H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    got = {}
+    for cap in (cfg.attn_logit_softcapping, None):
+        red = copy.deepcopy(dense)
+        for i, layer in enumerate(red.model.layers):
+            attn = layer.self_attn
+            spec = {"type": "attention", "hidden": cfg.hidden_size, "heads": H, "kv_heads": Hkv, "head_dim": hd,
+                    "qk_dim": hd, "v_dim": hd, "scale": attn.scaling, "layer_idx": i, "rope": [list(range(hd // 2))] * Hkv,
+                    "names": {r: f"{r}_proj" for r in "qkvo"}, "bias": {r: False for r in "qkvo"},
+                    **({"softcap": cap} if cap else {})}
+            new = ReducedAttention(spec)
+            with torch.no_grad():
+                for name, p in new.named_parameters():
+                    p.copy_(attn.get_parameter(name))
+            layer.self_attn = new
+        got[cap] = red
+    want = outputs(dense, IDS)
+    assert torch.allclose(outputs(got[cfg.attn_logit_softcapping], IDS), want, atol=1e-5)
+    assert not torch.allclose(outputs(got[None], IDS), want, atol=1e-2)
+    am = torch.ones_like(IDS[:2])
+    am[1, :5] = 0  # left padding
+    gen = [m.generate(IDS[:2], attention_mask=am, max_new_tokens=12, do_sample=False)
+           for m in (got[cfg.attn_logit_softcapping], dense)]
+    assert torch.equal(gen[0], gen[1])
+
+
+def test_phi_fused_qkv_and_partial_rope_in_the_reduced_attention():
+    """Phi-3/Phi-4: q/k/v are row blocks of one qkv_proj, sliced into three linears; Phi-4-mini rotates
+    only the leading 3/4 of each head. A full-size ReducedAttention from those slices (every rotary pair
+    of the rotated part, the rest passed through) gives the stock logits and greedy tokens with a KV cache."""
+    dense = tiny_model("phi4")
+    cfg = dense.config
+    H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, dense.model.layers[0].self_attn.head_dim
+    rot = int(hd * cfg.rope_parameters["partial_rotary_factor"])
+    assert rot < hd
+    red = copy.deepcopy(dense)
+    for i, layer in enumerate(red.model.layers):
+        attn = layer.self_attn
+        spec = {"type": "attention", "hidden": cfg.hidden_size, "heads": H, "kv_heads": Hkv, "head_dim": hd,
+                "qk_dim": hd, "v_dim": hd, "scale": attn.scaling, "layer_idx": i, "rope": [list(range(rot // 2))] * Hkv,
+                "rotary_dim": rot, "names": {r: f"{r}_proj" for r in "qkvo"}, "bias": {r: False for r in "qkvo"}}
+        new = ReducedAttention(spec)
+        q, k, v = attn.qkv_proj.weight.split([H * hd, Hkv * hd, Hkv * hd])
+        with torch.no_grad():
+            for name, w in (("q_proj", q), ("k_proj", k), ("v_proj", v), ("o_proj", attn.o_proj.weight)):
+                new.get_submodule(name).weight.copy_(w)
+        layer.self_attn = new
+    assert torch.allclose(outputs(red, IDS), outputs(dense, IDS), atol=1e-5)
+    gen = [m.generate(IDS[:2], attention_mask=torch.ones_like(IDS[:2]), max_new_tokens=8, do_sample=False)
+           for m in (red, dense)]
+    assert torch.equal(gen[0], gen[1])
+
+
 # ----------------------------------------------------------------------------- save and load, both ways
 # (family, method): the folders of the families added after the first table, with modegpt where it runs
 # and extra settings; gpt2's excluded c_proj stays a (converted) dense nn.Linear, which loading must rebuild
 ROUND_TRIPS = [("gemma3", "svd-llm", {}), ("gemma3", "modegpt", {}), ("gpt2", "svd-llm", {"exclude": [r"mlp\.c_proj"]}),
                ("gpt_neox", "svd-llm", {}), ("qwen2_moe", "svd-llm", {}), ("qwen3_moe", "rom", {}),
                ("llama4", "svd-llm", {}), ("olmo2", "svd-llm", {}), ("smollm3", "svd-llm", {}), ("phi4", "svd-llm", {}),
-               ("falcon", "svd-llm", {}), ("stablelm", "lillama", {"epochs": 1})]  # the last two: the generic path
+               ("falcon", "svd-llm", {}), ("stablelm", "lillama", {"epochs": 1}),  # these two: the generic path
+               ("mixtral", "modegpt", {}), ("qwen2_moe", "modegpt", {}), ("qwen3_moe", "modegpt", {}),
+               ("smollm3", "modegpt", {}), ("bert", "modegpt", {}), ("phi3", "modegpt", {}), ("phi4", "modegpt", {}),
+               ("gemma2", "modegpt", {}), ("olmo2", "modegpt", {}),
+               ("gpt2", "modegpt", {}), ("gpt_neox", "modegpt", {})]  # an encoder: AutoModel, hidden states
 
 REMOTE = r"""
 import json, sys, torch
 torch.set_num_threads(1)
-from transformers import AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM
 dirs, ids = json.loads(sys.argv[1]), torch.load(sys.argv[2])
 out = {}
 for name, d in dirs.items():
-    model, info = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True, output_loading_info=True)
+    encoder = name.startswith("bert-")
+    auto = AutoModel if encoder else AutoModelForCausalLM
+    model, info = auto.from_pretrained(d, trust_remote_code=True, output_loading_info=True)
     assert "rankdown" not in sys.modules
     with torch.no_grad():
-        logits = model.eval()(input_ids=ids).logits
-    gen = model.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=6, do_sample=False)
+        o = model.eval()(input_ids=ids)
+    logits = o.last_hidden_state if encoder else o.logits
+    gen = None if encoder else model.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=6,
+                                              do_sample=False)
     out[name] = {"info": {k: list(map(str, v)) for k, v in info.items()}, "logits": logits, "gen": gen}
 torch.save(out, sys.argv[3])
 """
@@ -108,6 +221,8 @@ def test_compressed_folders_load_back_identically_with_and_without_rankdown(tmp_
         r = remote[name]
         assert all(not v for v in r["info"].values()), (name, r["info"])
         assert torch.equal(r["logits"], outputs(model, IDS)), name
+        if name.startswith("bert-"):
+            continue
         gen = model.generate(IDS[:1], attention_mask=torch.ones_like(IDS[:1]), max_new_tokens=6, do_sample=False)
         assert torch.equal(r["gen"], gen), name
 

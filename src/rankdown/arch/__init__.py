@@ -42,6 +42,8 @@ class ArchSpec:
     exclude: tuple[str, ...] = field(default=())  # linears never compressed (routers)
     attention: str | None = None  # the attention module inside a layer (replaced whole by structured methods)
     qk_norm: bool = False  # queries and keys are RMS-normalised over the head dimension (Qwen3)
+    qk_norm_all: bool = False  # ... over the whole projection, every head at once (OLMo 2)
+    qkv_per_head: bool = False  # a fused qkv linear's rows are [q; k; v] per head (GPT-NeoX), not [q; k; v]
     norm_offset: float = 0.0  # the RMS norms scale by ``(norm_offset + w)``: Gemma's ``(1 + w)``
     no_structured: str = ""  # why MoDeGPT's reduced attention cannot rebuild this family's (empty: it can)
     conv1d: bool = False  # the linears are GPT-2's Conv1D, weights stored (in, out): made nn.Linear first
@@ -87,6 +89,23 @@ class ArchSpec:
         else:
             mlp_in, mlp_out = list(self.mlp_in), [self.mlp_out]
         return [attn_in, [self.o], mlp_in, mlp_out]
+
+    def mlps(self, layer: nn.Module) -> list[tuple[tuple[str, ...], str]]:
+        """The MLPs of one layer as (input projections, output projection): the dense MLP; or every
+        unfused expert and the shared expert beside them; or an MoE model's dense MLP in a layer without
+        experts."""
+        if self.observed:
+            return []
+        if self.experts is not None and not self.has_experts(layer):
+            return [(tuple(self.dense_mlp[:-1]), self.dense_mlp[-1])] if self.dense_mlp else []
+        out = []
+        if self.experts is not None:
+            n = len(layer.get_submodule(self.experts).experts)
+            out = [((f"{e}.gate_proj", f"{e}.up_proj"), f"{e}.down_proj")
+                   for e in (f"{self.experts}.experts.{i}" for i in range(n))]
+        if self.mlp_out:
+            out.append((tuple(self.mlp_in), self.mlp_out))
+        return out
 
     def has_experts(self, layer: nn.Module) -> bool:
         """Whether this layer's MLP is a mixture of experts (not a dense one of an MoE model)."""
@@ -152,40 +171,36 @@ FAMILIES: tuple[ArchSpec, ...] = (
     ArchSpec("mistral", ("mistral",), **_LLAMA_LIKE),
     ArchSpec("qwen2", ("qwen2",), **_LLAMA_LIKE),
     ArchSpec("qwen3", ("qwen3",), **_LLAMA_LIKE, qk_norm=True),
-    ArchSpec(  # post-norms only; q/k RMS norms over the whole projection (all heads at once), not per head
-        "olmo2", ("olmo2",), **_LLAMA_LIKE,
-        no_structured="its query/key norms span every head at once, so dropping query/key dimensions changes them",
-    ),
-    ArchSpec(  # llama-like, every 4th layer without RoPE (no_rope_layers)
-        "smollm3", ("smollm3",), **_LLAMA_LIKE,
-        no_structured="some of its layers use no RoPE (NoPE), which the reduced attention does not model yet",
-    ),
-    ArchSpec("gemma2", ("gemma2",), **_LLAMA_LIKE, norm_offset=1.0,
-             no_structured="it caps attention logits (softcapping), which the reduced attention (SDPA) cannot do"),
+    # post-norms only; q/k RMS norms over the whole projection (all heads at once): query/key kept whole
+    ArchSpec("olmo2", ("olmo2",), **_LLAMA_LIKE, qk_norm=True, qk_norm_all=True),
+    # llama-like, every 4th layer without RoPE (no_rope_layers): its attention's use_rope says which
+    ArchSpec("smollm3", ("smollm3",), **_LLAMA_LIKE),
+    # attention logits soft-capped (the reduced attention's eager path); sliding layers: the model's masks
+    ArchSpec("gemma2", ("gemma2",), **_LLAMA_LIKE, norm_offset=1.0),
     # sliding and full layers with their own RoPE bases: the model hands each layer its cos/sin and mask
     ArchSpec("gemma3", ("gemma3_text",), **_LLAMA_LIKE, qk_norm=True, norm_offset=1.0),
     ArchSpec(
         "phi3", ("phi3",), layers=("model.layers",),
         q="self_attn.qkv_proj", k="self_attn.qkv_proj", v="self_attn.qkv_proj", o="self_attn.o_proj",
-        mlp_in=("mlp.gate_up_proj",), mlp_out="mlp.down_proj",
+        mlp_in=("mlp.gate_up_proj",), mlp_out="mlp.down_proj", attention="self_attn",  # fused: sliced by role
     ),
     ArchSpec(
         "mixtral", ("mixtral",), layers=("model.layers",),
         q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
-        mlp_in=(), mlp_out="", experts="mlp.experts", exclude=("mlp.gate",),
+        mlp_in=(), mlp_out="", experts="mlp.experts", exclude=("mlp.gate",), attention="self_attn",
     ),
     ArchSpec(  # routed experts plus a gated shared expert; the routers (gate, shared_expert_gate) stay dense
         "qwen2_moe", ("qwen2_moe",), layers=("model.layers",),
         q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
         mlp_in=("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"), mlp_out="mlp.shared_expert.down_proj",
         experts="mlp.experts", exclude=("mlp.gate", "mlp.shared_expert_gate"),
-        dense_mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+        dense_mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), attention="self_attn",
     ),
     ArchSpec(  # routed experts only, Qwen3's per-head q/k norms
         "qwen3_moe", ("qwen3_moe",), layers=("model.layers",),
         q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
         mlp_in=(), mlp_out="", experts="mlp.experts", exclude=("mlp.gate",), qk_norm=True,
-        dense_mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+        dense_mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"), attention="self_attn",
     ),
     ArchSpec(  # Llama 4 text: MoE layers (routed experts, every token through each, plus a shared expert)
         # interleaved with dense ones; chunked attention, NoPE layers, L2 q/k norms without weights
@@ -195,6 +210,8 @@ FAMILIES: tuple[ArchSpec, ...] = (
         mlp_out="feed_forward.shared_expert.down_proj", experts="feed_forward.experts",
         exclude=("feed_forward.router",),
         dense_mlp=("feed_forward.gate_proj", "feed_forward.up_proj", "feed_forward.down_proj"),
+        no_structured=("its attention (chunked windows, weightless L2 query/key norms, a position-dependent query "
+                       "temperature in its NoPE layers) is not one the reduced attention computes"),
     ),
     ArchSpec(
         "opt", ("opt",), layers=("model.decoder.layers",),
@@ -210,14 +227,14 @@ FAMILIES: tuple[ArchSpec, ...] = (
         "gpt_neox", ("gpt_neox",), layers=("gpt_neox.layers",),
         q="attention.query_key_value", k="attention.query_key_value", v="attention.query_key_value",
         o="attention.dense", mlp_in=("mlp.dense_h_to_4h",), mlp_out="mlp.dense_4h_to_h", gated_mlp=False,
-        attention="attention",
+        attention="attention", qkv_per_head=True,
     ),
     ArchSpec(
         "bert", ("bert", "roberta", "xlm-roberta"),
         layers=("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer"),
         q="attention.self.query", k="attention.self.key", v="attention.self.value",
         o="attention.output.dense", mlp_in=("intermediate.dense",), mlp_out="output.dense",
-        rope=False, gated_mlp=False, causal=False,
+        rope=False, gated_mlp=False, causal=False, attention="attention.self",  # o lies outside: attention.output
     ),
 )
 
@@ -244,9 +261,8 @@ def base_model_type(config) -> str:
 
 
 def structured_model_types() -> list[str]:
-    """The model types whose attention MoDeGPT can rebuild (a causal decoder with separate q/k/v, dense MLPs)."""
-    return sorted(t for s in FAMILIES if s.causal and s.attention and not s.fused_qkv and s.experts is None
-                  and not s.no_structured and not (len(s.mlp_in) == 1 and s.gated_mlp) for t in s.model_types)
+    """The model types whose attention MoDeGPT can rebuild (a row naming its attention, no refusal)."""
+    return sorted(t for s in FAMILIES if s.attention and not s.no_structured for t in s.model_types)
 
 
 def spec_for(model_or_config) -> ArchSpec:

@@ -40,6 +40,43 @@ def _numel(mod: nn.Module) -> int:
     return sum(p.numel() for p in mod.parameters())
 
 
+def role_keys(spec: ArchSpec) -> dict[str, str]:
+    """Role -> the key of its kept size in a layer's ranks: the linear's path, or with q/k/v fused in one
+    linear (Phi-3) that path marked ``#qk`` (query/key head size) or ``#v`` (value head size)."""
+    if spec.fused_qkv:
+        return {"q": f"{spec.q}#qk", "k": f"{spec.q}#qk", "v": f"{spec.v}#v", "o": spec.o}
+    return {role: getattr(spec, role) for role in "qkvo"}
+
+
+@dataclass(frozen=True)
+class Mlp:
+    """One MLP of a layer (the dense MLP, a routed expert, a shared expert) whose width Type I shrinks."""
+
+    ins: tuple[str, ...]  # input projections (gate, up; or up; or one fused gate_up)
+    out: str  # output projection (down)
+    width: int
+    rows: int  # rows of the input projections per channel: 2 gated (gate and up, or fused), 1 otherwise
+    in_bias: bool
+    out_bias: bool
+    dense: int  # parameters of its linears now
+
+    def params(self, k: int, d: int) -> int:
+        """Parameters at width ``k``, hidden size ``d``."""
+        return self.rows * (d * k + (k if self.in_bias else 0)) + k * d + (d if self.out_bias else 0)
+
+
+def layer_mlps(layer: nn.Module, spec: ArchSpec) -> list[Mlp]:
+    """The MLPs of one layer (see :meth:`ArchSpec.mlps`)."""
+    out = []
+    for ins, name in spec.mlps(layer):
+        down = layer.get_submodule(name)
+        first = layer.get_submodule(ins[0])
+        rows = sum(layer.get_submodule(n).out_features for n in ins) // down.in_features
+        out.append(Mlp(ins, name, down.in_features, rows, first.bias is not None, down.bias is not None,
+                       sum(_numel(layer.get_submodule(n)) for n in (*ins, name))))
+    return out
+
+
 @dataclass(frozen=True)
 class LayerShape:
     """What MoDeGPT can shrink in one decoder layer, and what it costs at a kept fraction."""
@@ -51,13 +88,11 @@ class LayerShape:
     heads: int
     kv_heads: int
     head_dim: int
-    width: int  # MLP intermediate size
-    qk: bool  # Type II applies (q and k are targets, no q/k norm)
+    rope: bool  # this layer's attention rotates queries and keys (not a NoPE layer)
+    qk: bool  # Type II applies (q and k are targets, no q/k norm, RoPE on the whole head or none)
     vo: bool  # Type III applies
-    mlp: bool  # Type I applies
+    mlps: tuple[Mlp, ...]  # Type I applies to each (every name a target)
     bias: tuple[bool, bool, bool, bool]  # q, k, v, o
-    mlp_in_bias: bool
-    mlp_out_bias: bool
     dense: dict[str, int]  # "qk", "vo", "mlp" -> parameters of those linears now
     multiple: int
     qk_share: float = 1.0  # the query/key head size loses qk_share·φ at layer sparsity φ
@@ -69,30 +104,36 @@ class LayerShape:
             return all(f"{prefix}.{n}" in targets for n in names)
 
         mods = {role: layer.get_submodule(getattr(spec, role)) for role in "qkvo"}
-        mlp_names = [*spec.mlp_in, spec.mlp_out]
-        down = layer.get_submodule(spec.mlp_out)
+        attn = layer.get_submodule(spec.attention)
+        rope = spec.rope and bool(getattr(attn, "use_rope", True))  # SmolLM3's NoPE layers: use_rope 0
+        bias = tuple(mods[r].bias is not None for r in "qkvo")
+        if spec.fused_qkv:  # one linear: its rows by role, (in + bias) parameters each
+            per_row = geo.hidden + (1 if bias[0] else 0)
+            qk_dense = (geo.heads + geo.kv_heads) * geo.head_dim * per_row
+            vo_dense = geo.kv_heads * geo.head_dim * per_row + _numel(mods["o"])
+        else:
+            qk_dense, vo_dense = _numel(mods["q"]) + _numel(mods["k"]), _numel(mods["v"]) + _numel(mods["o"])
+        mlps = tuple(m for m in layer_mlps(layer, spec) if has(*m.ins, m.out))
         return cls(
-            index, prefix, spec, geo.hidden, geo.heads, geo.kv_heads, geo.head_dim, down.in_features,
-            qk=has(spec.q, spec.k) and not spec.qk_norm, vo=has(spec.v, spec.o), mlp=has(*mlp_names),
-            bias=tuple(mods[r].bias is not None for r in "qkvo"),
-            mlp_in_bias=layer.get_submodule(spec.mlp_in[0]).bias is not None, mlp_out_bias=down.bias is not None,
-            dense={"qk": _numel(mods["q"]) + _numel(mods["k"]), "vo": _numel(mods["v"]) + _numel(mods["o"]),
-                   "mlp": sum(_numel(layer.get_submodule(n)) for n in mlp_names)},
+            index, prefix, spec, geo.hidden, geo.heads, geo.kv_heads, geo.head_dim, rope,
+            qk=has(spec.q, spec.k) and not spec.qk_norm and geo.rotary_dim == geo.head_dim, vo=has(spec.v, spec.o),
+            mlps=mlps, bias=bias, dense={"qk": qk_dense, "vo": vo_dense, "mlp": sum(m.dense for m in mlps)},
             multiple=multiple, qk_share=qk_share,
         )
 
     @property
     def compressible(self) -> bool:
-        return self.qk or self.vo or self.mlp
+        return self.qk or self.vo or bool(self.mlps)
 
     def sizes(self, keep: float) -> dict[str, int]:
         """Kept sizes at kept fraction ``keep`` (= 1 − φ): "qk" (head size, at ``1 − qk_share·φ``), "v" (value
-        head size), "mlp" (width); a part that is not compressed (or would keep everything) is left out."""
+        head size), and per MLP its output projection's path (width); a part that is not compressed (or would
+        keep everything) is left out."""
         hd, unit = self.head_dim, self.multiple if self.head_dim >= 4 * self.multiple else 1
         out = {}
         if self.qk:
             keep_qk = 1.0 - self.qk_share * (1.0 - keep)
-            if self.spec.rope:
+            if self.rope:
                 qk = 2 * _round(keep_qk * hd / 2, max(1, unit // 2), 1, hd // 2)
             else:
                 qk = _round(keep_qk * hd, unit, 1, hd)
@@ -102,10 +143,10 @@ class LayerShape:
             r = _round(keep * hd, unit, 1, hd)
             if r < hd:
                 out["v"] = r
-        if self.mlp:
-            k = _round(keep * self.width, self.multiple, min(self.multiple, self.width), self.width)
-            if k < self.width:
-                out["mlp"] = k
+        for m in self.mlps:
+            k = _round(keep * m.width, self.multiple, min(self.multiple, m.width), m.width)
+            if k < m.width:
+                out[m.out] = k
         return out
 
     def params(self, keep: float) -> int:
@@ -119,10 +160,9 @@ class LayerShape:
         if "v" in s:  # the value bias is folded into the output bias
             r = s["v"]
             n += d * Hkv * r + H * r * d + (d if ob or vb else 0) - self.dense["vo"]
-        if "mlp" in s:
-            k, n_in = s["mlp"], len(self.spec.mlp_in)
-            n += n_in * (d * k + (k if self.mlp_in_bias else 0)) + k * d + (d if self.mlp_out_bias else 0)
-            n -= self.dense["mlp"]
+        for m in self.mlps:
+            if m.out in s:
+                n += m.params(s[m.out], d) - m.dense
         return n
 
     @property
@@ -130,15 +170,16 @@ class LayerShape:
         return self.dense["qk"] + self.dense["vo"] + self.dense["mlp"]
 
     def ranks(self, keep: float) -> dict[str, int]:
-        """Full target path -> kept inner size, for the parts compressed at ``keep``."""
-        s, sp, p = self.sizes(keep), self.spec, self.prefix
+        """Full target path (or role key, :func:`role_keys`) -> kept inner size, for the parts compressed at ``keep``."""
+        s, p, keys = self.sizes(keep), self.prefix, role_keys(self.spec)
         out = {}
         if "qk" in s:
-            out.update({f"{p}.{sp.q}": s["qk"], f"{p}.{sp.k}": s["qk"]})
+            out.update({f"{p}.{keys['q']}": s["qk"], f"{p}.{keys['k']}": s["qk"]})
         if "v" in s:
-            out.update({f"{p}.{sp.v}": s["v"], f"{p}.{sp.o}": s["v"]})
-        if "mlp" in s:
-            out.update({f"{p}.{n}": s["mlp"] for n in (*sp.mlp_in, sp.mlp_out)})
+            out.update({f"{p}.{keys['v']}": s["v"], f"{p}.{keys['o']}": s["v"]})
+        for m in self.mlps:
+            if m.out in s:
+                out.update({f"{p}.{n}": s[m.out] for n in (*m.ins, m.out)})
         return out
 
 
@@ -229,8 +270,9 @@ def layer_cost(shape: LayerShape, curves: dict[str, torch.Tensor], keep: float) 
     eigen-directions): what they give is the loss currency in which layers are compared."""
     sp, p = shape.spec, shape.prefix
     sizes, cost = shape.sizes(keep), 0.0
-    if "mlp" in sizes:
-        cost += _tail(curves[f"{p}.{sp.mlp_out}"], sizes["mlp"] / shape.width)
+    for m in shape.mlps:
+        if m.out in sizes:
+            cost += _tail(curves[f"{p}.{m.out}"], sizes[m.out] / m.width)
     if "v" in sizes:
         cost += _tail(curves[f"{p}.{sp.o}"], sizes["v"] / shape.head_dim)
     if "qk" in sizes:

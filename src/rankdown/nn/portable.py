@@ -148,18 +148,19 @@ class ReducedLinear(nn.Linear):
 class HeadRMSNorm(nn.Module):
     """RMS norm over the last dimension (a head), as the q/k norms of Qwen3 (``w * x / rms(x)``, the
     normalised x cast back before the scale) and of Gemma 3 (``offset`` 1: ``(1 + w) * x / rms(x)``,
-    the scale applied in float32 before the cast back), each family's own rounding."""
+    the scale applied in float32 before the cast back), each family's own rounding; ``in_float``: OLMo 2's
+    (``w * x / rms(x)`` over a whole projection, the scale applied in float32)."""
 
-    def __init__(self, dim: int, eps: float, device=None, dtype=None, offset: float = 0.0) -> None:
+    def __init__(self, dim: int, eps: float, device=None, dtype=None, offset: float = 0.0, in_float: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
-        self.eps, self.offset = eps, offset
+        self.eps, self.offset, self.in_float = eps, offset, in_float
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.to(torch.float32)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.offset:
+        if self.offset or self.in_float:
             return (x * (self.offset + self.weight.float())).to(dtype)
         return self.weight * x.to(dtype)
 
@@ -204,12 +205,24 @@ class ReducedAttention(nn.Module):
         kw = dict(device=device, dtype=dtype)
         shapes = {"q": (self.hidden, self.heads * self.qk_dim), "k": (self.hidden, self.kv_heads * self.qk_dim),
                   "v": (self.hidden, self.kv_heads * self.v_dim), "o": (self.heads * self.v_dim, self.hidden)}
+        # "qkv" instead of q, k, v: one linear whose rows are [q; k; v] (fused as in Phi-3, GPT-2, GPT-NeoX)
+        self.split = [self.heads * self.qk_dim, self.kv_heads * self.qk_dim, self.kv_heads * self.v_dim]
+        shapes["qkv"] = (self.hidden, sum(self.split))
         for role, (i, o) in shapes.items():
-            self.add_module(self.names[role], nn.Linear(i, o, bias=bias[role], **kw))
+            if role in self.names:  # no "o": the output projection lies outside (BERT's), the heads are returned
+                self.add_module(self.names[role], nn.Linear(i, o, bias=bias[role], **kw))
+        # RoPE on the leading rotary_dim of each original head (Phi-4-mini: part of it): the kept pairs rotate,
+        # the kept dimensions after them pass through
+        self.rotary_dim = spec.get("rotary_dim", self.head_dim)
+        self.softcap = spec.get("softcap")  # Gemma 2: logits ← cap·tanh(logits / cap) before the mask
         eps = spec.get("qk_norm_eps")
         offset = spec.get("qk_norm_offset", 0.0)
-        self.q_norm = HeadRMSNorm(self.qk_dim, eps, offset=offset, **kw) if eps is not None else None
-        self.k_norm = HeadRMSNorm(self.qk_dim, eps, offset=offset, **kw) if eps is not None else None
+        # OLMo 2 normalises the whole projection (every head at once), the scale applied in float32
+        self.qk_norm_all = bool(spec.get("qk_norm_all", False))
+        nq, nk = (self.heads * self.qk_dim, self.kv_heads * self.qk_dim) if self.qk_norm_all else (self.qk_dim,) * 2
+        norm = dict(offset=offset, in_float=self.qk_norm_all, **kw)
+        self.q_norm = HeadRMSNorm(nq, eps, **norm) if eps is not None else None
+        self.k_norm = HeadRMSNorm(nk, eps, **norm) if eps is not None else None
         self._spec = dict(spec)
         # (device, dtype) -> (flat kept rotary dimensions (kv_heads*qk_dim,), sign (qk_dim,)); a plain dict, not
         # buffers: models are built on the meta device, where non-persistent buffers would not survive loading
@@ -221,9 +234,9 @@ class ReducedAttention(nn.Module):
     def _rope_index(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         key = (device, dtype)
         if key not in self._index:
-            pairs = torch.tensor(self.rope, dtype=torch.long, device=device)  # (kv_heads, qk_dim / 2)
-            idx = torch.cat([pairs, pairs + self.head_dim // 2], dim=-1).reshape(-1)
-            half = self.qk_dim // 2
+            pairs = torch.tensor(self.rope, dtype=torch.long, device=device)  # (kv_heads, rotated / 2)
+            idx = torch.cat([pairs, pairs + self.rotary_dim // 2], dim=-1).reshape(-1)
+            half = pairs.shape[-1]
             sign = torch.cat([torch.full((half,), -1.0), torch.ones(half)]).to(device=device, dtype=dtype)
             self._index[key] = (idx, sign)
         return self._index[key]
@@ -232,7 +245,7 @@ class ReducedAttention(nn.Module):
         """cos, sin: (b, L, head_dim) of the original size -> (b, L, kv_heads, qk_dim) at each kv head's
         kept dimensions, sin with the half rotation's sign (``rot(x)·sin = swap(x)·(sign·sin)``)."""
         idx, sign = self._rope_index(cos.device, sin.dtype)
-        shape = (*cos.shape[:-1], self.kv_heads, self.qk_dim)
+        shape = (*cos.shape[:-1], self.kv_heads, sign.shape[0])
         return cos.index_select(-1, idx).view(shape), sin.index_select(-1, idx).view(shape) * sign
 
     def forward(
@@ -247,20 +260,34 @@ class ReducedAttention(nn.Module):
         b, L, _ = hidden_states.shape
         Hkv, G, qk, vd = self.kv_heads, self.num_key_value_groups, self.qk_dim, self.v_dim
         proj = self._modules
-        q = proj[self.names["q"]](hidden_states).view(b, L, Hkv, G, qk)
-        k = proj[self.names["k"]](hidden_states).view(b, L, Hkv, qk)
-        v = proj[self.names["v"]](hidden_states).view(b, L, Hkv, vd).transpose(1, 2)
-        if self.q_norm is not None:
+        if "qkv" in self.names:
+            q, k, v = proj[self.names["qkv"]](hidden_states).split(self.split, -1)
+        else:
+            q = proj[self.names["q"]](hidden_states)
+            k = proj[self.names["k"]](hidden_states)
+            v = proj[self.names["v"]](hidden_states)
+        if self.q_norm is not None and self.qk_norm_all:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.view(b, L, Hkv, G, qk), k.view(b, L, Hkv, qk)
+        v = v.view(b, L, Hkv, vd).transpose(1, 2)
+        if self.q_norm is not None and not self.qk_norm_all:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
             if position_embeddings is None:
                 raise ValueError("this attention uses rotary embeddings: the layer must pass position_embeddings")
             cos, sin = self._rope_tables(*position_embeddings)
-            q = q * cos[..., None, :] + _swap_halves(q) * sin[..., None, :]
-            k = k * cos + _swap_halves(k) * sin
+            n = cos.shape[-1]  # rotated dimensions; fewer than qk_dim with partial RoPE
+            if n == qk:
+                q = q * cos[..., None, :] + _swap_halves(q) * sin[..., None, :]
+                k = k * cos + _swap_halves(k) * sin
+            else:
+                qr, kr = q[..., :n], k[..., :n]
+                q = torch.cat([qr * cos[..., None, :] + _swap_halves(qr) * sin[..., None, :], q[..., n:]], -1)
+                k = torch.cat([kr * cos + _swap_halves(kr) * sin, k[..., n:]], -1)
         q = q.view(b, L, self.heads, qk).transpose(1, 2)
         k = k.transpose(1, 2)
         cache = past_key_values if cache is None else cache  # renamed ``cache`` in transformers 5.24
+        cache = kwargs.get("layer_past") if cache is None else cache  # GPT-NeoX's name
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         kv_len = k.shape[2]
@@ -270,11 +297,14 @@ class ReducedAttention(nn.Module):
                 mask = mask[..., :kv_len]
             if mask.dtype != torch.bool and mask.dtype != q.dtype:
                 mask = mask.to(q.dtype)
-        if L == 1 and (mask is None or mask.dim() == 4):
+        if self.softcap is not None:
+            out = self._eager(q, k, v, mask)
+        elif L == 1 and (mask is None or mask.dim() == 4):
             out = self._one_token(q, k, v, mask)
         else:
             out = self._sdpa(q, k, v, mask)
-        return proj[self.names["o"]](out.transpose(1, 2).reshape(b, L, self.heads * vd)), None
+        out = out.transpose(1, 2).reshape(b, L, self.heads * vd)
+        return (proj[self.names["o"]](out) if "o" in self.names else out), None
 
     def _one_token(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """q: (b, heads, 1, qk), k: (b, kv_heads, T, qk), v: (b, kv_heads, T, v), mask: None or
@@ -287,6 +317,20 @@ class ReducedAttention(nn.Module):
             s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m
         p = torch.softmax(s.float(), dim=-1).to(v.dtype)  # in float32, as SDPA and the eager attention do
         return torch.matmul(p, v).view(b, self.heads, 1, self.v_dim)
+
+    def _eager(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Written out, with Gemma 2's soft-capped logits (SDPA cannot cap): q: (b, heads, L, qk), k: (b,
+        kv_heads, T, qk), v: (b, kv_heads, T, v), mask None (causal), boolean or additive -> (b, heads, L, v)."""
+        G, L, T = self.num_key_value_groups, q.shape[2], k.shape[2]
+        k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+        s = torch.matmul(q, k.transpose(2, 3)) * self.scaling
+        s = torch.tanh(s / self.softcap) * self.softcap
+        if mask is None and self.is_causal:  # aligned bottom-right: a cached prefix sees everything
+            mask = torch.ones(L, T, dtype=torch.bool, device=q.device).tril(T - L)
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(p, v)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """q: (b, heads, L, qk), k: (b, kv_heads, T, qk), v: (b, kv_heads, T, v) -> (b, heads, L, v)."""
