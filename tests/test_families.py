@@ -166,16 +166,20 @@ def test_phi_fused_qkv_and_partial_rope_in_the_reduced_attention():
 
 
 # ----------------------------------------------------------------------------- save and load, both ways
-# (family, method): the folders of the families added after the first table, with modegpt where it runs
+# (family, method): a folder of every family, with modegpt where it runs
 # and extra settings; gpt2's excluded c_proj stays a (converted) dense nn.Linear, which loading must rebuild
 ROUND_TRIPS = [("gemma3", "svd-llm", {}), ("gemma3", "modegpt", {}), ("gpt2", "svd-llm", {"exclude": [r"mlp\.c_proj"]}),
                ("gpt_neox", "svd-llm", {}), ("qwen2_moe", "svd-llm", {}), ("qwen3_moe", "rom", {}),
                ("llama4", "svd-llm", {}), ("olmo2", "svd-llm", {}), ("smollm3", "svd-llm", {}), ("phi4", "svd-llm", {}),
                ("falcon", "svd-llm", {}), ("stablelm", "lillama", {"epochs": 1}),  # these two: the generic path
                ("mixtral", "modegpt", {}), ("qwen2_moe", "modegpt", {}), ("qwen3_moe", "modegpt", {}),
-               ("smollm3", "modegpt", {}), ("bert", "modegpt", {}), ("phi3", "modegpt", {}), ("phi4", "modegpt", {}),
+               ("smollm3", "modegpt", {}), ("bert", "modegpt", {}),  # an encoder: AutoModel, hidden states
+               ("phi3", "modegpt", {}), ("phi4", "modegpt", {}),
                ("gemma2", "modegpt", {}), ("olmo2", "modegpt", {}),
-               ("gpt2", "modegpt", {}), ("gpt_neox", "modegpt", {})]  # an encoder: AutoModel, hidden states
+               ("gpt2", "modegpt", {}), ("gpt_neox", "modegpt", {}),
+               # the first table's families
+               ("llama", "modegpt", {}), ("llama-tied", "rom", {}), ("mistral", "svd-llm", {}), ("qwen2", "modegpt", {}),
+               ("qwen3", "modegpt", {}), ("opt", "modegpt", {}), ("gemma2", "asvd", {}), ("phi3", "fwsvd", {})]
 
 REMOTE = r"""
 import json, sys, torch
