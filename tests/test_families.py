@@ -60,13 +60,21 @@ def test_gemma3_reduced_attention_equals_the_stock_one_on_sliding_and_full_layer
     assert torch.equal(gen[0], gen[1])
 
 
+def _whole_spec(cfg, attn, i: int, **extra) -> dict:
+    """A ReducedAttention record that keeps every query/key and value dimension of layer ``i``."""
+    H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim
+    return {"type": "attention", "hidden": cfg.hidden_size, "heads": H, "kv_heads": Hkv, "head_dim": hd,
+            "qk_dim": hd, "v_dim": hd, "scale": attn.scaling, "layer_idx": i, "rope": [list(range(hd // 2))] * Hkv,
+            "names": {r: f"{r}_proj" for r in "qkvo"}, "bias": {r: False for r in "qkvo"}, **extra}
+
+
 def test_olmo2_whole_projection_query_key_norms_in_the_reduced_attention():
     """OLMo 2 RMS-normalises each whole q and k projection (every head at once, the scale in float32):
     full-size reduced attentions with that norm (random weights) give the stock logits and greedy
     tokens with padding and a KV cache; the per-head norm of Qwen3 would not."""
     dense = tiny_model("olmo2")
     cfg = dense.config
-    H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, dense.model.layers[0].self_attn.head_dim
+    hd = dense.model.layers[0].self_attn.head_dim
     with torch.no_grad():
         for layer in dense.model.layers:
             for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
@@ -76,10 +84,7 @@ def test_olmo2_whole_projection_query_key_norms_in_the_reduced_attention():
         red = copy.deepcopy(dense)
         for i, layer in enumerate(red.model.layers):
             attn = layer.self_attn
-            spec = {"type": "attention", "hidden": cfg.hidden_size, "heads": H, "kv_heads": Hkv, "head_dim": hd,
-                    "qk_dim": hd, "v_dim": hd, "scale": attn.scaling, "layer_idx": i, "rope": [list(range(hd // 2))] * Hkv,
-                    "names": {r: f"{r}_proj" for r in "qkvo"}, "bias": {r: False for r in "qkvo"},
-                    "qk_norm_eps": attn.q_norm.variance_epsilon, "qk_norm_all": whole}
+            spec = _whole_spec(cfg, attn, i, qk_norm_eps=attn.q_norm.variance_epsilon, qk_norm_all=whole)
             new = ReducedAttention(spec)
             with torch.no_grad():
                 for name, p in new.named_parameters():
@@ -112,16 +117,12 @@ def test_gemma2_soft_capped_logits_in_the_reduced_attention():
         for layer in dense.model.layers:
             layer.self_attn.q_proj.weight.mul_(100.0)
     assert "sliding_attention" in cfg.layer_types and IDS.shape[1] > cfg.sliding_window
-    H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     got = {}
     for cap in (cfg.attn_logit_softcapping, None):
         red = copy.deepcopy(dense)
         for i, layer in enumerate(red.model.layers):
             attn = layer.self_attn
-            spec = {"type": "attention", "hidden": cfg.hidden_size, "heads": H, "kv_heads": Hkv, "head_dim": hd,
-                    "qk_dim": hd, "v_dim": hd, "scale": attn.scaling, "layer_idx": i, "rope": [list(range(hd // 2))] * Hkv,
-                    "names": {r: f"{r}_proj" for r in "qkvo"}, "bias": {r: False for r in "qkvo"},
-                    **({"softcap": cap} if cap else {})}
+            spec = _whole_spec(cfg, attn, i, **({"softcap": cap} if cap else {}))
             new = ReducedAttention(spec)
             with torch.no_grad():
                 for name, p in new.named_parameters():
