@@ -44,6 +44,7 @@ def _calib_defaults(args: argparse.Namespace) -> None:
 
 def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     from rankdown import distributed
+    from rankdown.config import ConfigError
     from rankdown.pipeline import compress_model
 
     calib_given = args.calib is not None
@@ -51,6 +52,11 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     config = _method_config(args)
     run = _run_settings(args)
     check_compress(args, config, calib_given)
+    if args.dry_run:
+        return _dry_run(args, config, run)
+    if args.out is None:  # an hour of compression thrown away at the end helps nobody
+        raise ConfigError("no --out: give --out DIR to save the compressed model, or --dry-run to print the plan "
+                          "(ranks, parameters, size on disk) without compressing")
 
     def resuming(done: int, work: Path) -> None:
         print(f"resuming: {done} layers were finished by an earlier run ({work}; --restart starts over)", flush=True)
@@ -60,9 +66,58 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
                           stream=args.stream, progress=not args.quiet, resume=not args.restart, on_resume=resuming)
     out = None if done.out is None else str(done.out)
     result = {**done.report.summary(), "out": out, "streamed": done.streamed}
+    earlier = getattr(done.report, "seconds_earlier", 0.0)
+    if earlier:
+        result["seconds_total"] = round(done.report.seconds + earlier, 3)
+    if out:
+        result["bytes_on_disk"] = weights_bytes(Path(out))
+        result["save_dtype"] = _saved_dtype(Path(out))
     if not distributed.is_main():  # process 0 speaks for all
         return result
-    print(table([result], ["method", "ratio_requested", "params_before", "params_after", "ratio_achieved", "seconds"]))
+    columns = ["method", "ratio_requested", "params_before", "params_after", "ratio_achieved", "seconds"]
+    print(table([result], columns + (["seconds_total"] if earlier else [])))
+    if earlier:
+        print(f"this run took {done.report.seconds:.1f} s; with the {earlier:.1f} s of the run(s) it resumed, "
+              f"{done.report.seconds + earlier:.1f} s in total")
     if out:
-        print(f"saved to {out}")
+        print(f"saved to {out}: {_size(result['bytes_on_disk'])} on disk in {result['save_dtype']} "
+              f"(--save-dtype {_other_dtype(result['save_dtype'])} changes it)")
     return result
+
+
+def _dry_run(args: argparse.Namespace, config: MethodConfig, run: Any) -> dict[str, Any]:
+    """``--dry-run``: the plan printed, nothing compressed, nothing written."""
+    from rankdown.planning import plan_model
+
+    plan = plan_model(args.model, config, args.calib, run=run, nsamples=args.nsamples, seqlen=args.seqlen,
+                      dtype=args.dtype, save=args.save_dtype, stream=args.stream, progress=not args.quiet)
+    what = "kept size" if plan.kept_sizes else "rank"
+    rows = [{"module": k, what: v} for k, v in plan.ranks.items()]
+    print(table(rows, ["module", what]) if rows else "no module would be replaced")
+    print()
+    print(f"dry run of {plan.method} at ratio {plan.ratio_requested}: {len(plan.ranks)} of {plan.targets} linears "
+          f"replaced{' (kept inner sizes: q/k and v head sizes, MLP width)' if plan.kept_sizes else ''}")
+    print(f"parameters: {plan.params_before:,} -> {plan.params_after:,} ({plan.ratio_achieved:.4f} removed)")
+    print(f"size on disk: about {_size(plan.bytes_on_disk)} in {plan.save_dtype} (--save-dtype "
+          f"{_other_dtype(plan.save_dtype)} changes it); nothing was written")
+    return {**plan.to_dict(), "dry_run": True}
+
+
+def weights_bytes(folder: Path) -> int:
+    """Bytes of the weight files in a saved folder."""
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def _saved_dtype(folder: Path) -> str:
+    from rankdown.io import checkpoint_dtype
+
+    found = checkpoint_dtype(folder)
+    return "unknown" if found is None else str(found).split(".")[1]
+
+
+def _other_dtype(dtype: str) -> str:
+    return "float32" if dtype != "float32" else "bfloat16"
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
