@@ -241,13 +241,13 @@ def folder_model(path: str | os.PathLike, *, dtype: "torch.dtype | None" = None,
         import transformers
         from accelerate import init_empty_weights
 
-        cls, config = _folder_class(path, cfg, empty=True)
+        cls, config = folder_class(path, cfg, empty=True)
         with init_empty_weights(include_buffers=False):
             if issubclass(cls, transformers.PreTrainedModel):
                 return cls._from_config(config, dtype=dtype).eval()
             return cls.from_config(config, dtype=dtype).eval()  # an Auto class
     record.check_weights(path)
-    cls, config = _folder_class(path, cfg, empty=False)
+    cls, config = folder_class(path, cfg, empty=False)
     # mismatched shapes are reported (then raised by _check_loading_info) rather than raised by transformers
     kwargs: dict[str, Any] = {"dtype": "auto" if dtype is None else dtype, "output_loading_info": True,
                               "ignore_mismatched_sizes": True}
@@ -257,6 +257,32 @@ def folder_model(path: str | os.PathLike, *, dtype: "torch.dtype | None" = None,
         model, info = cls.from_pretrained(path, config=config, **kwargs)
     _check_loading_info(info, path, strict=cfg.get("rankdown") is not None)
     return model.eval()
+
+
+def folder_class(path: Path, cfg: dict, empty: bool) -> tuple[type, Any]:
+    """:func:`_folder_class`, a config.json value of the wrong type (``"hidden_size": "abc"``)
+    refused in one line rather than as transformers' validation traceback."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    from rankdown.io import ModelFolderError
+
+    try:
+        return _folder_class(path, cfg, empty)
+    except StrictDataclassError as e:
+        why = str(e.__cause__ or e).splitlines()[-1].strip()
+        raise ModelFolderError(f"{path / 'config.json'} holds a value transformers refuses ({why}): fix that value, "
+                               "or fetch the model again") from None
+
+
+def check_folder_config(path: str | os.PathLike) -> None:
+    """Refuse, in one line, a model folder whose config.json no model can be built from: not UTF-8,
+    not JSON, an unknown model_type, a value of the wrong type. Cheap: no weight is read."""
+    from rankdown.io import record
+
+    path = Path(path).expanduser().absolute()
+    cfg = record._read_config(path)
+    record.check_model_type(path, cfg)
+    folder_class(path, cfg, empty=True)
 
 
 def _folder_class(path: Path, cfg: dict, empty: bool) -> tuple[type, Any]:

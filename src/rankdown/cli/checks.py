@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rankdown.config import MethodConfig
-from rankdown.loading import is_reference
+from rankdown.loading import check_folder_config, is_reference
 from rankdown.methods import METHODS
 
 log = logging.getLogger("rankdown")
@@ -31,6 +31,8 @@ def check_compress(args: argparse.Namespace, config: MethodConfig, calib_given: 
 
     if args.out is not None and not args.out.strip():
         raise ConfigError("--out '' names no folder: give the folder to save to (or leave --out out to save nothing)")
+    if not is_reference(args.model) and (Path(args.model).expanduser() / "config.json").is_file():
+        check_folder_config(args.model)  # before any work: a config.json no model can be built from
     uses = uses_calibration(config)
     try:
         check_source(args.calib)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from rankdown.cli.checks import float_list, given, names
 from rankdown.cli.output import table
-from rankdown.loading import REFERENCE, load_model, no_tokenizer
+from rankdown.loading import REFERENCE, check_folder_config, load_model, no_tokenizer
 
 
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
@@ -38,12 +39,17 @@ def cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is not a model folder (no config.json) nor a .gguf file")
     record = read_record(path)
+    check_folder_config(path)
     if record is None:
         print(f"{path}: a plain Hugging Face model, not compressed by rankdown")
         return {"compressed": False}
     modules = record.get("structure", {}).get("modules", {})
-    rows = [{"module": k, **{c: v.get(c, "") for c in ("type", "in", "out", "rank", "bias")}} for k, v in modules.items()]
-    print(table(rows, ["module", "type", "in", "out", "rank", "bias"]) if rows else "no module replaced")
+    rows = [module_row(k, v) for k, v in sorted(modules.items(), key=lambda kv: natural_key(kv[0]))]
+    print(table(rows, ["module", "type", "in", "out", "rank", "kept", "bias", "note"]) if rows else "no module replaced")
+    thin = sum(1 for r in rows if r["note"])
+    if thin:
+        print(f"{thin} module(s) left at rank 1 (see note): each carries one direction of its input; exclude them "
+              "(--exclude) or compress to a lower --ratio if that was not meant")
     print()
     prov = {k: v for k, v in record.items() if k not in ("structure", "guards", "files")}
     for key, val in prov.items():
@@ -53,6 +59,28 @@ def cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{f'pass {n}':>16}: {p.get('method')} at ratio {p.get('ratio_requested')}, "
               f"{p.get('params_before', 0):,} -> {p.get('params_after', 0):,} parameters")
     return {"compressed": True, "modules": len(modules), **prov}
+
+
+def natural_key(name: str) -> list[Any]:
+    """Sort key of a dotted module path with its numbers as numbers: layer 2 before layer 10."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name) if p]
+
+
+def module_row(name: str, rec: dict[str, Any]) -> dict[str, Any]:
+    """One row of inspect's table: a replaced module's shape, rank or kept sizes, biases and a note."""
+    bias = rec.get("bias", "")
+    if isinstance(bias, bool):
+        bias = "yes" if bias else "no"
+    elif isinstance(bias, dict):  # an attention's biases per role (q, k, v, o)
+        bias = ",".join(k for k, on in bias.items() if on) or "none"
+    kept = ""
+    if "qk_dim" in rec or "v_dim" in rec:  # MoDeGPT's reduced attention: head sizes kept of head_dim
+        hd = rec.get("head_dim", "?")
+        kept = f"q/k {rec.get('qk_dim', hd)}/{hd}, v {rec.get('v_dim', hd)}/{hd}"
+    rank = rec.get("rank", "")
+    note = "rank 1!" if rank == 1 or 1 in (rec.get("qk_dim"), rec.get("v_dim")) else ""
+    return {"module": name, "type": rec.get("type", ""), "in": rec.get("in", rec.get("hidden", "")),
+            "out": rec.get("out", rec.get("hidden", "")), "rank": rank, "kept": kept, "bias": bias, "note": note}
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:

@@ -71,6 +71,9 @@ def _read_config(path: Path) -> dict:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ModelFolderError(f"{cfg_path} is not valid JSON ({e}); the folder is corrupt") from e
+    except UnicodeDecodeError as e:
+        raise ModelFolderError(f"{cfg_path} is not UTF-8 text (byte {e.object[e.start]:#04x} at position {e.start}); "
+                               "the file is corrupt: fetch the model again") from None
     if not isinstance(cfg, dict):
         raise ModelFolderError(f"{cfg_path} holds a JSON {type(cfg).__name__}, not an object; the folder is corrupt")
     if cfg.get("rankdown") is not None:
