@@ -41,6 +41,7 @@ class CompressionReport:
     device: str = "cpu"
     run: dict[str, Any] = field(default_factory=dict)  # the RunSettings the compression ran with
     artifacts: dict[str, Any] = field(default_factory=dict)  # file name -> JSON value, saved beside the model
+    seconds_earlier: float = 0.0  # a resumed streaming run: seconds its earlier, interrupted runs spent
 
     @property
     def ratio_achieved(self) -> float:

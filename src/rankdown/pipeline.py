@@ -73,8 +73,13 @@ def compress_model(
                                         on_resume=on_resume)
         return Compressed(report, Path(saved), True)
     loaded, tokenizer = load_model(model, dtype)
-    report = rankdown.compress(loaded, tokenizer, config, calibration, run=run, nsamples=nsamples, seqlen=seqlen,
-                               progress=progress)
+    try:
+        report = rankdown.compress(loaded, tokenizer, config, calibration, run=run, nsamples=nsamples, seqlen=seqlen,
+                                   progress=progress)
+    except KeyboardInterrupt as e:  # say what an interrupted in-memory run leaves: nothing
+        e.add_note(f"the model was compressed in memory: nothing was kept{f' and nothing written to {out}' if out else ''}"
+                   "; the same command starts over")
+        raise
     saved = None
     if out and distributed.is_main():
         loaded.to(save_dtype(model, save, dtype))

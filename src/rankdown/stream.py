@@ -16,7 +16,7 @@ import torch
 
 from rankdown import distributed
 from rankdown.storage.folder import StreamedModel
-from rankdown.storage.resume import ResumableStore, _after_failure, _fingerprint, _lock, _open_state
+from rankdown.storage.resume import ResumableStore, RunState, _after_failure, _fingerprint, _lock, _open_state
 from rankdown.storage.weights import INDEX, SINGLE
 
 
@@ -116,6 +116,8 @@ def compress_folder(
         streamed = StreamedModel(path, dtype, work, save_dtype)
         report = compress(streamed.model, tokenizer, config, calibration, run=run, nsamples=nsamples, seqlen=seqlen,
                           progress=progress, store=ResumableStore(streamed, state) if resumable else streamed)
+        if isinstance(state, RunState):  # a resumed run: the seconds its earlier runs spent too
+            report.seconds_earlier = state.earlier
         distributed.barrier()  # every process is done reading finished layers from the work folder
         if not distributed.is_main():
             return report, out

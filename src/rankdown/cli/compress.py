@@ -66,7 +66,7 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
                           stream=args.stream, progress=not args.quiet, resume=not args.restart, on_resume=resuming)
     out = None if done.out is None else str(done.out)
     result = {**done.report.summary(), "out": out, "streamed": done.streamed}
-    earlier = getattr(done.report, "seconds_earlier", 0.0)
+    earlier = done.report.seconds_earlier
     if earlier:
         result["seconds_total"] = round(done.report.seconds + earlier, 3)
     if out:

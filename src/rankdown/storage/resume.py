@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,15 +32,23 @@ class ResumeMismatchError(ConfigError):
 class RunState:
     """What a streaming run has finished, in ``WORK/state.json`` (rewritten atomically)."""
 
-    def __init__(self, work: Path, fingerprint: dict, ranks: dict | None = None, layers: dict | None = None):
+    def __init__(self, work: Path, fingerprint: dict, ranks: dict | None = None, layers: dict | None = None,
+                 seconds: float = 0.0):
         self.work, self.fingerprint = work, fingerprint
         self.ranks, self.layers = ranks, dict(layers or {})
+        self.earlier = float(seconds)  # seconds the earlier runs of this partial run spent
+        self.started = time.monotonic()  # when this run took the state over
+
+    @property
+    def seconds(self) -> float:
+        """Seconds spent on this partial run so far: the earlier runs' and this one's."""
+        return self.earlier + time.monotonic() - self.started
 
     @classmethod
     def read(cls, work: Path) -> "RunState | None":
         try:
             d = json.loads((work / "state.json").read_text(encoding="utf-8"))
-            return cls(work, d["fingerprint"], d.get("ranks"), d.get("layers"))
+            return cls(work, d["fingerprint"], d.get("ranks"), d.get("layers"), float(d.get("seconds") or 0.0))
         except (OSError, json.JSONDecodeError, KeyError, TypeError):
             return None
 
@@ -66,8 +75,8 @@ class RunState:
         if not distributed.is_main():  # under torchrun process 0 keeps the state
             return
         tmp = self.work / "state.json.tmp"
-        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "ranks": self.ranks, "layers": self.layers}),
-                       encoding="utf-8")
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "ranks": self.ranks, "layers": self.layers,
+                                   "seconds": round(self.seconds, 3)}), encoding="utf-8")
         os.replace(tmp, self.work / "state.json")
 
 
@@ -144,15 +153,20 @@ def _interruption(e: BaseException) -> bool:
 
 def _after_failure(e: BaseException, work: Path, state: RunState | None, fresh: bool) -> None:
     """Keep the partial run after an interruption (and say so on the exception); else remove it:
-    the same command would fail the same way. A partial run this one never took is left alone."""
-    if state is None:
-        if fresh:
-            shutil.rmtree(work, ignore_errors=True)
-    elif _interruption(e) and (state.layers or state.ranks):
-        e.add_note(f"the partial run in {work} is kept (finished layers: {len(state.layers)}): run the same "
-                   "command again to resume, or add --restart to start over")
-    else:
+    the same command would fail the same way. A partial run this one never took is left alone.
+    An interruption always says what was kept, the pre-pass's too (calibration, statistics, plan)."""
+    if state is not None and _interruption(e) and (state.layers or state.ranks):
+        state.save()  # with the seconds spent until now
+        done = (f"finished layers: {len(state.layers)}" if state.layers else
+                "its plan (the ranks; no layer finished yet)")
+        e.add_note(f"the partial run in {work} is kept ({done}): run the same command again to resume, or add "
+                   "--restart to start over")
+        return
+    if state is not None or fresh:
         shutil.rmtree(work, ignore_errors=True)
+    if _interruption(e) and (state is not None or fresh):
+        e.add_note("stopped before the plan was made (calibration, statistics, allocation): nothing was kept, "
+                   "and the same command starts over")
 
 
 def _open_state(work: Path, fingerprint: dict, resume: bool,
