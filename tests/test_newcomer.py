@@ -77,3 +77,49 @@ def test_an_interrupt_after_the_plan_says_the_plan_is_kept(tmp_path, capsys, mon
     rc, _, err = _run(["compress", str(src), *SVD, "--out", str(out)], capsys)
     assert rc == 130 and "its plan (the ranks; no layer finished yet)" in err and "resume" in err, err
     assert json.loads((partial_folder(out) / "state.json").read_text())["ranks"]
+
+
+# ----------------------------------------------------------------------------- the README's Python snippet
+def readme_snippet() -> str:
+    """The code block of the README's "## Python" section, exactly as a reader copies it."""
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    section = text.split("\n## Python\n", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_readme_python_snippet_runs_offline_as_written(tmp_path, monkeypatch, capsys):
+    import torch
+
+    import rankdown
+    from rankdown.allocate import count_params
+
+    code = readme_snippet()
+    assert "wikitext2\"," not in code and "cuda" not in code.replace('device="cpu"', "")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102  (the README's own code)
+    report, small = scope["report"], scope["small"]
+    assert report.method == "modegpt" and abs(report.ratio_achieved - 0.3) <= 0.01
+    assert count_params(small) == report.params_after < report.params_before
+    assert {p.dtype for p in small.parameters()} == {torch.float32}  # saved as it was computed
+    assert "params_after" in capsys.readouterr().out
+    ids = scope["tok"]("def main():", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.isfinite(small(ids).logits).all()
+    assert rankdown.FWSVDConfig is rankdown.config_class("fwsvd") and "FWSVDConfig" in rankdown.__all__
+
+
+def test_load_reference_by_name_is_load_reference():
+    import torch
+
+    import rankdown
+
+    model, tok = rankdown.load("reference"), rankdown.load_tokenizer("reference")
+    ref, ref_tok = rankdown.load_reference()
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    ids = ref_tok("import os", return_tensors="pt").input_ids
+    assert torch.equal(tok("import os", return_tensors="pt").input_ids, ids)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)

@@ -1,8 +1,8 @@
 """rankdown: make trained language models smaller by activation-guided low-rank decomposition.
 
     import rankdown
-    model, tok = rankdown.load_reference()
-    report = rankdown.compress(model, tok, rankdown.SVDLLMConfig(ratio=0.3), calibration="reference")
+    model, tok = rankdown.load("reference"), rankdown.load_tokenizer("reference")
+    report = rankdown.compress(model, tok, rankdown.ModeGPTConfig(ratio=0.3), calibration="reference")
     rankdown.save(model, tok, "out/small", report)
     small = rankdown.load("out/small")
 """
@@ -20,6 +20,7 @@ from rankdown.api import CompressionReport, compress
 from rankdown.config import ConfigError, MethodConfig, RunSettings
 from rankdown.methods import config_class, make_config, method_names
 from rankdown.methods.asvd import ASVDConfig
+from rankdown.methods.fwsvd import FWSVDConfig
 from rankdown.methods.lillama import LillamaConfig
 from rankdown.methods.modegpt import ModeGPTConfig
 from rankdown.methods.rom import ROMConfig
@@ -46,20 +47,32 @@ def save(model, tokenizer, out_dir, report: CompressionReport, overwrite: bool =
 
 
 def load(path, device="cpu", dtype=None):
-    """Load a model saved by rankdown (or any plain Hugging Face folder)."""
+    """Load a model saved by rankdown (or any plain Hugging Face folder); ``"reference"``: the built-in
+    reference model (in float32 unless ``dtype`` says otherwise; it is stored in float16)."""
     from rankdown import io
 
+    if str(path) == "reference":
+        import torch
+
+        from rankdown.reference import reference_dir
+
+        return io.load(reference_dir(), device=device, dtype=dtype or torch.float32)
     return io.load(path, device=device, dtype=dtype)
 
 
 def load_tokenizer(path):
-    """The tokenizer of a saved folder, without the remote-code prompt of ``AutoTokenizer``."""
+    """The tokenizer of a saved folder (``"reference"``: the reference model's), without the
+    remote-code prompt of ``AutoTokenizer``."""
     from rankdown import io
 
+    if str(path) == "reference":
+        from rankdown.reference import reference_dir
+
+        path = reference_dir()
     return io.load_tokenizer(path)
 
 
 __all__ = [
-    "ASVDConfig", "CompressionReport", "ConfigError", "LillamaConfig", "MethodConfig", "ModeGPTConfig", "ROMConfig", "SVDConfig", "SVDLLMConfig",
+    "ASVDConfig", "CompressionReport", "FWSVDConfig", "ConfigError", "LillamaConfig", "MethodConfig", "ModeGPTConfig", "ROMConfig", "SVDConfig", "SVDLLMConfig",
     "RunSettings", "compress", "config_class", "load", "load_reference", "load_tokenizer", "make_config", "method_names", "save", "__version__",
 ]
