@@ -101,11 +101,11 @@ SLOW = pytest.mark.slow
         pytest.param(["compress", "--method", "svd", "--ratio", "1.5", "-q"], "between 0 and 1", marks=SLOW),
         (["compress", "--method", "svd-llm", "--ratio", "0.2", "--calib", "/no/such/file.txt", "-q"], "/no/such/file.txt"),
         pytest.param(["compress", "--method", "svd-llm", "--ratio", "0.2", "--calib", "wikitext2", "-q"], "local file", marks=SLOW),
-        (["compress", "/no/such/model_dir_xyz", "--method", "svd", "--ratio", "0.2", "-q"], "no such model folder"),
-        (["compress", "nobody/no-such-model-xyz", "--method", "svd", "--ratio", "0.2", "-q"], "could not load"),
+        (["compress", "/no/such/model_dir_xyz", "--method", "svd", "--ratio", "0.2", "-q", "--dry-run"], "no such model folder"),
+        (["compress", "nobody/no-such-model-xyz", "--method", "svd", "--ratio", "0.2", "-q", "--dry-run"], "could not load"),
         pytest.param(["eval", "reference", "--ppl", "reference-heldout", "--seqlen", "100000000"], "lower --seqlen", marks=SLOW),
         (["inspect", "/no/such/dir"], "not a model folder"),
-        (["compress", "--method", "svd-llm", "--ratio", "0.1", "--nsamples", "1", "--seqlen", "16", "-q"],
+        (["compress", "--method", "svd-llm", "--ratio", "0.1", "--nsamples", "1", "--seqlen", "16", "-q", "--dry-run"],
          "fewer than the rank"),
         pytest.param(["compress", "--method", "svd", "--ratio", "0.2", "--out", f"{__file__}/out", "-q"], "cannot write", marks=SLOW),
     ],
@@ -145,7 +145,7 @@ def test_existing_output_folder_is_refused_and_kept(compressed, tmp_path):
 
 def test_compressing_a_compressed_folder_keeps_earlier_replacements(compressed, tmp_path):
     out, first = compressed  # svd-llm at 20%, every target replaced
-    proc = rankdown("compress", str(out), "--method", "svd", "--ratio", "0.1", "-q", check=False)
+    proc = rankdown("compress", str(out), "--method", "svd", "--ratio", "0.1", "-q", "--dry-run", check=False)
     assert proc.returncode == 2 and "already replaced" in proc.stderr
     # a model compressed with the MLP excluded can be compressed again on the MLP
     partial, again = tmp_path / "attn", tmp_path / "attn_mlp"

@@ -68,6 +68,11 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     f["no_tokenizer"] = _copy(root, "no_tokenizer")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (f["no_tokenizer"] / name).unlink()
+    f["not_utf8"] = _copy(root, "not_utf8")  # a config.json saved by an editor in Latin-1
+    (f["not_utf8"] / "config.json").write_bytes((f["not_utf8"] / "config.json").read_bytes()[:-1]
+                                                + b', "_name_or_path": "mod\xe8le"}')
+    f["value_type"] = _copy(root, "value_type")
+    _edit_config(f["value_type"], lambda c: c.update(hidden_size="abc"))
     f["unknown_type"] = _copy(root, "unknown_type")
     _edit_config(f["unknown_type"], lambda c: c.update(model_type="frobnicator"))
     # a rankdown folder (svd at 20%: seconds) and three damaged copies of its record
@@ -133,13 +138,23 @@ CASES = {
                                      ["model_type 'frobnicator'", "rankdown supports: bert, gemma2, gemma3_text"]),
     "unknown model_type, eval": (lambda f, t: ["eval", str(f["unknown_type"]), *PPL],
                                  ["model_type 'frobnicator'", "rankdown supports: bert, gemma2, gemma3_text"]),
+    # issue 30: a UnicodeDecodeError traceback, a 45-line validation traceback (inspect: exit 0) before
+    **{f"config not UTF-8, {cmd}": (
+        (lambda cmd: lambda f, t: [cmd, str(f["not_utf8"]), *{"eval": PPL, "inspect": [],
+                                   "compress": [*SVD, "--out", str(t / "o")]}[cmd]])(cmd),
+        ["config.json is not UTF-8 text (byte 0xe8", "fetch the model again"]) for cmd in ("eval", "compress", "inspect")},
+    **{f"config value of the wrong type, {cmd}": (
+        (lambda cmd: lambda f, t: [cmd, str(f["value_type"]), *{"eval": PPL, "inspect": [],
+                                   "compress": [*SVD, "--out", str(t / "o")]}[cmd]])(cmd),
+        ["config.json holds a value transformers refuses", "'hidden_size' expected int, got str", "fix that value"])
+       for cmd in ("eval", "compress", "inspect")},
     # item 7: silently accepted before
     "seqlen 0, compress": (lambda f, t: ["compress", "--method", "svd-llm", "--ratio", "0.2", "-q", "--seqlen", "0"],
                            ["--seqlen must be >= 2", "got 0"]),
     "seqlen 0, eval": (lambda f, t: ["eval", "reference", *PPL, "--seqlen", "0"], ["--seqlen must be >= 2"]),
     "seqlen 0, bench": (lambda f, t: ["bench", "--methods", "svd", "--seqlen", "0", "--out", str(t / "b"), "-q"],
                         ["--seqlen must be >= 2"]),
-    "exclude matches nothing": (lambda f, t: ["compress", *SVD, "--exclude", "no_such_module"],
+    "exclude matches nothing": (lambda f, t: ["compress", *SVD, "--exclude", "no_such_module", "--dry-run"],
                                 ["--exclude 'no_such_module' matches no module", "model.layers.0.self_attn.q_proj"]),
     "methods empty, bench": (lambda f, t: ["bench", "--methods", "", "--out", str(t / "b"), "-q"],
                              ["--methods '' names nothing"]),
@@ -214,7 +229,7 @@ def _disk_fails(monkeypatch, message: str) -> None:
 def test_a_stats_cache_that_fails_mid_run_names_the_flag(tmp_path, monkeypatch, capsys):
     _disk_fails(monkeypatch, "Read-only file system (os error 30)")
     rc, err = _run(["compress", "--method", "rom", "--allocation", "global", "--ratio", "0.2", "-q", "--nsamples", "2",
-                    "--seqlen", "64", "--stats-cache", str(tmp_path / "cache")], capsys)
+                    "--seqlen", "64", "--stats-cache", str(tmp_path / "cache"), "--dry-run"], capsys)
     lines = [line for line in err.splitlines() if line.startswith("rankdown ")]
     assert rc == 2 and len(lines) == 1 and "Traceback" not in err
     assert f"--stats-cache {tmp_path / 'cache'}: cannot write there (Read-only file system)" in lines[0]
@@ -265,7 +280,7 @@ def test_a_calibration_file_for_a_method_that_reads_none_is_checked_and_said(tmp
     text = tmp_path / "calib.txt"
     text.write_text("some text\n")
     with caplog.at_level(logging.WARNING):
-        rc, _ = _run(["compress", *SVD, "--calib", str(text)], capsys)
+        rc, _ = _run(["compress", *SVD, "--calib", str(text), "--dry-run"], capsys)
     assert rc == 0 and f"svd uses no calibration data: --calib {text} is not read" in caplog.text
 
 

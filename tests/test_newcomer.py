@@ -123,3 +123,80 @@ def test_load_reference_by_name_is_load_reference():
     assert torch.equal(tok("import os", return_tensors="pt").input_ids, ids)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+# ----------------------------------------------------------------------------- one obvious command
+def test_compress_without_out_is_refused_naming_out_and_dry_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = _run(["compress", "-q"], capsys)
+    line = _one_error(rc, err)
+    assert "--out DIR" in line and "--dry-run" in line and out == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_default_method_is_modegpt_and_help_says_why(capsys):
+    from rankdown.cli.parser import build_parser
+
+    assert build_parser().parse_args(["compress"]).method == "modegpt"
+    with pytest.raises(SystemExit):
+        cli.main(["compress", "--help"])
+    text = capsys.readouterr().out
+    flat = " ".join(text.split())
+    assert "default modegpt: the best or within 4% of the best" in flat and "4.5x faster than lillama" in flat
+    # one line per method on what it does
+    from rankdown.methods import METHODS
+
+    listed = [line.split()[0] for line in text.split("methods (--method; default modegpt):\n")[1].splitlines()]
+    assert listed == list(METHODS)
+    # --allocation: the choices of each method, its default marked
+    for per in ("rom: auto (default), fisher, global, uniform, last-k",
+                "modegpt: block- influence (default), uniform, fisher", "lillama: auto (default), fisher, strategy",
+                "svd: uniform (default), fisher"):
+        assert per.replace("block- ", "block-") in flat.replace("block- ", "block-"), per
+    for shown in ("lm_head counted), in (0, 1) (default: 0.2)", "calibration windows (default: 128)",
+                  "(default: reference for the reference model, else wikitext2)", "(default: 0.25) [modegpt]",
+                  "random seed (calibration sampling) (default: 0)"):
+        assert shown in flat, shown
+
+
+@pytest.mark.parametrize("command, shown", [
+    ("demo", ["fraction of all parameters to remove (default: 0.3)", "calibration windows (default: 128)"]),
+    ("bench", ["(default: 0.1,0.2,0.3,0.4,0.5)", "calibration windows (default: 128)",
+               "calibration source (default: reference / wikitext2)"]),
+])
+def test_every_command_shows_its_defaults(command, shown, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    flat = " ".join(capsys.readouterr().out.split())
+    for s in shown:
+        assert s in flat, s
+
+
+@pytest.mark.parametrize("method", ["svd", "rom", "modegpt"])
+def test_dry_run_prints_the_plan_that_compress_then_makes_and_writes_nothing(method, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["compress", "--method", method, "--ratio", "0.3", "--nsamples", "16", "-q", "--json"]
+    if method == "rom":
+        args += ["--allocation", "global"]
+    rc, out, _ = _run([*args, "--dry-run"], capsys)
+    plan = json.loads(out.strip().splitlines()[-1])
+    assert rc == 0 and plan["dry_run"] and list(tmp_path.iterdir()) == []
+    assert "parameters: 5,573,888 -> " in out and "size on disk: about" in out and "--save-dtype float32" in out
+    kind = "kept size" if method == "modegpt" else "rank"
+    assert out.splitlines()[0].split() == ["module", *kind.split()]
+    rc, out, _ = _run([*args, "--out", str(tmp_path / "o")], capsys)
+    done = json.loads(out.strip().splitlines()[-1])
+    assert rc == 0 and plan["params_after"] == done["params_after"] and plan["save_dtype"] == "float16"
+    on_disk = sum(f.stat().st_size for f in (tmp_path / "o").glob("*.safetensors"))
+    assert plan["bytes_on_disk"] <= on_disk <= plan["bytes_on_disk"] * 1.01 + 100_000
+    assert done["bytes_on_disk"] == on_disk and "on disk in float16 (--save-dtype float32 changes it)" in out
+    record = json.loads((tmp_path / "o" / "config.json").read_text())["rankdown"]["structure"]["modules"]
+    if method != "modegpt":
+        assert {k: v["rank"] for k, v in record.items()} == plan["ranks"]
+    else:  # kept sizes: each attention's v/o and q/k head sizes, each MLP's width
+        for name, rec in record.items():
+            if rec["type"] == "attention":
+                assert plan["ranks"].get(f"{name}.v_proj", rec["head_dim"]) == rec["v_dim"]
+                assert plan["ranks"].get(f"{name}.q_proj", rec["head_dim"]) == rec["qk_dim"]
+            elif name.endswith("down_proj"):
+                assert plan["ranks"][name] == rec["in"]

@@ -66,19 +66,20 @@ def plan_model(
     config.validate()
     run = run or RunSettings()
     run.validate()
-    saved_as = save_dtype(model, save, dtype)
     # the real run streams when it is given --out: plan as it would run
     if should_stream(model, "dry-run", config.method, stream):
         from rankdown.io import has_tokenizer, load_tokenizer
         from rankdown.storage.folder import StreamedModel
 
+        saved_as = save_dtype(model, save, dtype)
         streamed = StreamedModel(model, getattr(torch, dtype), None, saved_as)
         path = streamed.path
         tokenizer = load_tokenizer(path) if has_tokenizer(path) else None
         return _plan(streamed.model, tokenizer, config, calibration, run, nsamples, seqlen, progress, saved_as,
                      streamed)
-    loaded, tokenizer = load_model(model, dtype)
-    return _plan(loaded, tokenizer, config, calibration, run, nsamples, seqlen, progress, saved_as, None)
+    loaded, tokenizer = load_model(model, dtype)  # (a name that is no model fails here, as in the real run)
+    return _plan(loaded, tokenizer, config, calibration, run, nsamples, seqlen, progress,
+                 save_dtype(model, save, dtype), None)
 
 
 def _plan(model: torch.nn.Module, tokenizer: Any, config: MethodConfig, calibration: Any, run: RunSettings,
@@ -119,6 +120,10 @@ def _plan(model: torch.nn.Module, tokenizer: Any, config: MethodConfig, calibrat
         context = PlanContext(model, spec, load_calibration, method.batch_size, device, progress, budget, store,
                               StatsCache(run.stats_cache) if run.stats_cache else None)
         ranks = method.plan(targets, params_before, config.ratio, multiple, context)
+    if method.needs_calibration and method.ranks_from_statistics:  # what the real run refuses next
+        from rankdown.api import _check_enough_tokens
+
+        _check_enough_tokens(load_calibration(), ranks)
     allocation = method.artifacts().get("modegpt_allocation.json") or {}
     if "params_after" in allocation:  # kept sizes: the method counts its own narrower modules
         params_after = int(allocation["params_after"])
