@@ -200,3 +200,36 @@ def test_dry_run_prints_the_plan_that_compress_then_makes_and_writes_nothing(met
                 assert plan["ranks"].get(f"{name}.q_proj", rec["head_dim"]) == rec["qk_dim"]
             elif name.endswith("down_proj"):
                 assert plan["ranks"][name] == rec["in"]
+
+
+# ----------------------------------------------------------------------------- inspect
+def test_inspect_shows_kept_sizes_biases_numeric_order_and_rank_1(tmp_path, capsys):
+    from rankdown.cli.commands import natural_key
+
+    assert sorted(["l.10.a", "l.2.a", "l.1.b", "l.1.a"], key=natural_key) == ["l.1.a", "l.1.b", "l.2.a", "l.10.a"]
+    folder = tmp_path / "m"
+    assert cli.main(["compress", "--ratio", "0.3", "--nsamples", "8", "-q", "--out", str(folder)]) == 0  # modegpt
+    cfg = json.loads((folder / "config.json").read_text())
+    modules = cfg["rankdown"]["structure"]["modules"]
+    assert list(modules) == sorted(modules)  # the record keeps text order: mlp before self_attn
+    # as a 12-layer model's record would read (text order: layer 10 before layer 2), one module at rank 1
+    for i in (10, 11):
+        modules.update({k.replace("layers.1.", f"layers.{i}."): dict(v) for k, v in modules.items()
+                        if k.startswith("model.layers.1.")})
+    modules["model.layers.11.self_attn"]["v_dim"] = 1
+    modules["model.layers.0.self_attn.q_proj"] = {"type": "lowrank", "in": 256, "out": 256, "bias": True, "rank": 1}
+    modules["model.layers.1.self_attn"]["bias"] = {"q": True, "k": True, "v": False, "o": False}
+    cfg["rankdown"]["structure"]["modules"] = dict(sorted(modules.items()))
+    (folder / "config.json").write_text(json.dumps(cfg))
+    rc, out, err = _run(["inspect", str(folder)], capsys)
+    assert rc == 0, err
+    rows = [line.split() for line in out.splitlines() if line.startswith("model.layers.")]
+    assert [r[0] for r in rows] == sorted(modules, key=natural_key)
+    layers = [int(r[0].split(".")[2]) for r in rows]
+    assert layers == sorted(layers) and layers[-1] == 11 and 2 in layers
+    attn = next(line for line in out.splitlines() if line.startswith("model.layers.1.self_attn "))
+    rec = modules["model.layers.1.self_attn"]
+    assert f"q/k {rec['qk_dim']}/32, v {rec['v_dim']}/32" in attn and " q,k " in attn and "{" not in attn
+    flagged = [r[0] for r in rows if r[-1] == "1!"]
+    assert flagged == ["model.layers.0.self_attn.q_proj", "model.layers.11.self_attn"]
+    assert "2 module(s) left at rank 1" in out
