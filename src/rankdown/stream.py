@@ -97,7 +97,7 @@ def compress_folder(
     work = partial_folder(out)
     fresh = not work.exists()
     lock = distributed.on_main(lambda: _lock(out, work))
-    state = None
+    state, resumable = None, True
     try:
         if distributed.is_main():
             io.clear_stale(out)
@@ -127,7 +127,7 @@ def compress_folder(
                         inputs=[path])
     except BaseException as e:
         if distributed.is_main():
-            _after_failure(e, work, state, fresh)
+            _after_failure(e, work, state, fresh, resumable)
         raise
     else:
         shutil.rmtree(work, ignore_errors=True)

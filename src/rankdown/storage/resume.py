@@ -151,7 +151,7 @@ def _interruption(e: BaseException) -> bool:
             or (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS)))
 
 
-def _after_failure(e: BaseException, work: Path, state: RunState | None, fresh: bool) -> None:
+def _after_failure(e: BaseException, work: Path, state: RunState | None, fresh: bool, resumable: bool = True) -> None:
     """Keep the partial run after an interruption (and say so on the exception); else remove it:
     the same command would fail the same way. A partial run this one never took is left alone.
     An interruption always says what was kept, the pre-pass's too (calibration, statistics, plan)."""
@@ -165,8 +165,9 @@ def _after_failure(e: BaseException, work: Path, state: RunState | None, fresh: 
     if state is not None or fresh:
         shutil.rmtree(work, ignore_errors=True)
     if _interruption(e) and (state is not None or fresh):
-        e.add_note("stopped before the plan was made (calibration, statistics, allocation): nothing was kept, "
-                   "and the same command starts over")
+        why = ("stopped before the plan was made (calibration, statistics, allocation)" if resumable else
+               "this method's streamed runs cannot resume (what one layer hands the next is not saved)")
+        e.add_note(f"{why}: nothing was kept, and the same command starts over")
 
 
 def _open_state(work: Path, fingerprint: dict, resume: bool,
