@@ -76,8 +76,10 @@ def generate_greedy(model: nn.Module, tokenizer: Any, inputs: Sequence[Sequence[
                     desc: str = "generate") -> tuple[list[Continuation], dict[str, float]]:
     """Greedy continuations of the token-id lists ``inputs``, ``batch_size`` rows at a time.
 
-    Returns the continuations (in the order of ``inputs``) and timing: ``seconds`` in
-    ``model.generate``, ``tokens`` the new tokens kept, ``tokens_per_s`` their rate."""
+    Returns the continuations (in the order of ``inputs``) and timing: ``seconds`` (wall) in
+    ``model.generate``, ``cpu_s`` the CPU time this process spent there (all threads: on a shared
+    machine, the share of ``seconds`` it got), ``tokens`` the new tokens kept, ``tokens_per_s``
+    their rate (wall)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -96,7 +98,7 @@ def generate_greedy(model: nn.Module, tokenizer: Any, inputs: Sequence[Sequence[
     results: dict[int, Continuation] = {}
     was_training = model.training
     model.eval()
-    seconds = 0.0
+    seconds = cpu = 0.0
     try:
         for batch in batches:
             width = max(len(inputs[i]) for i in batch)
@@ -107,13 +109,14 @@ def generate_greedy(model: nn.Module, tokenizer: Any, inputs: Sequence[Sequence[
                 ids[j, width - len(row) :] = row
                 mask[j, width - len(row) :] = 1
             crit = _StopStrings(tokenizer, stop, width, len(batch)) if stop else None
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             with torch.inference_mode():
                 out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                      max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
                                      top_k=None, pad_token_id=pad,
                                      stopping_criteria=StoppingCriteriaList([crit]) if crit else None)
             seconds += time.perf_counter() - t0
+            cpu += time.process_time() - c0
             new = out[:, width:].cpu()
             for j, i in enumerate(batch):
                 results[i] = _one(tokenizer, new[j].tolist(), eos, stop, crit.done_at[j] if crit else None)
@@ -121,9 +124,9 @@ def generate_greedy(model: nn.Module, tokenizer: Any, inputs: Sequence[Sequence[
         model.train(was_training)
     conts = [results[i] for i in range(len(inputs))]
     tokens = sum(len(c.ids) for c in conts)
-    timing = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds if seconds else 0.0}
-    logger.info("generated %d tokens for %d prompts in %.1f s (%.1f tokens/s, batches of %d)", tokens, len(conts),
-                seconds, timing["tokens_per_s"], batch_size)
+    timing = {"seconds": seconds, "cpu_s": cpu, "tokens": tokens, "tokens_per_s": tokens / seconds if seconds else 0.0}
+    logger.info("generated %d tokens for %d prompts in %.1f s, %.1f s of CPU (%.1f tokens/s, batches of %d)", tokens,
+                len(conts), seconds, cpu, timing["tokens_per_s"], batch_size)
     return conts, timing
 
 

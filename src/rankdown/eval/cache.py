@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
 
+FORMAT = 1  # of the stored figures: a change of their fields bumps it, and older entries are measured again
 _KEEP = (".json", ".safetensors", ".bin", ".model", ".gguf", ".txt", ".jinja", ".py")
 
 
@@ -106,7 +107,7 @@ def cached_figures(model: str | None, kind: str, settings: dict[str, Any],
     digest = source_digest(model)
     if digest is None:
         return compute(), False
-    key = {"digest": digest, "kind": kind, "settings": settings, "versions": _versions()}
+    key = {"format": FORMAT, "digest": digest, "kind": kind, "settings": settings, "versions": _versions()}
     text = json.dumps(key, sort_keys=True, default=str)
     path = cache_dir() / f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:24]}.json"
     if path.is_file():

@@ -69,6 +69,7 @@ class GenerationCheck:
     chat: bool
     tokens: int
     seconds: float
+    cpu_s: float
     tokens_per_s: float
     samples: list[dict[str, Any]] = field(default_factory=list)
 
@@ -109,7 +110,7 @@ def generation_check(model: nn.Module, tokenizer: Any, prompts: Sequence[dict[st
     mean = lambda k: sum(s[k] for s in samples) / len(samples)
     res = GenerationCheck(repetition=mean("repetition"), distinct_1=mean("distinct_1"), distinct_2=mean("distinct_2"),
                           prompts=len(samples), new_tokens=new_tokens, chat=use_chat, tokens=int(timing["tokens"]),
-                          seconds=timing["seconds"], tokens_per_s=timing["tokens_per_s"], samples=samples)
+                          seconds=timing["seconds"], cpu_s=timing["cpu_s"], tokens_per_s=timing["tokens_per_s"], samples=samples)
     logger.info("generation check: repeated 4-grams %.3f, distinct-1 %.3f, distinct-2 %.3f over %d prompts",
                 res.repetition, res.distinct_1, res.distinct_2, res.prompts)
     return res

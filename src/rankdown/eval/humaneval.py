@@ -104,6 +104,7 @@ class HumanEvalResult:
     max_new_tokens: int
     batch_size: int
     generate_s: float
+    generate_cpu_s: float
     execute_s: float
     tokens: int
     tokens_per_s: float
@@ -151,7 +152,7 @@ def humaneval(model: nn.Module, tokenizer: Any, *, limit: int | None = None, all
     passed = sum(r["status"] == "passed" for r in results)
     res = HumanEvalResult(pass_at_1=passed / len(results), passed=passed, problems=len(results),
                           max_new_tokens=max_new_tokens, batch_size=batch_size, generate_s=timing["seconds"],
-                          execute_s=execute_s, tokens=int(timing["tokens"]), tokens_per_s=timing["tokens_per_s"],
+                          generate_cpu_s=timing["cpu_s"], execute_s=execute_s, tokens=int(timing["tokens"]), tokens_per_s=timing["tokens_per_s"],
                           results=results)
     logger.info("humaneval: %d of %d passed (pass@1 %.3f); generation %.0f s, execution %.0f s", passed,
                 len(results), res.pass_at_1, res.generate_s, execute_s)
