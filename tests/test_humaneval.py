@@ -91,6 +91,21 @@ def test_batched_greedy_equals_one_at_a_time_and_stops_rows_on_their_own(char_to
         assert not any(s in before for s in stops) and any(s in upto for s in stops)  # the step it appeared
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
+def test_greedy_decoding_equals_model_generate(char_tok, family):
+    import torch
+
+    model = tiny_model(family)
+    prompts = ["def f(x):\n    return", "a = [1, 2", "class A:\n    pass\n\nx = 3\n"]
+    inputs = [char_tok(p)["input_ids"] for p in prompts]
+    ours, _ = generate_greedy(model, char_tok, inputs, max_new_tokens=10, batch_size=3)
+    for ids, c in zip(inputs, ours):
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=10, do_sample=False, pad_token_id=1)
+        assert c.ids == out[0, len(ids):].tolist()
+
+
 # ----------------------------------------------------------------------------- HumanEval
 def test_read_humaneval_gives_the_164_problems_in_order():
     problems = read_humaneval()

@@ -54,8 +54,8 @@ def run_generation_check(args: argparse.Namespace, model: Any, tokenizer: Any, d
         figures, cached = _dense_figures(args, dense, "generation", {"new_tokens": args.new_tokens, "batch_size": batch,
                                          "prompts": prompt_set_version()}, lambda m, t: run(m, t).to_dict())
         checks["baseline"] = GenerationCheck.from_dict(figures)
-    files = write_samples(out_folder(args), checks)
     names = {"model": args.model, "baseline": args.baseline}
+    files = write_samples(out_folder(args), checks, names)
     rows = [{"model": names[k], "repetition": c.repetition, "distinct_1": c.distinct_1, "distinct_2": c.distinct_2,
              "tokens": c.tokens, "tokens_per_s": c.tokens_per_s} for k, c in checks.items()]
     print(f"generation check: {checks['model'].prompts} prompts, greedy, {args.new_tokens} new tokens each"

@@ -126,15 +126,18 @@ def _write(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_samples(folder: str | Path, checks: dict[str, GenerationCheck]) -> list[Path]:
+def write_samples(folder: str | Path, checks: dict[str, GenerationCheck],
+                  names: dict[str, str] | None = None) -> list[Path]:
     """``generation.jsonl`` (one line per model and prompt) and ``generation.md`` (per prompt, each
     model's continuation; the figures on top) in ``folder``, for ``checks`` = {label: result}
-    (e.g. ``{"model": ..., "baseline": ...}``); returns the paths written."""
+    (e.g. ``{"model": ..., "baseline": ...}``) and ``names`` = {label: the model's name}; returns the
+    paths written."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({"model": label, **s}, ensure_ascii=False) for label, chk in checks.items() for s in chk.samples]
     md = ["# Generation check", "", "Greedy continuations of rankdown's shipped prompts. repetition = share of repeated "
           "4-grams of the new tokens; distinct-n = distinct n-grams / n-grams (token ids).", "",
+          *[f"- {label}: `{name}`" for label, name in (names or {}).items() if label in checks], "",
           "| model | repetition | distinct-1 | distinct-2 | chat template | new tokens |", "|---|---|---|---|---|---|"]
     md += [f"| {label} | {c.repetition:.3f} | {c.distinct_1:.3f} | {c.distinct_2:.3f} | {'yes' if c.chat else 'no'} "
            f"| {c.new_tokens} |" for label, c in checks.items()]
