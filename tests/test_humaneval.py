@@ -186,3 +186,17 @@ def test_cli_humaneval_on_three_problems_writes_the_results(tmp_path):
 def test_cli_out_without_generate_or_humaneval_is_refused():
     proc = rankdown("eval", "reference", "--ppl", "reference-heldout", "--out", "somewhere", check=False)
     assert proc.returncode == 2 and "--out DIR" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_sandbox_without_unshare_still_limits_and_guards(monkeypatch):
+    import rankdown.eval.sandbox as sb
+
+    monkeypatch.setattr(sb.shutil, "which", lambda name: None)
+    sb.network_isolation.cache_clear()
+    try:
+        assert sb.network_isolation() == []
+        assert run_program("while True:\n    pass\n", timeout=1).status == "timeout"
+        assert run_program("import socket\nsocket.socket()\n").status == "failed"
+        assert run_program("print(7 * 6)\n").stdout.strip() == "42"
+    finally:
+        sb.network_isolation.cache_clear()
