@@ -25,11 +25,11 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
                           "(FILE holds passages separated by blank lines)")
     if (args.include_path is not None or args.limit is not None) and args.tasks is None:
         raise ConfigError("--include-path and --limit are settings of --tasks: add --tasks NAMES")
-    humaneval_limit, lm_tasks = _split_tasks(args)
-    if args.baseline is not None and not (args.speed or args.generate or humaneval_limit):
+    humaneval, humaneval_limit, lm_tasks = _split_tasks(args)
+    if args.baseline is not None and not (args.speed or args.generate or humaneval):
         raise ConfigError("--baseline MODEL is the dense model that --speed, --generate and --tasks humaneval "
                           "compare against: add one of them")
-    if args.out is not None and not (args.generate or humaneval_limit):
+    if args.out is not None and not (args.generate or humaneval):
         raise ConfigError("--out DIR is where --generate and --tasks humaneval write their samples: add one of them "
                           "(or drop --out)")
     manager = None
@@ -46,10 +46,10 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         from rankdown.calib import check_source
 
         check_source(args.ppl)
-    if args.generate or humaneval_limit:
+    if args.generate or humaneval:
         from rankdown.cli.evaluate_gen import check_generation_flags
 
-        check_generation_flags(args, bool(humaneval_limit))
+        check_generation_flags(args, humaneval)
     if args.speed:  # (malformed lists fail before the model is loaded)
         batch_sizes, lengths = int_list(args.batch_sizes, "--batch-sizes"), int_list(args.lengths, "--lengths")
     model, tokenizer = load_model(args.model, args.dtype)
@@ -83,10 +83,10 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         from rankdown.cli.evaluate_gen import run_generation_check
 
         result["generate"] = run_generation_check(args, model, tokenizer, dense)
-    if humaneval_limit:
+    if humaneval:
         from rankdown.cli.evaluate_gen import run_humaneval
 
-        result["humaneval"] = run_humaneval(args, model, tokenizer, dense, humaneval_limit[0])
+        result["humaneval"] = run_humaneval(args, model, tokenizer, dense, humaneval_limit)
     if lm_tasks:
         result["tasks"] = _tasks(args, model, tokenizer, manager, lm_tasks)
     if args.speed:
@@ -94,17 +94,17 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _split_tasks(args: argparse.Namespace) -> tuple[list[int | None], list[str]]:
-    """--tasks split into HumanEval (``[limit]`` when asked for, else ``[]``) and lm-eval's names;
+def _split_tasks(args: argparse.Namespace) -> tuple[bool, int | None, list[str]]:
+    """--tasks split into (whether HumanEval is asked for, its problem limit) and lm-eval's names;
     HumanEval's preconditions (the opt-in, the package, a whole-number --limit) checked here."""
     if args.tasks is None:
-        return [], []
+        return False, None, []
     from rankdown.eval.tasks import parse_tasks
 
     names = parse_tasks(args.tasks)
     lm = [n for n in names if n.lower() != "humaneval"]
     if len(lm) == len(names):
-        return [], lm
+        return False, None, lm
     from rankdown.eval.humaneval import NEEDS_OPT_IN, HumanEvalError, read_humaneval
 
     if not args.allow_code_execution:
@@ -114,7 +114,7 @@ def _split_tasks(args: argparse.Namespace) -> tuple[list[int | None], list[str]]
         raise HumanEvalError(f"--limit {limit:g} with humaneval: give a whole number of problems >= 1, e.g. --limit 40")
     limit = None if limit is None else int(limit)
     read_humaneval(limit)  # (the package is there)
-    return [limit], lm
+    return True, limit, lm
 
 
 class _Dense:
