@@ -102,3 +102,19 @@ def test_cli_generate_with_a_cached_baseline(tmp_path, monkeypatch):
     assert len(mine) == g1["prompts"] == len([r for r in rows if r["model"] == "baseline"])
     assert g1["repetition"] == pytest.approx(sum(repeated_ngram_fraction(r["ids"], 4) for r in mine) / len(mine))
     assert (tmp_path / "out" / "generation.md").is_file()
+
+
+def test_cli_warns_when_only_one_model_has_a_chat_template(tmp_path, monkeypatch):
+    import shutil
+
+    from rankdown.reference import reference_dir
+
+    monkeypatch.setenv("RANKDOWN_CACHE", str(tmp_path / "cache"))
+    chatty = tmp_path / "chatty"
+    shutil.copytree(reference_dir(), chatty)
+    (chatty / "chat_template.jinja").write_text("{% for m in messages %}# {{ m['content'] }}\n{% endfor %}")
+    proc = rankdown("eval", "reference", "--generate", "--new-tokens", "4", "--baseline", str(chatty), "--out",
+                    str(tmp_path / "out"), "--json")
+    res = last_json(proc)["generate"]
+    assert res["chat"] is False and res["baseline"]["chat"] is True
+    assert "warning: only the baseline's tokenizer has a chat template" in proc.stderr

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,10 @@ def run_generation_check(args: argparse.Namespace, model: Any, tokenizer: Any, d
           f"{'; baseline from the cache' if cached else ''}")
     print(table(rows, ["model", "repetition", "distinct_1", "distinct_2", "tokens", "tokens_per_s"]))
     print(f"samples: {files[1]}")
+    if "baseline" in checks and checks["baseline"].chat != checks["model"].chat:
+        has, lacks = ("model", "baseline") if checks["model"].chat else ("baseline", "model")
+        print(f"warning: only the {has}'s tokenizer has a chat template, so the {lacks}'s prompts went in as plain "
+              f"text and the figures do not compare; give the {lacks} the same tokenizer files", file=sys.stderr)
     out = checks["model"].to_dict(samples=False)
     if "baseline" in checks:
         out["baseline"] = {"model": args.baseline, "cached": cached, **checks["baseline"].to_dict(samples=False)}
