@@ -138,9 +138,9 @@ def write_samples(folder: str | Path, checks: dict[str, GenerationCheck],
     md = ["# Generation check", "", "Greedy continuations of rankdown's shipped prompts. repetition = share of repeated "
           "4-grams of the new tokens; distinct-n = distinct n-grams / n-grams (token ids).", "",
           *[f"- {label}: `{name}`" for label, name in (names or {}).items() if label in checks], "",
-          "| model | repetition | distinct-1 | distinct-2 | chat template | new tokens |", "|---|---|---|---|---|---|"]
+          "| model | repetition | distinct-1 | distinct-2 | chat template | new tokens (mean of at most) |", "|---|---|---|---|---|---|"]
     md += [f"| {label} | {c.repetition:.3f} | {c.distinct_1:.3f} | {c.distinct_2:.3f} | {'yes' if c.chat else 'no'} "
-           f"| {c.new_tokens} |" for label, c in checks.items()]
+           f"| {c.tokens / max(c.prompts, 1):.1f} of {c.new_tokens} |" for label, c in checks.items()]
     first = next(iter(checks.values()))
     for i, s in enumerate(first.samples):
         md += ["", f"## {s['name']} ({s['kind']})", "", "> " + s["prompt"].replace("\n", "\n> ")]
