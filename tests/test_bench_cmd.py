@@ -51,7 +51,8 @@ def test_bench_files_and_rows(grid):
     for r, c in svd.items():
         assert "error" not in c and abs(c["ratio_achieved"] - r) < 0.01
         assert c["ppl"] > saved["dense"]["ppl"] and c["ppl_change"] == pytest.approx(c["ppl"] / saved["dense"]["ppl"] - 1)
-        assert 0.0 <= c["repetition"] <= 1.0
+        assert 0.0 <= c["repetition"] <= 1.0 and 0.0 < c["distinct_2"] <= 1.0
+        assert [x["prompt"] for x in c["samples"]] == saved["settings"]["prompts"]  # the reference's code prompts
         sp = c["speed"]
         assert all(math.isfinite(sp[k]) and sp[k] > 0 for k in ("prefill_speedup", "decode_speedup", "latency_ratio"))
         assert sp["decode_speedup"] == pytest.approx(sp["compressed"]["decode_tok_s"] / sp["dense"]["decode_tok_s"])

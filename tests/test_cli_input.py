@@ -330,4 +330,4 @@ def test_bench_shows_progress_while_it_evaluates_the_dense_model(capsys):
     capsys.readouterr()
     row = _evaluate(model, tok, s, None, progress=True)
     err = capsys.readouterr().err
-    assert row["ppl_tokens"] == 2 * 63 and "perplexity" in err and "degeneration" in err and "/5 [" in err
+    assert row["ppl_tokens"] == 2 * 63 and "perplexity" in err and "generation check" in err and "/1 [" in err

@@ -28,7 +28,7 @@ import torch
 from rankdown.benchmark.report import write_results
 from rankdown.config import ConfigError
 from rankdown.distributed import check_device
-from rankdown.loading import REFERENCE, defaults_for
+from rankdown.loading import REFERENCE, defaults_for, is_reference
 
 logger = logging.getLogger("rankdown.benchmark")
 
@@ -49,7 +49,9 @@ class BenchSettings:
     dtype: str = "float32"
     device: str = "cpu"
     degeneration_tokens: int = 64  # 0 skips the degeneration measure
-    prompts: list[str] | None = None  # of the degeneration measure (default: ditto)
+    # of the degeneration measure (the generation check): None = rankdown's shipped prompts, through the
+    # chat template where the model has one; the reference model's default is its code prompts
+    prompts: list[str] | None = None
     tasks: list[str] | None = None
     include_path: str | None = None
     limit: float | None = None
@@ -67,7 +69,8 @@ class BenchSettings:
         s.ppl = _or(s.ppl, defaults.ppl)
         s.calib = _or(s.calib, defaults.calib)
         s.seqlen = _or(s.seqlen, defaults.seqlen)
-        s.prompts = list(_or(s.prompts, defaults.prompts))
+        if s.prompts is None and is_reference(s.model):
+            s.prompts = list(defaults.prompts)
         if not s.methods:
             from rankdown.methods import METHODS
 
@@ -104,7 +107,7 @@ def _check(settings: BenchSettings) -> dict[tuple[str, float], Any]:
 
     if not settings.ratios:
         raise ConfigError("no ratio given: pass --ratios, e.g. 0.1,0.2,0.3")
-    if not settings.prompts and settings.degeneration_tokens:
+    if settings.prompts is not None and not settings.prompts and settings.degeneration_tokens:
         raise ConfigError("no prompt for the degeneration measure: give prompts, or degeneration_tokens=0")
     if settings.nsamples < 1:
         raise ConfigError(f"--nsamples must be >= 1 (calibration windows), got {settings.nsamples}")
@@ -131,20 +134,31 @@ def _check(settings: BenchSettings) -> dict[tuple[str, float], Any]:
     return configs
 
 
-def degeneration(model: torch.nn.Module, tokenizer: Any, prompts: list[str], new_tokens: int,
-                 progress: bool = False) -> float:
-    """Mean fraction of repeated 4-grams in greedy continuations of ``prompts`` (0: none repeat)."""
-    from rankdown.eval.generate import generate_text
+def degeneration(model: torch.nn.Module, tokenizer: Any, prompts: list[str] | None, new_tokens: int,
+                 progress: bool = False) -> dict[str, Any]:
+    """The generation check (:func:`rankdown.eval.gencheck.generation_check`) of ``prompts`` (None:
+    the shipped set): ``repetition`` (mean share of repeated 4-grams; 0: none repeat), ``distinct_2``
+    and ``samples`` (prompt and greedy continuation, to be read)."""
+    from rankdown.eval.gencheck import generation_check
 
-    if progress:
-        from tqdm.auto import tqdm
-
-        prompts = tqdm(prompts, desc="degeneration", unit="prompt", leave=False)
-    fractions = [generate_text(model, tokenizer, p, max_new_tokens=new_tokens).repetition for p in prompts]
-    return sum(fractions) / len(fractions)
+    res = generation_check(model, tokenizer, prompts, new_tokens=new_tokens, progress=progress)
+    return {"repetition": res.repetition, "distinct_2": res.distinct_2,
+            "samples": [{"prompt": x["prompt"], "text": x["text"]} for x in res.samples]}
 
 
-def _evaluate(model, tok, s: BenchSettings, manager: Any, progress: bool = False) -> dict[str, Any]:
+def _dense_degeneration(model, tok, s: BenchSettings, progress: bool) -> dict[str, Any]:
+    """The dense model's generation check, from the cache when this model's content was checked before."""
+    from rankdown.eval.cache import cached_figures
+    from rankdown.eval.gencheck import prompt_set_version
+
+    key = {"new_tokens": s.degeneration_tokens, "prompts": s.prompts or prompt_set_version(), "dtype": s.dtype,
+           "device": s.device, "batch_size": 16}
+    figures, _ = cached_figures(s.model, "bench-generation", key,
+                                lambda: degeneration(model, tok, s.prompts, s.degeneration_tokens, progress))
+    return figures
+
+
+def _evaluate(model, tok, s: BenchSettings, manager: Any, progress: bool = False, dense: bool = False) -> dict[str, Any]:
     """Perplexity, degeneration and tasks of one model (dense or compressed), moved to ``s.device``."""
     from rankdown.eval.perplexity import perplexity
 
@@ -153,7 +167,8 @@ def _evaluate(model, tok, s: BenchSettings, manager: Any, progress: bool = False
                      progress=progress)
     row: dict[str, Any] = {"ppl": res.ppl, "ppl_tokens": res.tokens, "eval_s": res.seconds}
     if s.degeneration_tokens:
-        row["repetition"] = degeneration(model, tok, s.prompts, s.degeneration_tokens, progress)
+        row.update(_dense_degeneration(model, tok, s, progress) if dense else
+                   degeneration(model, tok, s.prompts, s.degeneration_tokens, progress))
     if s.tasks:
         from rankdown.eval.tasks import evaluate_tasks
 
@@ -217,7 +232,8 @@ def run_bench(settings: BenchSettings, out: str | Path, *, overwrite: bool = Fal
         logger.warning("bench: resuming the grid in %s, %d of %d cells already done", out, len(done["cells"]),
                        len(configs))
     else:
-        results.update(dense={"params": count_params(dense), **_evaluate(dense, tok, s, manager, progress)}, cells=[])
+        results.update(dense={"params": count_params(dense), **_evaluate(dense, tok, s, manager, progress, dense=True)},
+                       cells=[])
     dense.to("cpu")  # kept on the host between cells: one model at a time on the device
     _save_partial(results, out, t0)  # the dense row: an interruption now does not evaluate it again
     finished = {(c["method"], c["ratio"]) for c in results["cells"]}

@@ -38,7 +38,8 @@ def markdown(results: dict[str, Any]) -> str:
         out[4:4] = [f"**Unfinished**: {len(results['cells'])} of {total} cells so far; the same command run again "
                     "carries the grid on.", ""]
     if "repetition" in dense:
-        out += ["", f"## Degeneration (repeated 4-grams in greedy continuations; dense {dense['repetition']:.3f})", "",
+        out += ["", f"## Degeneration (share of repeated 4-grams in greedy continuations; dense {dense['repetition']:.3f}; "
+                "the continuations are in results.json)", "",
                 *_grid(results, lambda c: f"{c['repetition']:.3f}")]
     for task in dense.get("tasks", {}):
         metric = "acc_norm" if dense["tasks"][task].get("acc_norm") is not None else "acc"

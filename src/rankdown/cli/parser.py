@@ -149,22 +149,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=None,
                    help="window length (default 2048; 256 for the reference); --fidelity: tokens kept "
                         "per passage (default 512)")
-    p.add_argument("--batch-size", type=int, default=None, help="windows / passages per forward (default 1 / 8)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="windows / passages / prompts per forward (default 1 for --ppl, 8 for --fidelity, 16 for "
+                        "--generate and humaneval: prompts decoded together, left-padded)")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--tasks", default=None, metavar="NAMES",
-                   help="lm-evaluation-harness tasks, comma-separated (e.g. arc_easy,arc_challenge,piqa,winogrande,"
-                        "hellaswag,boolq,openbookqa; hub tasks need network or the HF datasets cache)")
+                   help="comma-separated: humaneval (OpenAI's HumanEval, pass@1 of greedy completions; runs the "
+                        "model's programs, so it needs --allow-code-execution) and/or lm-evaluation-harness tasks "
+                        "(e.g. arc_easy,arc_challenge,piqa,winogrande,hellaswag,boolq,openbookqa; hub tasks need "
+                        "network or the HF datasets cache)")
     p.add_argument("--include-path", default=None, metavar="DIR", help="folder of local task YAML files (--tasks)")
     p.add_argument("--limit", type=float, default=None,
-                   help="examples per task (--tasks): a count, or a fraction < 1")
+                   help="examples per task (--tasks): a count, or a fraction < 1; humaneval: the first N problems")
+    p.add_argument("--allow-code-execution", action="store_true",
+                   help="let --tasks humaneval run the programs the model writes. They are written by the model "
+                        "and run on your machine: each in its own process with time and memory limits, in a "
+                        "temporary folder, without network (where unshare allows) and with destructive os/socket "
+                        "calls disabled; still, only pass this for models you are willing to run code from")
+    p.add_argument("--humaneval-tokens", type=int, default=384,
+                   help="with --tasks humaneval: most new tokens per completion (default 384; a row stops "
+                        "earlier at the end of its function)")
+    p.add_argument("--generate", action="store_true",
+                   help="the generation check: greedy continuations of rankdown's shipped prompts (questions, "
+                        "instructions, code requests; through the chat template where the model has one); "
+                        "reports the share of repeated 4-grams and distinct-1/2, and writes the samples to --out")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="with --generate / --tasks humaneval: folder for generation.jsonl, generation.md and "
+                        "humaneval.jsonl (default: rankdown-eval/<model name>)")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per task (--tasks; default 0)")
     p.add_argument("--speed", action="store_true",
                    help="prefill and decode tokens/s, latency per token and peak memory")
     p.add_argument("--baseline", default=None, metavar="MODEL",
-                   help="with --speed: the dense model, measured in the same run (alternating); ratios printed")
+                   help="the dense model, its figures printed beside: with --speed measured in the same run "
+                        "(alternating), ratios printed; with --generate and --tasks humaneval measured once per "
+                        "model content and settings and cached ($RANKDOWN_CACHE/eval, ~/.cache/rankdown/eval)")
     p.add_argument("--batch-sizes", default="1", help="with --speed: batch sizes, comma-separated (default 1)")
     p.add_argument("--lengths", default="512", help="with --speed: prompt lengths, comma-separated (default 512)")
-    p.add_argument("--new-tokens", type=int, default=64, help="with --speed: decode steps (default 64)")
+    p.add_argument("--new-tokens", type=int, default=64,
+                   help="with --speed: decode steps; with --generate: new tokens per prompt (default 64)")
     p.add_argument("--repeats", type=int, default=3, help="with --speed: measured runs, the fastest kept (default 3)")
     p.add_argument("--device", default=None)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -56,6 +56,12 @@ def repeated_ngram_fraction(token_ids: Sequence[int], n: int = 4) -> float:
     return 1.0 - len(set(grams)) / len(grams)
 
 
+def distinct_ngram_fraction(token_ids: Sequence[int], n: int = 2) -> float:
+    """distinct-n of one sequence: its distinct n-grams over its n-grams (1.0: none repeats; the
+    complement of :func:`repeated_ngram_fraction`). A sequence of fewer than ``n + 1`` tokens gives 1.0."""
+    return 1.0 - repeated_ngram_fraction(token_ids, n)
+
+
 def _check_settings(max_new_tokens: int, temperature: float, top_p: float) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}; "
