@@ -96,6 +96,21 @@ def test_streamed_rom_auto_runs_fisher_and_gives_the_in_memory_model(tmp_path):
     assert report.allocation == streamed.allocation
 
 
+def test_streamed_modegpt_fisher_equals_in_memory(tmp_path):
+    """MoDeGPT's --allocation fisher reads the same curves: it streams, to the same layer sparsities."""
+    src = tmp_path / "llama"
+    tiny_model("llama").save_pretrained(src)
+    config = rankdown.make_config("modegpt", ratio=0.3, allocation="fisher")
+    run = rankdown.RunSettings(batch_size=2)
+    model = tiny_model("llama")
+    report = rankdown.compress(model, None, config, IDS, run=run, progress=False)
+    streamed, out = compress_folder(src, tmp_path / "streamed", config, IDS, run=run, progress=False)
+    assert streamed.structure == report.structure
+    assert streamed.artifacts == report.artifacts  # modegpt_allocation.json: the sparsity of every layer
+    torch.testing.assert_close(outputs(io.load(out), IDS), outputs(model, IDS), rtol=1e-5, atol=1e-6)
+    assert streamed.allocation["allocation"] == "fisher"
+
+
 def test_streamed_fwsvd_equals_in_memory(tmp_path):
     """FWSVD's row weights are the same gradients: it streams now, to the same model."""
     from rankdown.loading import should_stream
