@@ -153,6 +153,29 @@ def test_one_process_is_left_alone():
     assert distributed.shard([1, 2, 3]) == [1, 2, 3] and distributed.all_sum([2, 3]) == [2.0, 3.0]
 
 
+def _layerwise_fisher(layerwise: bool = True) -> dict[str, torch.Tensor]:
+    """The fisher allocation's D of every linear, taken layer by layer (as streamed; under torchrun
+    each process on its share of the batches) or by the whole model's backward pass."""
+    from rankdown.api import find_targets
+    from rankdown.arch import spec_for
+    from rankdown.engine import PlanContext
+    from rankdown.sensitivity import output_fisher
+
+    model = tiny_model("llama")
+    spec = spec_for(model)
+    return output_fisher(PlanContext(model, spec, _padded, 2, "cpu", False), find_targets(model, spec), 0,
+                         layerwise=layerwise)
+
+
+def test_two_processes_share_the_layerwise_fisher_batches(launched):
+    root, _ = launched
+    got = [torch.load(root / f"fisher.{r}.pt") for r in (0, 1)]
+    whole = _layerwise_fisher(layerwise=False)
+    for path, d in whole.items():
+        assert torch.equal(got[0][path], got[1][path])
+        torch.testing.assert_close(got[0][path], d, rtol=1e-5, atol=0)
+
+
 # ----------------------------------------------------------------------------- the worker (under torchrun)
 def _worker(root: Path) -> None:
     from rankdown.cli import main
@@ -175,6 +198,7 @@ def _worker(root: Path) -> None:
                           progress=False, run=RunSettings(batch_size=8))
     except ConfigError as e:
         (root / f"few.{r}.txt").write_text(str(e))
+    torch.save(_layerwise_fisher(), root / f"fisher.{r}.pt")
     compress_folder(root / "src", root / "runs" / "streamed", rankdown.make_config("svd-llm", ratio=0.3),
                     IDS, progress=False, run=RunSettings(batch_size=2))
     # last: the command line leaves the process group when it ends

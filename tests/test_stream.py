@@ -41,7 +41,7 @@ def _folder(tmp_path: Path, family: str, shard: str | None = None) -> Path:
 ])
 def test_streamed_equals_in_memory(tmp_path, family, method, shard, mem):
     src = _folder(tmp_path, family, shard)
-    # rom's default (auto) is fisher in memory and global streamed: the same allocation both ways here
+    # global: the statistics walk streamed twice (auto, the fisher allocation, is tests/test_stream_fisher.py)
     extra = {"allocation": "global"} if method == "rom" else {}
     config = rankdown.make_config(method, ratio=0.3, **extra)
     run = rankdown.RunSettings(batch_size=2, max_memory=mem)

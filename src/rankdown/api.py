@@ -42,6 +42,9 @@ class CompressionReport:
     run: dict[str, Any] = field(default_factory=dict)  # the RunSettings the compression ran with
     artifacts: dict[str, Any] = field(default_factory=dict)  # file name -> JSON value, saved beside the model
     seconds_earlier: float = 0.0  # a resumed streaming run: seconds its earlier, interrupted runs spent
+    # the rank allocation that ran (``auto`` resolved, and why it fell back) and its parameter budget;
+    # each module's rank is in ``modules``
+    allocation: dict[str, Any] | None = None
 
     @property
     def ratio_achieved(self) -> float:
@@ -197,6 +200,10 @@ def _compress(model: nn.Module, tokenizer: Any, config: MethodConfig, run: RunSe
                               store, StatsCache(run.stats_cache) if run.stats_cache else None)
         # a resumed run keeps its plan
         ranks = store.plan(lambda: method.plan(targets, params_before, config.ratio, multiple, context))
+        allocation = method.allocation_record(context)  # also on a resumed run, which skips plan()
+        if allocation is not None:
+            allocation["params_budget"] = round(params_before * (1.0 - config.ratio))
+            allocation["modules_compressed"] = len(ranks)
 
         data = load_calibration() if method.needs_calibration else None
         if data is not None and method.ranks_from_statistics:
@@ -213,7 +220,7 @@ def _compress(model: nn.Module, tokenizer: Any, config: MethodConfig, run: RunSe
         params_before=params_before, params_after=count_params(model), seconds=time.perf_counter() - t0,
         calibration=None if not loaded else {**loaded[0].describe(), "seed": run.seed},  # read by plan() or the loop
         modules={**earlier.get("modules", {}), **modules}, unfused_experts=unfused, guards=guards, layer_seconds=layer_seconds,
-        device=run.device, run=run.to_dict(), artifacts=method.artifacts(),
+        device=run.device, run=run.to_dict(), artifacts=method.artifacts(), allocation=allocation,
     )
     log.info("%s: %d -> %d parameters (%.4f removed) in %.1fs", config.method, report.params_before,
              report.params_after, report.ratio_achieved, report.seconds)

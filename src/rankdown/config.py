@@ -50,7 +50,7 @@ class MethodConfig:
         "uniform",
         "rank allocation: uniform (one kept fraction of every linear's parameters, as the baselines' papers), "
         "or fisher (ranks where they cost the model's loss least: a second-order estimate from one backward "
-        "pass of the dense model and its output spectra; the model must be in memory)",
+        "pass of the dense model, layer by layer when it is streamed, and its output spectra)",
     )
     fisher_tokens: int = setting(8192, "fisher allocation: calibration tokens its backward pass reads at most (0: all)")
 

@@ -180,14 +180,13 @@ def should_stream(name: str | None, out: str | os.PathLike | None, method: str, 
     """Whether to compress model ``name`` layer by layer from its files (see rankdown/stream.py).
 
     Default (``want`` None): yes for a local folder of safetensors weights saved to ``out``, unless
-    the family's checkpoints cannot be mapped one layer at a time (fused experts) or the method
-    needs the whole model (a backward pass of its loss); ``want=True`` insists (and says why it
-    cannot), False loads the whole model. A GGUF file is never streamed: it is dequantized whole,
+    the family's checkpoints cannot be mapped one layer at a time (fused experts); a method that
+    takes gradients of the loss gets them layer by layer (rankdown/engine/backward.py).
+    ``want=True`` insists (and says why it cannot), False loads the whole model. A GGUF file is never streamed: it is dequantized whole,
     in memory.
     """
     from rankdown import gguf_source
     from rankdown.config import ConfigError
-    from rankdown.methods import METHODS
     from rankdown.stream import can_stream, streamable_family
 
     gguf_file = None if is_reference(name) else gguf_source.find(name)
@@ -204,11 +203,7 @@ def should_stream(name: str | None, out: str | os.PathLike | None, method: str, 
                           f"{name or REFERENCE!r} is not one (drop --stream)")
     if want and not out:
         raise ConfigError("--stream writes the model as it goes: give --out FOLDER")
-    whole = METHODS[method].needs_loss  # a backward pass of the whole model
-    if want and whole:
-        raise ConfigError(f"--method {method} takes gradients of the model's loss, which needs the whole "
-                          "model in memory: drop --stream")
-    return bool(possible and out and want is not False and not whole and (want or streamable_family(name)))
+    return bool(possible and out and want is not False and (want or streamable_family(name)))
 
 
 def source_record(name: str | None) -> dict[str, Any] | None:

@@ -53,42 +53,74 @@ def unavailable(context: "PlanContext | None") -> str | None:
     """Why the fisher allocation cannot run on this model (None when it can)."""
     if context is None:
         return "it needs a calibration pass (call rankdown.compress())"
-    if context.streamed:
-        return "the model is streamed layer by layer and its backward pass needs it whole in memory (--no-stream)"
     model = context.model
     if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
         return f"{type(model).__name__} has no language-modelling head to take the loss of"
     return None
 
 
-def resolve(allocation: str, context: "PlanContext | None", fallback: str) -> str:
-    """``auto`` -> fisher where it can run, else ``fallback`` (said in the log); others unchanged."""
+def resolution(allocation: str, context: "PlanContext | None", fallback: str) -> tuple[str, str | None]:
+    """``auto`` -> (fisher, None) where it can run, else (``fallback``, why not); others unchanged."""
     if allocation != "auto":
-        return allocation
+        return allocation, None
     why = unavailable(context)
-    if why is None:
-        return "fisher"
-    log.info("allocation auto: %s instead of fisher, because %s", fallback, why)
-    return fallback
+    return ("fisher", None) if why is None else (fallback, why)
+
+
+def resolve(allocation: str, context: "PlanContext | None", fallback: str) -> str:
+    """``auto`` -> fisher where it can run, else ``fallback`` (a warning says so); others unchanged."""
+    ran, why = resolution(allocation, context, fallback)
+    if why is not None:
+        log.warning("allocation auto: %s instead of fisher, because %s", ran, why)
+    return ran
 
 
 def output_fisher(context: "PlanContext", targets: list[Target], max_tokens: int = DEFAULT_FISHER_TOKENS,
-                  ) -> dict[str, torch.Tensor]:
+                  layerwise: bool | None = None) -> dict[str, torch.Tensor]:
     """path -> ``diag E[g gᵀ]`` (out,) float64: the mean over predicted calibration tokens of the
     squared gradient of the summed next-token loss with respect to the linear's output.
 
-    One forward and backward of the whole dense model per batch (weights frozen, nothing of the
-    model changed): the model must be in memory, not streamed.
+    Weights frozen, nothing of the model changed. A model in memory: one forward and backward of
+    the whole dense model per batch. A streamed model (or ``layerwise=True``): the same gradients
+    one layer at a time (:func:`rankdown.engine.backward.output_gradients`), within the run's
+    memory budget.
     """
     why = unavailable(context)
     if why is not None:
         raise ConfigError(f"the fisher allocation cannot run: {why}; choose another --allocation")
-    model = context.model
     data = context.calibration()
     ids, mask = data.input_ids, data.attention_mask
     if max_tokens > 0:
         rows = int((mask.sum(1).cumsum(0) < max_tokens).sum()) + 1
         ids, mask = ids[:rows], mask[:rows]
+    if context.streamed if layerwise is None else layerwise:
+        return _layerwise_fisher(context, targets, ids, mask)
+    return _whole_fisher(context, targets, ids, mask)
+
+
+def _layerwise_fisher(context: "PlanContext", targets: list[Target], ids: torch.Tensor, mask: torch.Tensor,
+                      ) -> dict[str, torch.Tensor]:
+    from rankdown import distributed
+    from rankdown.engine.backward import output_gradients
+
+    device = torch.device(context.device)
+    sums = {t.path: torch.zeros(t.out_features, dtype=torch.float64, device=device) for t in targets}
+
+    def add(path: str):
+        def grad(g: torch.Tensor) -> None:
+            sums[path].add_(g.reshape(-1, g.shape[-1]).to(torch.float64).pow(2).sum(0))
+        return grad
+
+    tokens = output_gradients(context.model, context.spec, context.store, ids, mask, context.batch_size, device,
+                              {t.path: add(t.path) for t in targets}, context.budget, context.progress)
+    for v in sums.values():  # under torchrun the processes shared the batches
+        distributed.all_sum_(v)
+    return {k: (v / max(tokens, 1)).cpu() for k, v in sums.items()}
+
+
+def _whole_fisher(context: "PlanContext", targets: list[Target], ids: torch.Tensor, mask: torch.Tensor,
+                  ) -> dict[str, torch.Tensor]:
+    model = context.model
     device = torch.device(context.device)
     home = next(p.device for p in model.parameters())
     sums = {t.path: torch.zeros(t.out_features, dtype=torch.float64, device=device) for t in targets}

@@ -104,7 +104,7 @@ def compress_folder(
         tokenizer = io.load_tokenizer(path) if io.has_tokenizer(path) else None
         save_dtype = save_dtype or io.checkpoint_dtype(path) or dtype
         method = method_class(config.method)
-        if method.needs_calibration:  # the run depends on the tokens, not on the name of their source
+        if method.reads_calibration(config):  # the run depends on the tokens, not on the name of their source
             calibration = _calibration(tokenizer, calibration, nsamples, seqlen, run.seed,
                                        getattr(config, "calib_tokens", None))
         resumable = getattr(method, "resumable", True)

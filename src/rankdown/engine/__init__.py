@@ -6,6 +6,7 @@ store, so that a method owns only the math (docs/METHODS.md §0).
 - replay.py     a module recomputed from the recorded inputs of its last linear
 - context.py    :class:`LayerContext`: one layer, and what a method may ask of the engine
 - loop.py       :func:`walk_layers`, :func:`run_sequential`, :class:`PlanContext`
+- backward.py   the loss gradient at the linears' outputs, one layer at a time (the fisher allocation streamed)
 """
 
 from rankdown.engine.capture import LayerInputs, to_device

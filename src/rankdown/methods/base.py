@@ -92,8 +92,10 @@ class Method:
     # calibration tokens than the rank is refused); not so for kept channels (MoDeGPT's MLP width)
     ranks_from_statistics: ClassVar[bool] = True
     # whether the method takes gradients of the model's loss (FWSVD's row weights): the model needs a
-    # language-modelling head and must be in memory, not streamed layer by layer
+    # language-modelling head (a streamed model gets them layer by layer, rankdown/engine/backward.py)
     needs_loss: ClassVar[bool] = False
+    # what allocation "auto" runs where the fisher allocation cannot (no language-modelling head)
+    auto_fallback: ClassVar[str] = "uniform"
     # calibration sequences per forward pass when RunSettings.batch_size leaves it open
     default_batch_size: ClassVar[int] = 8
     # position in lists of methods (CLI choices, demo, bench default): baselines first
@@ -139,6 +141,23 @@ class Method:
         Read by :func:`rankdown.compress` after the layer loop; default none.
         """
         return {}
+
+    def allocation_record(self, context: "PlanContext | None") -> dict[str, Any] | None:
+        """The allocation :meth:`plan` runs with ``context`` (the saved record's ``allocation``):
+        ``{"allocation": what ran}``, with ``"requested"`` and ``"fallback_because"`` when ``auto``
+        resolved; None for a method without allocations."""
+        requested = getattr(self.config, "allocation", None)
+        if requested is None:
+            return None
+        from rankdown.sensitivity import resolution
+
+        ran, why = resolution(requested, context, self.auto_fallback)
+        out: dict[str, Any] = {"allocation": ran}
+        if ran != requested:
+            out["requested"] = requested
+        if why is not None:
+            out["fallback_because"] = why
+        return out
 
     def plan(
         self, targets: list[Target], total_params: int, ratio: float, multiple: int,

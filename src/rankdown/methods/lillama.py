@@ -167,6 +167,7 @@ class Lillama(Method):
     config_class = LillamaConfig
     config: LillamaConfig
     order = 60
+    auto_fallback = "strategy"
 
     default_batch_size = 4  # also the optimiser step: 32 windows give 8 steps a layer an epoch
 
@@ -189,7 +190,7 @@ class Lillama(Method):
         from rankdown.sensitivity import resolve
 
         cfg = self.config
-        allocation = resolve(cfg.allocation, context, "strategy")
+        allocation = resolve(cfg.allocation, context, self.auto_fallback)
         if allocation == "fisher":
             from rankdown.sensitivity import fisher_ranks
 

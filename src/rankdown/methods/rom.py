@@ -50,7 +50,7 @@ class ROMConfig(MethodConfig):
     allocation: str = setting(
         "auto",
         "rank allocation: auto (the default: fisher where it can run, else global), fisher (ranks where they cost "
-        "the model's loss least, see the shared --allocation; the model must be in memory), global (water-filling on the dense model's output spectra; one extra statistics "
+        "the model's loss least, see the shared --allocation), global (water-filling on the dense model's output spectra; one extra statistics "
         "pass), uniform (one module budget everywhere), last-k (the paper's: only the last K layers)",
     )
     last_k: int | None = setting(
@@ -188,6 +188,7 @@ class ROM(Method):
     config_class = ROMConfig
     config: ROMConfig
     order = 40
+    auto_fallback = "global"
 
     def _moments(
         self, ctx: "LayerContext", names: list[str], keep_outputs: bool = False, replay: bool = False,
@@ -252,7 +253,7 @@ class ROM(Method):
         from rankdown.sensitivity import resolve
 
         cfg, with_bias = self.config, self.config.center
-        allocation = resolve(cfg.allocation, context, "global")
+        allocation = resolve(cfg.allocation, context, self.auto_fallback)
         if allocation == "uniform":
             return uniform_ranks(targets, total_params, ratio, multiple, with_bias)
         if allocation == "last-k":

@@ -26,8 +26,9 @@ class LayerStore(Protocol):
     def end(self) -> None:
         """The walk ended (also after an error): what the store moved is given back."""
 
-    def load_outside(self) -> None:
-        """Make ready what the calibration capture runs outside the layers (the input embeddings)."""
+    def load_outside(self, head: bool = False) -> None:
+        """Make ready what the calibration capture runs outside the layers (the input embeddings),
+        and with ``head`` what runs after them too (final norm, output head: the loss)."""
 
     def drop_outside(self) -> None:
         """The capture is over: what :meth:`load_outside` made ready may go."""
@@ -69,7 +70,7 @@ class MemoryStore:
         if self._device.type != "cpu":
             self.model.to(self._home)
 
-    def load_outside(self) -> None:
+    def load_outside(self, head: bool = False) -> None:
         pass
 
     def drop_outside(self) -> None:

@@ -105,20 +105,21 @@ class StreamedModel:
         owner = self.model.get_submodule(owner_name)
         return leaf in owner._buffers and leaf not in owner._non_persistent_buffers_set
 
-    def load_outside(self) -> None:
+    def load_outside(self, head: bool = False) -> None:
         """Read what the calibration pass runs before layer 0 (the engine calls this before it
-        captures the layers' inputs, :meth:`drop_outside` after); the output head stays on meta."""
-        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-        head_params = {id(p) for p in head.parameters()} if head is not None else set()
+        captures the layers' inputs, :meth:`drop_outside` after); the output head stays on meta
+        unless ``head`` (the loss of the fisher allocation's backward pass needs it)."""
+        out_head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        head_params = {id(p) for p in out_head.parameters()} if out_head is not None else set()
         params = dict(self.model.named_parameters(remove_duplicate=False))
         emb = self.model.get_input_embeddings()
         # A plain lookup table stored in fewer bits is kept so and its rows are widened as they
         # come out: the same hidden states, bit for bit, and half the memory of the calibration
         # pass's largest tensor (a 32000 x 2048 table: 131 MB instead of 262 MB).
-        narrow = type(emb) is nn.Embedding
+        narrow = type(emb) is nn.Embedding and not head  # a tied head computes with the table as it is
         for name in self.outside:
             p = params.get(name)
-            if p is not None and id(p) in head_params and name not in self._input_side():
+            if not head and p is not None and id(p) in head_params and name not in self._input_side():
                 continue
             dtype = self.dtype if p is not None and p.is_floating_point() else None
             if narrow and p is emb.weight and self._stored_narrower(name):

@@ -209,8 +209,8 @@ class ResumableStore:
     def end(self) -> None:
         self.inner.end()
 
-    def load_outside(self) -> None:
-        self.inner.load_outside()
+    def load_outside(self, head: bool = False) -> None:
+        self.inner.load_outside(head)
 
     def drop_outside(self) -> None:
         self.inner.drop_outside()
