@@ -58,7 +58,8 @@ def test_heal_lowers_the_kl_to_the_dense_model_and_the_perplexity_on_heldout_tex
     assert ppl_after < ppl_before - 0.25 * (ppl_before - ppl_dense), (ppl_dense, ppl_before, ppl_after)
     # its own measure on the held-out calibration windows agrees
     assert record["kl_after"] < 0.8 * record["kl_before"] and record["best_step"] > 0
-    assert record["steps"] == 16 and record["tokens"] == 4 * 14 * SEQLEN  # 4 epochs of 14 windows (batches 4, 4, 4, 2) and record["train_windows"] == 14
+    # 4 epochs of 14 windows (batches 4, 4, 4, 2)
+    assert record["steps"] == 16 and record["tokens"] == 4 * 14 * SEQLEN and record["train_windows"] == 14
 
 
 def test_only_what_compression_made_is_trained(healed):
