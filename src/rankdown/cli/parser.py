@@ -78,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "on the calibration windows, training only the modules compression made")
     heal.add_argument("--heal", action="store_true", help="heal (loads the whole model; rankdown/heal.py)")
     for f in dataclasses.fields(HealConfig):
-        heal.add_argument("--heal-" + f.name.replace("_", "-"), dest="heal_" + f.name, default=None,
-                          type={"float": float, "str": str}.get(str(f.type), int), help=f.metadata["help"])
+        heal.add_argument("--heal-" + f.name.replace("_", "-"), dest="heal_" + f.name, default=None, metavar="X",
+                          type={"float": float, "str": str}.get(str(f.type), int),
+                          help=f.metadata["help"] + ("" if f.default is None else f" (default {f.default})"))
     common(p)
     p.set_defaults(func=cmd_compress)
 
