@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 class HealConfig:
     """Settings of healing (``rankdown compress --heal``; each field is a ``--heal-...`` flag)."""
 
-    epochs: int = setting(4, "passes over the calibration windows trained on (--heal-steps overrides)")
+    epochs: int = setting(2, "passes over the calibration windows trained on (--heal-steps overrides)")
     steps: int | None = setting(None, "optimiser steps (default: epochs x training windows / batch size)")
     lr: float = setting(1e-4, "peak learning rate of AdamW")
     schedule: str = setting("cosine", "learning rate after the warmup: cosine (decays to 0) or constant")
