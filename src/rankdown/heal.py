@@ -18,7 +18,8 @@ coarser distribution, a lower bound of the full KL. Why not the alternatives: al
 vocabulary x tokens x 4 bytes (SmolLM2: 49,152 x 8,192 calibration tokens = 1.6 GB; a 150k
 vocabulary and 128 x 2048 tokens: 160 GB), and a copy of the dense model doubles the weights in
 memory and adds a teacher forward to every step of every epoch. Top-128 takes 1 KB per token
-(8 MB for 8,192 tokens), one dense forward in all, and holds most of the probability mass (the
+(8 MB for 8,192 tokens), one dense forward in all, and holds most of the probability mass (94.5% for
+SmolLM2-135M-Instruct on the reference code; the
 mean kept mass is recorded as ``teacher_mass``).
 
 The guard: the last ``heldout`` fraction of the calibration windows is never trained on; the KL on
