@@ -45,6 +45,7 @@ class CompressionReport:
     # the rank allocation that ran (``auto`` resolved, and why it fell back) and its parameter budget;
     # each module's rank is in ``modules``
     allocation: dict[str, Any] | None = None
+    heal: dict[str, Any] | None = None  # what healing did (rankdown/heal.py), None when it did not run
 
     @property
     def ratio_achieved(self) -> float:
@@ -71,6 +72,9 @@ class CompressionReport:
             "params_before": self.params_before, "params_after": self.params_after,
             "ratio_achieved": round(self.ratio_achieved, 6), "seconds": round(self.seconds, 3),
             "modules_replaced": len(self.modules),
+            **({} if self.heal is None else {"heal_kl_before": round(self.heal["kl_before"], 6),
+                                             "heal_kl_after": round(self.heal["kl_after"], 6),
+                                             "heal_seconds": self.heal["seconds"]}),
         }
 
     def to_json(self) -> str:
@@ -136,6 +140,7 @@ def compress(
     seqlen: int = 2048,
     progress: bool = True,
     store: LayerStore | None = None,
+    heal: Any = None,
 ) -> CompressionReport:
     """Compress ``model`` in place to ``config.ratio`` fewer parameters and report what changed.
 
@@ -152,6 +157,9 @@ def compress(
     split between them and the statistics summed (see :mod:`rankdown.distributed`), and every
     process ends with the same compressed model. Only process 0 shows progress.
 
+    ``heal``: a :class:`rankdown.heal.HealConfig` to distil the compressed model towards the dense
+    one afterwards on the same calibration windows (the model in memory only; see rankdown/heal.py).
+
     The random number generators are seeded with ``run.seed`` inside and restored on the way out:
     the caller's random state is the same after the call as before.
     """
@@ -163,11 +171,12 @@ def compress(
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(run.seed)
         return _compress(model, tokenizer, config, run, calibration, device, nsamples, seqlen, progress,
-                         MemoryStore(model) if store is None else store)
+                         MemoryStore(model) if store is None else store, heal)
 
 
 def _compress(model: nn.Module, tokenizer: Any, config: MethodConfig, run: RunSettings, calibration: Any,
-              device: torch.device, nsamples: int, seqlen: int, progress: bool, store: LayerStore) -> CompressionReport:
+              device: torch.device, nsamples: int, seqlen: int, progress: bool, store: LayerStore,
+              heal: Any = None) -> CompressionReport:
     distributed.barrier()  # every process has checked its arguments before any goes on (and writes)
     progress = progress and distributed.is_main()
     method = method_class(config.method)(config, run)
@@ -205,6 +214,14 @@ def _compress(model: nn.Module, tokenizer: Any, config: MethodConfig, run: RunSe
             allocation["params_budget"] = round(params_before * (1.0 - config.ratio))
             allocation["modules_compressed"] = len(ranks)
 
+        teacher = None
+        if heal is not None:  # the dense model's targets, read before the layers change
+            from rankdown.heal import teacher_targets
+
+            if not isinstance(store, MemoryStore) or distributed.world() > 1:
+                raise ConfigError("healing needs the whole model in memory in one process: drop --heal, or "
+                                  "compress with --no-stream and without torchrun")
+            teacher = teacher_targets(model, load_calibration(), heal, device, progress)
         data = load_calibration() if method.needs_calibration else None
         if data is not None and method.ranks_from_statistics:
             _check_enough_tokens(data, ranks)
@@ -224,6 +241,11 @@ def _compress(model: nn.Module, tokenizer: Any, config: MethodConfig, run: RunSe
     )
     log.info("%s: %d -> %d parameters (%.4f removed) in %.1fs", config.method, report.params_before,
              report.params_after, report.ratio_achieved, report.seconds)
+    if teacher is not None:
+        from rankdown.heal import heal as heal_model
+
+        report.heal = heal_model(model, teacher, heal, list(report.modules), seed=run.seed, device=device,
+                                 progress=progress)
     return report
 
 

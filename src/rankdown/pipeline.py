@@ -39,6 +39,7 @@ def compress_model(
     progress: bool = True,
     resume: bool = True,
     on_resume: Callable[[int, Path], None] | None = None,
+    heal: Any = None,
 ) -> Compressed:
     """Compress model ``model`` (a name as :func:`rankdown.loading.load_model` takes it) and save it
     to ``out`` (None: compress only, in memory).
@@ -47,7 +48,9 @@ def compress_model(
     in (``auto``: :func:`rankdown.loading.save_dtype`). ``stream``: None decides, True insists,
     False loads the whole model. A streamed run killed midway resumes from its finished layers
     (``resume=False`` starts over; ``on_resume(done, folder)`` is told). Under torchrun every
-    process takes part and process 0 saves (see rankdown/distributed.py).
+    process takes part and process 0 saves (see rankdown/distributed.py). ``heal`` (a
+    :class:`rankdown.heal.HealConfig`) distils the compressed model towards the dense one afterwards
+    (rankdown/heal.py); it needs the whole model in memory, so it is loaded whole.
     """
     import torch
 
@@ -62,6 +65,13 @@ def compress_model(
         local = [] if is_reference(model) else [Path(model).expanduser()]
         _check_out_dir(Path(out).expanduser().absolute(), overwrite, [p for p in local if p.exists()])
         check_writable(out)
+    if heal is not None:
+        from rankdown.config import ConfigError
+
+        if stream:
+            raise ConfigError("--heal trains the whole compressed model and needs it in memory: drop --stream "
+                              "(or --heal)")
+        stream = False
     if should_stream(model, out, config.method, stream):
         from rankdown import heap
         from rankdown.stream import compress_folder
@@ -75,7 +85,7 @@ def compress_model(
     loaded, tokenizer = load_model(model, dtype)
     try:
         report = rankdown.compress(loaded, tokenizer, config, calibration, run=run, nsamples=nsamples, seqlen=seqlen,
-                                   progress=progress)
+                                   progress=progress, heal=heal)
     except KeyboardInterrupt as e:  # say what an interrupted in-memory run leaves: nothing
         e.add_note(f"the model was compressed in memory: nothing was kept{f' and nothing written to {out}' if out else ''}"
                    "; the same command starts over")

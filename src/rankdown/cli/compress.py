@@ -36,6 +36,20 @@ def _run_settings(args: argparse.Namespace):
     return RunSettings(**{n: getattr(args, n) for n in RUN_FIELDS if getattr(args, n, None) is not None})
 
 
+def _heal_config(args: argparse.Namespace):
+    """--heal and its --heal-* settings as a HealConfig (None without --heal)."""
+    from rankdown.config import ConfigError
+    from rankdown.heal import HealConfig
+
+    given_ = {f.name: getattr(args, "heal_" + f.name) for f in dataclasses.fields(HealConfig)
+              if getattr(args, "heal_" + f.name, None) is not None}
+    if not getattr(args, "heal", False):
+        if given_:
+            raise ConfigError(f"--heal-{next(iter(given_)).replace('_', '-')} is a setting of healing: add --heal")
+        return None
+    return HealConfig(**given_)
+
+
 def _calib_defaults(args: argparse.Namespace) -> None:
     defaults = defaults_for(args.model)
     args.calib = given(args.calib, defaults.calib)
@@ -51,7 +65,8 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     _calib_defaults(args)
     config = _method_config(args)
     run = _run_settings(args)
-    check_compress(args, config, calib_given)
+    heal = _heal_config(args)
+    check_compress(args, config, calib_given and heal is None)  # healing reads the calibration
     if args.dry_run:
         return _dry_run(args, config, run)
     if args.out is None:  # an hour of compression thrown away at the end helps nobody
@@ -63,7 +78,8 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
 
     done = compress_model(args.model, args.out, config, args.calib, run=run, nsamples=args.nsamples,
                           seqlen=args.seqlen, dtype=args.dtype, save=args.save_dtype, overwrite=args.overwrite,
-                          stream=args.stream, progress=not args.quiet, resume=not args.restart, on_resume=resuming)
+                          stream=args.stream, progress=not args.quiet, resume=not args.restart, on_resume=resuming,
+                          heal=heal)
     out = None if done.out is None else str(done.out)
     result = {**done.report.summary(), "out": out, "streamed": done.streamed}
     earlier = done.report.seconds_earlier
@@ -79,6 +95,10 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     if earlier:
         print(f"this run took {done.report.seconds:.1f} s; with the {earlier:.1f} s of the run(s) it resumed, "
               f"{done.report.seconds + earlier:.1f} s in total")
+    if done.report.heal:
+        h = done.report.heal
+        print(f"healed: held-out KL to the dense model {h['kl_before']:.4f} -> {h['kl_after']:.4f} "
+              f"({h['steps']} steps, best at {h['best_step']}, {h['seconds']:.0f}s)")
     if out:
         print(f"saved to {out}: {_size(result['bytes_on_disk'])} on disk in {result['save_dtype']} "
               f"(--save-dtype {_other_dtype(result['save_dtype'])} changes it)")

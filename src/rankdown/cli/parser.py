@@ -10,6 +10,7 @@ from rankdown.cli.commands import cmd_bench, cmd_demo, cmd_generate, cmd_inspect
 from rankdown.cli.compress import cmd_compress
 from rankdown.cli.evaluate import cmd_eval
 from rankdown.config import MethodConfig
+from rankdown.heal import HealConfig
 from rankdown.methods import METHODS
 
 
@@ -134,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="discard the finished layers a killed streaming run left beside --out instead of "
                         "resuming from them")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    heal = p.add_argument_group("healing", "after compression, distil the compressed model towards the dense one "
+                                "on the calibration windows, training only the modules compression made")
+    heal.add_argument("--heal", action="store_true", help="heal (loads the whole model; rankdown/heal.py)")
+    for f in dataclasses.fields(HealConfig):
+        heal.add_argument("--heal-" + f.name.replace("_", "-"), dest="heal_" + f.name, default=None, metavar="X",
+                          type={"float": float, "str": str}.get(str(f.type), int),
+                          help=f.metadata["help"] + ("" if f.default is None else f" (default {f.default})"))
     common(p)
     p.set_defaults(func=cmd_compress)
 
