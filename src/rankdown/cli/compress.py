@@ -95,6 +95,12 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     if earlier:
         print(f"this run took {done.report.seconds:.1f} s; with the {earlier:.1f} s of the run(s) it resumed, "
               f"{done.report.seconds + earlier:.1f} s in total")
+    alloc = done.report.allocation
+    if alloc:  # what ran, said where it differs from what was asked
+        asked = alloc.get("requested")
+        why = alloc.get("fallback_because")
+        print(f"allocation: {alloc['allocation']}" + (f" (asked: {asked})" if asked and asked != alloc['allocation'] else "")
+              + (f", because {why}" if why else ""))
     if done.report.heal:
         h = done.report.heal
         print(f"healed: held-out KL to the dense model {h['kl_before']:.4f} -> {h['kl_after']:.4f} "
