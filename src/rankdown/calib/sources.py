@@ -216,20 +216,26 @@ def check_source(source: str) -> None:
 _RULE = re.compile(r"\s*[*=\-^~\"]{3,}\s*")  # a heading's underline
 
 
-def _prose(text: str) -> str:
+def _prose(text: str, seen: set[str]) -> str:
     """A topic of the reference manual without its code: paragraphs whose every line is indented
-    (examples, grammar) or an interpreter prompt are dropped, and headings' underlines."""
+    (examples, grammar) or that open with an interpreter prompt are dropped, headings' underlines, and
+    paragraphs ``seen`` in an earlier topic (``compound`` repeats ``if``, ``try``, ...)."""
     kept = []
     for para in re.split(r"\n\s*\n", text):
         lines = [ln for ln in para.split("\n") if ln.strip() and not _RULE.fullmatch(ln)]
-        if lines and not all(ln.startswith("   ") or ln.lstrip().startswith(">>>") for ln in lines):
-            kept.append("\n".join(lines))
+        code = lines and (lines[0].lstrip().startswith(">>>") or all(ln.startswith("   ") for ln in lines))
+        if lines and not code:
+            body = "\n".join(lines)
+            if body.strip() not in seen:
+                seen.add(body.strip())
+                kept.append(body)
     return "\n\n".join(kept)
 
 
 def prose_documents(heldout: bool = False) -> list[str]:
     """The ``prose`` (or ``prose-heldout``) documents: the Python reference manual's topics as text
-    (``pydoc_data.topics``, shipped with Python; about 290 kB of English without the code examples),
+    (``pydoc_data.topics``, shipped with Python; about 250 kB of English without the code examples or
+    the paragraphs that topics repeat),
     split in two disjoint halves of about equal size: in the order of their names, each topic goes to
     the half that holds less text so far. The text is that of this machine's Python version."""
     try:
@@ -239,8 +245,9 @@ def prose_documents(heldout: bool = False) -> list[str]:
                                "pass --calib reference or a file instead") from e
     halves: tuple[list[str], list[str]] = ([], [])
     sizes = [0, 0]
+    seen: set[str] = set()
     for name in sorted(topics):
-        text = _prose(topics[name])
+        text = _prose(topics[name], seen)
         if not text:
             continue
         half = 0 if sizes[0] <= sizes[1] else 1
