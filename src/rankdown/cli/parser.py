@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hub id, local folder or .gguf file (default: the reference model)")
     p.add_argument("--method", required=True, choices=list(METHODS))
     _add_method_flags(p)
-    p.add_argument("--calib", default=None, help="wikitext2 | c4 | ptb | reference (code) | prose | self (text the model writes) | FILE.txt | FILE.jsonl; A,B: equal shares of each")
+    p.add_argument("--calib", default=None, help="wikitext2 | c4 | ptb | reference (code) | prose | self (text the "
+                   "model writes) | FILE.txt | FILE.jsonl; A,B: equal shares of each")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=None, help="tokens per window (default 2048; 256 for the reference)")
     p.add_argument("--seed", type=int, default=0)
