@@ -231,3 +231,23 @@ def test_offline_by_environment_skips_the_probe(monkeypatch):
     monkeypatch.setattr(sources, "hub_reachable", lambda timeout=3.0: pytest.fail("probed while offline"))
     with pytest.raises(CalibrationError, match="offline.*--calib prose"):
         load_texts("wikitext2")
+
+
+def test_streamed_self_loads_the_model_only_to_write_the_text(cache: Path, tmp_path: Path, monkeypatch):
+    """A streamed run fingerprints the folder from its files; the whole model is loaded once to write
+    the text, and not at all when the text is cached."""
+    import rankdown
+    from rankdown import loading
+    from rankdown.reference import reference_dir
+    from rankdown.stream import compress_folder
+
+    loads: list[str] = []
+    real = loading.load_model
+    monkeypatch.setattr(loading, "load_model", lambda name, *a, **k: loads.append(name) or real(name, *a, **k))
+    config = rankdown.SVDLLMConfig(ratio=0.2)
+    first, _ = compress_folder(reference_dir(), tmp_path / "a", config, "self", nsamples=4, seqlen=64, progress=False)
+    assert loads == [str(reference_dir())] and first.calibration["source"] == "self"
+    assert first.calibration["tokens"] == 256
+    second, _ = compress_folder(reference_dir(), tmp_path / "b", config, "self", nsamples=4, seqlen=64, progress=False)
+    assert len(loads) == 1 and second.calibration == first.calibration
+    assert len(list(cache.glob("self-*.safetensors"))) == 1
