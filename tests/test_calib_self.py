@@ -251,3 +251,11 @@ def test_streamed_self_loads_the_model_only_to_write_the_text(cache: Path, tmp_p
     second, _ = compress_folder(reference_dir(), tmp_path / "b", config, "self", nsamples=4, seqlen=64, progress=False)
     assert len(loads) == 1 and second.calibration == first.calibration
     assert len(list(cache.glob("self-*.safetensors"))) == 1
+
+
+def test_the_command_line_refuses_self_as_an_evaluation_text(capsys):
+    from rankdown import cli
+
+    assert cli.main(["eval", "reference", "--ppl", "self", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "calibration source only" in err and "prose-heldout" in err
