@@ -145,7 +145,8 @@ def compress(
     """Compress ``model`` in place to ``config.ratio`` fewer parameters and report what changed.
 
     calibration: a :class:`rankdown.calib.CalibrationData`, or a source name/path
-    (``wikitext2``, ``c4``, ``ptb``, ``reference``, a .txt or .jsonl file) sampled into
+    (``wikitext2``, ``c4``, ``ptb``, ``reference``, ``prose``, ``self``: text ``model`` writes, a
+    .txt or .jsonl file, or a mixture such as ``self,reference``) sampled into
     ``nsamples`` windows of ``seqlen`` tokens with ``run.seed``; unused by data-free methods.
     run: how it runs (device, batch size, seed, memory, statistics cache; default
     :class:`~rankdown.config.RunSettings` ()), apart from what it computes (``config``).
@@ -198,7 +199,7 @@ def _compress(model: nn.Module, tokenizer: Any, config: MethodConfig, run: RunSe
             from rankdown.calib import check_seqlen
 
             data = _calibration(tokenizer, calibration, nsamples, seqlen, run.seed,
-                                getattr(config, "calib_tokens", None))  # Lillama's token budget
+                                getattr(config, "calib_tokens", None), model=model)  # Lillama's token budget
             check_seqlen(model, data.seqlen)
             loaded.append(data)
             heap.trim()  # what tokenizing left in the tokenizer threads' arenas
@@ -261,7 +262,10 @@ def _check_enough_tokens(data: Any, ranks: dict[str, Any]) -> None:
             "cannot determine that many directions; give more calibration (--nsamples, --seqlen) or a higher --ratio")
 
 
-def _calibration(tokenizer: Any, calibration: Any, nsamples: int, seqlen: int, seed: int, tokens: int | None = None):
+def _calibration(tokenizer: Any, calibration: Any, nsamples: int, seqlen: int, seed: int, tokens: int | None = None,
+                 model: Any = None):
+    """The calibration batches of ``calibration``; ``model`` (the dense model, or its folder) writes
+    the text of the ``self`` source (see rankdown/calib/selfgen.py)."""
     if calibration is None:
         raise ConfigError("this method needs calibration data: pass calibration='wikitext2' or a .txt/.jsonl path")
     from rankdown.calib import CalibrationData, calibration_data
@@ -272,4 +276,5 @@ def _calibration(tokenizer: Any, calibration: Any, nsamples: int, seqlen: int, s
         return calibration
     if tokenizer is None:
         raise ConfigError("a tokenizer is needed to turn the calibration text into tokens")
-    return calibration_data(tokenizer, str(calibration), nsamples=nsamples, seqlen=seqlen, seed=seed, tokens=tokens)
+    return calibration_data(tokenizer, str(calibration), nsamples=nsamples, seqlen=seqlen, seed=seed, tokens=tokens,
+                            model=model)

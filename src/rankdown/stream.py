@@ -106,7 +106,7 @@ def compress_folder(
         method = method_class(config.method)
         if method.reads_calibration(config):  # the run depends on the tokens, not on the name of their source
             calibration = _calibration(tokenizer, calibration, nsamples, seqlen, run.seed,
-                                       getattr(config, "calib_tokens", None))
+                                       getattr(config, "calib_tokens", None), model=path)  # path: for --calib self
         resumable = getattr(method, "resumable", True)
         # process 0 reads or starts the state; under torchrun the others get a copy they never write
         state = distributed.on_main(lambda: _open_state(

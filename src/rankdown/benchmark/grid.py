@@ -220,7 +220,8 @@ def run_bench(settings: BenchSettings, out: str | Path, *, overwrite: bool = Fal
     check_seqlen(dense, s.seqlen)
     t0 = time.perf_counter()
     needs_calib = any(method_class(c.method).reads_calibration(c) for c, _ in configs.values())
-    calib = calibration_data(tok, s.calib, nsamples=s.nsamples, seqlen=s.seqlen, seed=s.seed) if needs_calib else None
+    calib = (calibration_data(tok, s.calib, nsamples=s.nsamples, seqlen=s.seqlen, seed=s.seed, model=dense)
+             if needs_calib else None)
     results: dict[str, Any] = {
         "settings": asdict(s), "versions": _versions(bool(s.tasks)),
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, {s.device}",

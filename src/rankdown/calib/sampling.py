@@ -5,7 +5,10 @@ Text sources (Hub corpora, the reference texts, ``.txt`` files) are tokenized on
 tokens are cut at random offsets drawn from a ``torch.Generator`` seeded with ``seed``.
 Record sources (``.jsonl`` / ``.json``) give one sample per record: its ``text``, or its
 ``messages`` rendered with the tokenizer's chat template; samples are truncated to ``seqlen`` and
-right-padded, with ``attention_mask`` 0 on the padding.
+right-padded, with ``attention_mask`` 0 on the padding. ``self`` is text the model writes
+(:mod:`.selfgen`). A mixture ``A,B,...`` takes ``nsamples // k`` windows from each of its ``k``
+sources (the first ``nsamples % k`` sources one more), each drawn as that source alone would draw
+them with ``seed``, and puts the rows in an order drawn with ``seed``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 
 import torch
 
-from rankdown.calib.sources import CalibrationError, is_record_source, load_records, load_texts
+from rankdown.calib.sources import SELF, CalibrationError, is_record_source, load_records, load_texts, mixture_parts
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +121,7 @@ def pad_id(tokenizer: Any) -> int:
 
 
 def calibration_data(tokenizer: Any, source: str, nsamples: int = 128, seqlen: int = 2048,
-                     seed: int = 0, tokens: int | None = None) -> CalibrationData:
+                     seed: int = 0, tokens: int | None = None, model: Any = None) -> CalibrationData:
     """``nsamples`` calibration samples of ``seqlen`` tokens from ``source``, reproducible by ``seed``.
 
     Text sources: windows at random offsets in ``[0, ntokens - seqlen]`` of the tokenized whole
@@ -128,7 +131,14 @@ def calibration_data(tokenizer: Any, source: str, nsamples: int = 128, seqlen: i
 
     ``tokens``: a token budget that replaces ``nsamples``: ``ceil(tokens / seqlen)`` windows of a
     text; records drawn in the same seeded order until their real (truncated) tokens reach it.
+
+    ``model``: the dense model (or the path of its folder) that writes the ``self`` source; only
+    that source reads it. A mixture ``A,B``: see the module's docstring (a token budget is shared
+    the same way).
     """
+    parts = mixture_parts(source)
+    if len(parts) > 1:
+        return _mixture(tokenizer, source, parts, nsamples, seqlen, seed, tokens, model)
     if tokens is not None:
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
             raise CalibrationError(f"tokens must be a whole number >= 1, got {tokens!r}; "
@@ -146,6 +156,14 @@ def calibration_data(tokenizer: Any, source: str, nsamples: int = 128, seqlen: i
         return _record_samples(tokenizer, source, nsamples, seqlen, seed, generator, tokens)
 
     check_size(nsamples, seqlen)
+    if source == SELF:
+        from rankdown.calib.selfgen import self_calibration
+
+        if model is None:
+            raise CalibrationError("--calib self needs the dense model to write its text; pass the model "
+                                   "(calibration_data(..., model=model)) or another source")
+        input_ids = self_calibration(model, tokenizer, nsamples, seqlen, seed)
+        return CalibrationData(input_ids, torch.ones_like(input_ids), source, seed)
     ids = tokenize_text(tokenizer, source_text(tokenizer, source))
     warn_if_degenerate(ids, source)
     ntokens = ids.numel()
@@ -159,6 +177,26 @@ def calibration_data(tokenizer: Any, source: str, nsamples: int = 128, seqlen: i
     logger.info("calibration: %d windows of %d tokens from %s (%d tokens, seed %d)",
                 nsamples, seqlen, source, ntokens, seed)
     return CalibrationData(input_ids, torch.ones_like(input_ids), source, seed)
+
+
+def _mixture(tokenizer: Any, source: str, parts: list[str], nsamples: int, seqlen: int, seed: int,
+             tokens: int | None, model: Any) -> CalibrationData:
+    """Equal shares of each part (see the module's docstring), rows in a seeded order."""
+    k = len(parts)
+    if tokens is not None:
+        shares = [dict(tokens=tokens // k + (i < tokens % k)) for i in range(k)]
+    else:
+        if nsamples < k:
+            raise CalibrationError(f"--nsamples {nsamples} cannot be shared between the {k} sources of {source}; "
+                                   f"pass --nsamples {k} or more")
+        shares = [dict(nsamples=nsamples // k + (i < nsamples % k)) for i in range(k)]
+    datas = [calibration_data(tokenizer, part, seqlen=seqlen, seed=seed, model=model, **share)
+             for part, share in zip(parts, shares)]
+    input_ids = torch.cat([d.input_ids for d in datas])
+    mask = torch.cat([d.attention_mask for d in datas])
+    order = torch.randperm(input_ids.shape[0], generator=torch.Generator().manual_seed(seed))
+    logger.info("calibration: a mixture of %s (%s windows)", source, ", ".join(str(d.nsamples) for d in datas))
+    return CalibrationData(input_ids[order], mask[order], source, seed)
 
 
 def check_seqlen(model: Any, seqlen: int) -> None:

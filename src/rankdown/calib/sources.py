@@ -5,7 +5,11 @@ A *source* is one of the names in ``SOURCE_NAMES`` or a path to a local file:
 * ``wikitext2``, ``c4``, ``ptb``: the corpora of the compression papers, fetched with
   :func:`datasets.load_dataset` (network or the local datasets cache);
 * ``reference`` / ``reference-heldout``: the calibration / held-out text of rankdown's embedded
-  reference model, shipped inside the package;
+  reference model (Python code), shipped inside the package;
+* ``prose`` / ``prose-heldout``: English prose that ships with this machine's Python (the reference
+  manual's topics of ``pydoc_data``, code examples left out), in two disjoint halves;
+* ``self``: text the dense model writes itself (calibration only, see :mod:`.selfgen`);
+* ``A,B``: a mixture, windows drawn from each source in equal shares (see :mod:`.sampling`);
 * ``*.jsonl`` (one JSON object per line) or ``*.json`` (a JSON list of objects): records with a
   ``text`` string or chat ``messages`` (a list of ``{"role", "content"}``);
 * any other existing file: its whole UTF-8 text is one document.
@@ -15,18 +19,28 @@ Every problem with a source that the user can fix raises :class:`CalibrationErro
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import json
 import logging
+import os
+import re
+import socket
+from urllib.parse import urlparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 logger = logging.getLogger(__name__)
 
-SOURCE_NAMES = ("wikitext2", "c4", "ptb", "reference", "reference-heldout")
+SOURCE_NAMES = ("wikitext2", "c4", "ptb", "reference", "reference-heldout", "prose", "prose-heldout", "self")
+SELF = "self"
 RECORD_SUFFIXES = (".jsonl", ".json")
-_ACCEPTED = f"one of {', '.join(SOURCE_NAMES)}, or a path to a .txt or .jsonl file"
+_ACCEPTED = (f"one of {', '.join(SOURCE_NAMES)}, a path to a .txt or .jsonl file, or several joined by commas "
+             "(e.g. self,reference)")
+OFFLINE_CALIB = ("--calib reference (Python code), --calib prose (English documentation), --calib self (text "
+                 "the model writes) or a file (--calib path/to/text.txt or .jsonl)")
+OFFLINE_PPL = "--ppl reference-heldout (Python code), --ppl prose-heldout (English documentation) or a file"
 
 
 class CalibrationError(ValueError):
@@ -73,6 +87,17 @@ def is_record_source(source: str) -> bool:
     return source not in SOURCE_NAMES and Path(source).suffix.lower() in RECORD_SUFFIXES
 
 
+def mixture_parts(source: str) -> list[str]:
+    """The sources of a mixture ``"A,B"`` (a single source: itself). A file whose name holds a
+    comma is one source."""
+    if "," not in source or Path(source).expanduser().is_file():
+        return [source]
+    parts = [p.strip() for p in source.split(",")]
+    if any(not p for p in parts):
+        raise CalibrationError(f"{source!r} names an empty source between commas; pass e.g. self,reference")
+    return parts
+
+
 def load_texts(source: str, split: str | None = None) -> list[str]:
     """The documents of ``source``, in order; joining them with ``"\\n\\n"`` gives its whole text.
 
@@ -87,6 +112,11 @@ def load_texts(source: str, split: str | None = None) -> list[str]:
         return _load_hub(source, split or "train")
     if source in ("reference", "reference-heldout"):
         return [_read_text(_reference_path(source), source)]
+    if source in ("prose", "prose-heldout"):
+        return prose_documents(heldout=source == "prose-heldout")
+    if source == SELF or len(mixture_parts(source)) > 1:
+        raise CalibrationError(f"{source!r} is a calibration source only (text the model writes, or a mixture); "
+                               f"to evaluate, pass {OFFLINE_PPL}")
     if is_record_source(source):
         return [_render_plain(r) for r in load_records(source)]
     return [_read_text(_local_path(source), source)]
@@ -175,11 +205,55 @@ def _reference_path(source: str) -> Path:
 
 
 def check_source(source: str) -> None:
-    """Fail fast on a source that cannot be read: an unknown name, a missing or unreadable file
-    (the Hub corpora are only fetched when used)."""
-    if source in SOURCE_NAMES:
-        return
-    _local_path(source)
+    """Fail fast on a source that cannot be read: an unknown name, a missing or unreadable file,
+    each part of a mixture (the Hub corpora are only fetched when used)."""
+    for part in mixture_parts(source):
+        if part not in SOURCE_NAMES:
+            _local_path(part)
+
+
+# ----------------------------------------------------------------------------- prose
+_RULE = re.compile(r"\s*[*=\-^~\"]{3,}\s*")  # a heading's underline
+
+
+def _prose(text: str, seen: set[str]) -> str:
+    """A topic of the reference manual without its code: paragraphs whose every line is indented
+    (examples, grammar) or that open with an interpreter prompt are dropped, headings' underlines, and
+    paragraphs ``seen`` in an earlier topic (``compound`` repeats ``if``, ``try``, ...)."""
+    kept = []
+    for para in re.split(r"\n\s*\n", text):
+        lines = [ln for ln in para.split("\n") if ln.strip() and not _RULE.fullmatch(ln)]
+        code = lines and (lines[0].lstrip().startswith(">>>") or all(ln.startswith("   ") for ln in lines))
+        if lines and not code:
+            body = "\n".join(lines)
+            if body.strip() not in seen:
+                seen.add(body.strip())
+                kept.append(body)
+    return "\n\n".join(kept)
+
+
+def prose_documents(heldout: bool = False) -> list[str]:
+    """The ``prose`` (or ``prose-heldout``) documents: the Python reference manual's topics as text
+    (``pydoc_data.topics``, shipped with Python; about 250 kB of English without the code examples or
+    the paragraphs that topics repeat),
+    split in two disjoint halves of about equal size: in the order of their names, each topic goes to
+    the half that holds less text so far. The text is that of this machine's Python version."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError as e:  # a Python installed without its documentation data
+        raise CalibrationError(f"this Python has no pydoc_data ({e}), the text of the prose sources; "
+                               "pass --calib reference or a file instead") from e
+    halves: tuple[list[str], list[str]] = ([], [])
+    sizes = [0, 0]
+    seen: set[str] = set()
+    for name in sorted(topics):
+        text = _prose(topics[name], seen)
+        if not text:
+            continue
+        half = 0 if sizes[0] <= sizes[1] else 1
+        halves[half].append(text)
+        sizes[half] += len(text)
+    return halves[1 if heldout else 0]
 
 
 def _local_path(source: str) -> Path:
@@ -211,34 +285,73 @@ def _read_text(path: Path, source: str) -> str:
     return text
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers a TCP connection within ``timeout`` seconds (one try; a
+    proxy set in the environment is trusted). ``datasets`` retries for about 25 s before it fails."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _offline_by_env() -> bool:
+    return any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
+               for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
 def _load_hub(source: str, split: str) -> list[str]:
     corpus = _HUB[source]
     if split not in corpus.splits:
         raise CalibrationError(f"{source} has no split {split!r}; use one of {sorted(corpus.splits)}")
     hub_split = corpus.splits[split]
+    choices = OFFLINE_CALIB if split == "train" else OFFLINE_PPL
     try:
         import datasets
     except ImportError as e:
         raise CalibrationError(f"loading {source} needs the 'datasets' package ({e}); pip install "
-                               "datasets, or pass a local file (e.g. --calib path/to/text.txt)") from e
+                               f"datasets, or pass {choices}") from e
+    offline = _offline_by_env() or not hub_reachable()
     try:
         kwargs: dict[str, Any] = {"split": hub_split}
         if corpus.data_files is not None:
             kwargs["data_files"] = {hub_split: corpus.data_files[hub_split]}
-        ds = datasets.load_dataset(corpus.path, corpus.name, **kwargs)
+        with _offline_mode(offline):  # offline: the local datasets cache at once, no retries
+            ds = datasets.load_dataset(corpus.path, corpus.name, **kwargs)
         column = ds[corpus.field]
         limit = (corpus.max_documents or {}).get(hub_split, len(column))
         docs = list(column[: min(limit, len(column))])
     except Exception as e:  # network, hub, cache and format errors all mean: this corpus is unavailable
+        if offline:
+            raise CalibrationError(f"{source} is not in the local datasets cache and the Hugging Face Hub cannot be "
+                                   f"reached (offline); offline, pass {choices}") from e
         brief = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
         raise CalibrationError(
             f"could not fetch the {source} dataset ({corpus.path}, split {hub_split}) from the "
-            f"Hugging Face Hub or the local datasets cache: no network or the hub is unreachable "
-            f"({brief}). Pass a local file instead, e.g. --calib path/to/text.txt or "
-            f"path/to/data.jsonl, or the built-in 'reference' text"
+            f"Hugging Face Hub or the local datasets cache ({brief}); pass {choices}"
         ) from e
     if not any(isinstance(d, str) and d.strip() for d in docs):
-        raise CalibrationError(f"the {source} dataset split {hub_split} has no text; "
-                               "pass a local file instead (e.g. --calib path/to/text.txt)")
+        raise CalibrationError(f"the {source} dataset split {hub_split} has no text; pass {choices}")
     logger.info("loaded %d documents of %s (%s)", len(docs), source, hub_split)
     return [d if isinstance(d, str) else "" for d in docs]
+
+
+@contextlib.contextmanager
+def _offline_mode(offline: bool) -> Iterator[None]:
+    """While inside, ``datasets`` reads only its local cache when ``offline`` (as if
+    HF_DATASETS_OFFLINE=1 had been set before it was imported); its settings are restored after."""
+    if not offline:
+        yield
+        return
+    import datasets.config
+    import huggingface_hub.constants as hub
+
+    saved = datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = saved

@@ -110,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"what compresses the model (each one is described below); default {DEFAULT_METHOD}: "
                         f"{DEFAULT_METHOD_WHY}")
     _add_method_flags(p)
-    p.add_argument("--calib", default=None, help="calibration text: wikitext2 | c4 | ptb | reference | FILE.txt | "
-                                                 "FILE.jsonl (default: reference for the reference model, else wikitext2)")
+    p.add_argument("--calib", default=None, help="calibration text: wikitext2 | c4 | ptb | reference (code) | prose | "
+                   "self (text the model writes) | FILE.txt | FILE.jsonl; A,B: equal shares of each (default: "
+                   "reference for the reference model, else wikitext2)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=None, help="tokens per window (default 2048; 256 for the reference)")
     p.add_argument("--seed", type=int, default=0, help="random seed (calibration sampling)")
@@ -148,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a model (perplexity; fidelity to its original; "
                                           "lm-eval tasks; speed)")
     p.add_argument("model", help="hub id, local folder, .gguf file, or 'reference'")
-    p.add_argument("--ppl", default=None, help="wikitext2 | c4 | ptb | reference-heldout | FILE.txt")
+    p.add_argument("--ppl", default=None, help="wikitext2 | c4 | ptb | reference-heldout | prose-heldout | FILE.txt")
     p.add_argument("--fidelity", default=None, metavar="ORIGINAL",
                    help="compare with the original model (hub id, folder or 'reference'): KL and top-1 "
                         "agreement for causal LMs, embedding cosine and neighbour agreement for encoders")
