@@ -27,7 +27,8 @@ Memory: the backward pass keeps one (out, out) G per linear for the whole model 
 (in, in) A per input: 2.2 GB float64 on SmolLM2-135M (6.8 GB peak measured with the pass's
 saved activations, batches of 8 × 256 tokens); on a 7B Llama (hidden 4096, MLP 11008, 32
 layers) about 62 GB for gate/up's G (11008² · 8 B each), 21 GB for the other five linears' and
-11 GB for the A's — ~95 GB, so 7B needs the layer-wise backward (one layer's G at a time).
+44 GB for the A's (down_proj's 11008² the most) — ~128 GB, so 7B needs the layer-wise backward
+(one layer's G at a time).
 """
 
 from __future__ import annotations
