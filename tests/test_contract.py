@@ -20,8 +20,8 @@ MODEGPT_UNSUPPORTED = {"llama4",
                        "falcon", "stablelm"}
 # the output error at 25% as a fraction of the error of a model whose decoder linears are all zero;
 # the largest measured over the families: svd 0.62, asvd 0.62, lillama 0.44, svd-llm 0.27, rom 0.16,
-# modegpt 0.14 (random weights have flat spectra: plain SVD at 25% loses half of what zeros lose)
-OF_ZEROED = {"svd": 0.75, "asvd": 0.75, "fwsvd": 0.75, "lillama": 0.6, "svd-llm": 0.4, "rom": 0.3, "modegpt": 0.3}
+# modegpt 0.14, kfac 0.11 (uniform allocation: 0.23) (random weights have flat spectra: plain SVD at 25% loses half of what zeros lose)
+OF_ZEROED = {"svd": 0.75, "asvd": 0.75, "fwsvd": 0.75, "kfac": 0.3, "lillama": 0.6, "svd-llm": 0.4, "rom": 0.3, "modegpt": 0.3}
 
 
 @pytest.mark.parametrize("method", list(METHODS))

@@ -32,6 +32,8 @@ KNOWN = {  # method: (held-out perplexity, parameters after compression)
     # 2026-12-07: Fisher-weighted SVD, row weights from one backward pass (identical to 1e-7 on 1 and 2 threads)
     "fwsvd": (42.02833130151552, 4464128),
     "svd-llm": (41.99607302176136, 4464128),
+    # 2026-12-07: KFAC-SVD, its K-FAC loss-unit allocation (measured on 1 thread)
+    "kfac": (41.33170648466605, 4458752),
     # 2026-12-06: rom and lillama default to the fisher allocation (lillama also to the rom start, lr 1e-4,
     # 2 epochs in batches of 4); was rom 41.2837 (global), lillama 42.5623 (svd start, bottom allocation)
     "rom": (41.32829790602564, 4458752),
