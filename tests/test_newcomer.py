@@ -111,6 +111,15 @@ def test_the_readme_python_snippet_runs_offline_as_written(tmp_path, monkeypatch
     assert rankdown.FWSVDConfig is rankdown.config_class("fwsvd") and "FWSVDConfig" in rankdown.__all__
 
 
+def test_every_method_config_and_heal_config_are_exported_from_the_package_root():
+    import rankdown
+
+    for name in rankdown.method_names():
+        cls = rankdown.config_class(name)
+        assert getattr(rankdown, cls.__name__) is cls and cls.__name__ in rankdown.__all__, name
+    assert "HealConfig" in rankdown.__all__ and rankdown.HealConfig().lr > 0
+
+
 def test_load_reference_by_name_is_load_reference():
     import torch
 

@@ -18,9 +18,11 @@ except PackageNotFoundError:  # running from a source tree
 
 from rankdown.api import CompressionReport, compress
 from rankdown.config import ConfigError, MethodConfig, RunSettings
+from rankdown.heal import HealConfig
 from rankdown.methods import config_class, make_config, method_names
 from rankdown.methods.asvd import ASVDConfig
 from rankdown.methods.fwsvd import FWSVDConfig
+from rankdown.methods.kfac import KFACConfig
 from rankdown.methods.lillama import LillamaConfig
 from rankdown.methods.modegpt import ModeGPTConfig
 from rankdown.methods.rom import ROMConfig
@@ -73,6 +75,6 @@ def load_tokenizer(path):
 
 
 __all__ = [
-    "ASVDConfig", "CompressionReport", "FWSVDConfig", "ConfigError", "LillamaConfig", "MethodConfig", "ModeGPTConfig", "ROMConfig", "SVDConfig", "SVDLLMConfig",
+    "ASVDConfig", "CompressionReport", "FWSVDConfig", "ConfigError", "HealConfig", "KFACConfig", "LillamaConfig", "MethodConfig", "ModeGPTConfig", "ROMConfig", "SVDConfig", "SVDLLMConfig",
     "RunSettings", "compress", "config_class", "load", "load_reference", "load_tokenizer", "make_config", "method_names", "save", "__version__",
 ]
