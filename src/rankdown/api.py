@@ -19,6 +19,7 @@ from rankdown.engine import PlanContext, run_sequential
 from rankdown.methods import method_class
 from rankdown.storage import LayerStore, MemoryBudget, MemoryStore, parse_bytes
 from rankdown.stats_cache import StatsCache
+from rankdown.timing import Stages, cost_record
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,9 @@ class CompressionReport:
     run: dict[str, Any] = field(default_factory=dict)  # the RunSettings the compression ran with
     artifacts: dict[str, Any] = field(default_factory=dict)  # file name -> JSON value, saved beside the model
     seconds_earlier: float = 0.0  # a resumed streaming run: seconds its earlier, interrupted runs spent
+    stages: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds (rankdown/timing.py)
+    forward_seconds: float | None = None  # one dense forward over the calibration tokens (compress(cost=True))
+    forward_kind: str | None = None  # how that forward was measured
 
     @property
     def ratio_achieved(self) -> float:
@@ -55,8 +59,10 @@ class CompressionReport:
     def record(self) -> dict[str, Any]:
         """Provenance stored in the saved model's config.json (without the structure)."""
         d = asdict(self)
-        for k in ("modules", "unfused_experts", "layer_seconds", "artifacts"):
+        for k in ("modules", "unfused_experts", "layer_seconds", "artifacts", "stages", "forward_seconds",
+                  "forward_kind"):
             d.pop(k)
+        d["cost"] = self.cost()
         d["ratio_achieved"] = self.ratio_achieved
         d["seed"] = self.run.get("seed")
         return d
@@ -69,6 +75,10 @@ class CompressionReport:
             "ratio_achieved": round(self.ratio_achieved, 6), "seconds": round(self.seconds, 3),
             "modules_replaced": len(self.modules),
         }
+
+    def cost(self) -> dict[str, Any]:
+        """Seconds per stage and as multiples of one dense forward (rankdown/timing.py)."""
+        return cost_record(self.stages, self.forward_seconds, self.forward_kind)
 
     def to_json(self) -> str:
         return json.dumps({**self.record(), "structure": self.structure}, indent=1)
@@ -133,6 +143,7 @@ def compress(
     seqlen: int = 2048,
     progress: bool = True,
     store: LayerStore | None = None,
+    cost: bool = False,
 ) -> CompressionReport:
     """Compress ``model`` in place to ``config.ratio`` fewer parameters and report what changed.
 
@@ -144,6 +155,8 @@ def compress(
     ``store``: where the layers are kept between their visits (:class:`~rankdown.storage.LayerStore`);
     by default in memory, or a :class:`rankdown.storage.folder.StreamedModel` whose skeleton ``model``
     is, when the layers are read from disk one at a time (see :func:`rankdown.stream.compress_folder`).
+    ``cost``: also time one dense forward over the calibration tokens before compressing (not
+    counted in the report's seconds), the unit of the report's :meth:`~CompressionReport.cost`.
 
     Under torchrun every process calls this with the same arguments; the calibration batches are
     split between them and the statistics summed (see :mod:`rankdown.distributed`), and every
@@ -160,11 +173,23 @@ def compress(
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(run.seed)
         return _compress(model, tokenizer, config, run, calibration, device, nsamples, seqlen, progress,
-                         MemoryStore(model) if store is None else store)
+                         MemoryStore(model) if store is None else store, cost)
 
 
 def _compress(model: nn.Module, tokenizer: Any, config: MethodConfig, run: RunSettings, calibration: Any,
-              device: torch.device, nsamples: int, seqlen: int, progress: bool, store: LayerStore) -> CompressionReport:
+              device: torch.device, nsamples: int, seqlen: int, progress: bool, store: LayerStore,
+              cost: bool = False) -> CompressionReport:
+    timer = Stages()
+    with timer.stage("other"):
+        report = _compress_timed(model, tokenizer, config, run, calibration, device, nsamples, seqlen, progress,
+                                 store, cost, timer)
+    report.stages = dict(timer.seconds)
+    return report
+
+
+def _compress_timed(model: nn.Module, tokenizer: Any, config: MethodConfig, run: RunSettings, calibration: Any,
+                    device: torch.device, nsamples: int, seqlen: int, progress: bool, store: LayerStore,
+                    cost: bool, timer: Stages) -> CompressionReport:
     distributed.barrier()  # every process has checked its arguments before any goes on (and writes)
     progress = progress and distributed.is_main()
     method = method_class(config.method)(config, run)
@@ -185,18 +210,30 @@ def _compress(model: nn.Module, tokenizer: Any, config: MethodConfig, run: RunSe
         if not loaded:
             from rankdown.calib import check_seqlen
 
-            data = _calibration(tokenizer, calibration, nsamples, seqlen, run.seed,
-                                getattr(config, "calib_tokens", None))  # Lillama's token budget
-            check_seqlen(model, data.seqlen)
-            loaded.append(data)
-            heap.trim()  # what tokenizing left in the tokenizer threads' arenas
+            with timer.stage("calibration"):
+                data = _calibration(tokenizer, calibration, nsamples, seqlen, run.seed,
+                                    getattr(config, "calib_tokens", None))  # Lillama's token budget
+                check_seqlen(model, data.seqlen)
+                loaded.append(data)
+                heap.trim()  # what tokenizing left in the tokenizer threads' arenas
         return loaded[0]
 
     with MemoryBudget(parse_bytes(run.max_memory)) as budget:
         context = PlanContext(model, spec, load_calibration, batch_size, device, progress, budget,
                               store, StatsCache(run.stats_cache) if run.stats_cache else None)
-        # a resumed run keeps its plan
-        ranks = store.plan(lambda: method.plan(targets, params_before, config.ratio, multiple, context))
+        unit = None
+        if cost and (method.needs_calibration or calibration is not None):
+            data = load_calibration()
+            with timer.paused():
+                t_unit = time.perf_counter()
+                unit = dense_forward(model, spec, data, batch_size, device, store, budget)
+                t0 += time.perf_counter() - t_unit  # not part of the compression's seconds
+
+        def plan() -> dict[str, Any]:
+            with timer.stage("allocation"):
+                return method.plan(targets, params_before, config.ratio, multiple, context)
+
+        ranks = store.plan(plan)  # a resumed run keeps its plan
 
         data = load_calibration() if method.needs_calibration else None
         if data is not None and method.ranks_from_statistics:
@@ -204,7 +241,7 @@ def _compress(model: nn.Module, tokenizer: Any, config: MethodConfig, run: RunSe
         modules, guards, layer_seconds = run_sequential(
             model, spec, method, ranks,
             None if data is None else data.input_ids, None if data is None else data.attention_mask,
-            batch_size, device, progress, budget, store,
+            batch_size, device, progress, budget, store, timer,
         )
     if budget.spilled:
         log.info("%.1f MB of activations went to disk (max_memory=%s)", budget.spilled / 1e6, run.max_memory)
@@ -214,6 +251,7 @@ def _compress(model: nn.Module, tokenizer: Any, config: MethodConfig, run: RunSe
         calibration=None if not loaded else {**loaded[0].describe(), "seed": run.seed},  # read by plan() or the loop
         modules={**earlier.get("modules", {}), **modules}, unfused_experts=unfused, guards=guards, layer_seconds=layer_seconds,
         device=run.device, run=run.to_dict(), artifacts=method.artifacts(),
+        forward_seconds=None if unit is None else unit[0], forward_kind=None if unit is None else unit[1],
     )
     log.info("%s: %d -> %d parameters (%.4f removed) in %.1fs", config.method, report.params_before,
              report.params_after, report.ratio_achieved, report.seconds)
@@ -244,3 +282,31 @@ def _calibration(tokenizer: Any, calibration: Any, nsamples: int, seqlen: int, s
     if tokenizer is None:
         raise ConfigError("a tokenizer is needed to turn the calibration text into tokens")
     return calibration_data(tokenizer, str(calibration), nsamples=nsamples, seqlen=seqlen, seed=seed, tokens=tokens)
+
+
+@torch.no_grad()
+def dense_forward(model: nn.Module, spec: ArchSpec, data: Any, batch_size: int, device: torch.device,
+                  store: LayerStore, budget: MemoryBudget) -> tuple[float, str]:
+    """Seconds of one dense forward over the calibration tokens in batches of ``batch_size``, and what
+    was run: in memory on the model's own device, the model's forward (embeddings, layers, norm and
+    head; the logits dropped batch by batch); otherwise (streamed, or compressing on another device)
+    the engine's layer-by-layer pass with nothing collected (embeddings and layers; streamed: each
+    layer read from disk)."""
+    from rankdown.engine import walk_layers
+
+    t0 = time.perf_counter()
+    params = next(model.parameters())
+    if not store.streams and params.device == device:
+        was_training = model.training
+        model.eval()
+        try:
+            for i in range(0, data.input_ids.shape[0], batch_size):
+                ids = data.input_ids[i:i + batch_size].to(device)
+                mask = data.attention_mask[i:i + batch_size].to(device)
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+        finally:
+            model.train(was_training)
+        return time.perf_counter() - t0, "model forward (in memory)"
+    walk_layers(model, spec, lambda ctx: None, data.input_ids, data.attention_mask, batch_size, device, store,
+                "forward", False, budget)
+    return time.perf_counter() - t0, "layer-by-layer pass (streamed)" if store.streams else "layer-by-layer pass"
