@@ -118,13 +118,23 @@ def forward_flops(target: str) -> float:
     return 2 * work("unit", "", SHAPES[target])
 
 
+H100_FP32 = 50e12  # FLOP/s assumed for a float32 forward on one H100 (67 peak SXM, TF32 off)
+
+
 def main(path: str, source: str = "SmolLM2-135M", target: str = "Llama-2-7B") -> None:
     runs = json.load(open(path))["runs"][source]
     p = predict(runs, source, target)
-    print(f"{target} from {source}: one dense forward = {forward_flops(target):.3g} FLOPs")
+    flops = forward_flops(target)
+    units = [r["cost"]["forward_seconds"] for r in runs.values()]
+    rate = forward_flops(source) / min(units)  # this CPU, one thread, the least loaded of the runs
+    machines = {"this CPU, 1 thread": rate, "48 such cores (ideal)": 48 * rate, "one H100 (fp32)": H100_FP32}
+    print(f"{target} from {source}: one dense forward = {flops:.3g} FLOPs; this CPU's thread ran {rate / 1e9:.1f} "
+          f"GFLOP/s on {source}'s forward")
+    print("seconds of one forward: " + ", ".join(f"{k} {flops / r:,.0f}" for k, r in machines.items()))
     for m, row in p.items():
-        stages = ", ".join(f"{k} {v:.2f}" for k, v in row["forwards"].items())
-        print(f"{m}: {row['total']:.2f} forwards ({stages})")
+        stages = ", ".join(f"{k} {v:.2f}" for k, v in row["forwards"].items() if v >= 0.005)
+        secs = ", ".join(f"{k} {row['total'] * flops / r / 60:,.0f} min" for k, r in machines.items())
+        print(f"{m}: {row['total']:.2f} forwards ({stages}); {secs}")
 
 
 if __name__ == "__main__":
