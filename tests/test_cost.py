@@ -105,3 +105,21 @@ def test_compress_json_carries_the_cost(tmp_path, capsys):
     assert "x forward" in out and "save" in out  # the printed table
     saved = json.loads((tmp_path / "out" / "config.json").read_text())["rankdown"]
     assert saved["cost"]["forward_seconds"] == cost["forward_seconds"]
+
+
+def test_a_streamed_run_measures_the_layer_by_layer_pass(tmp_path, capsys):
+    from pathlib import Path
+
+    from rankdown import cli
+    from rankdown.reference import __file__ as where
+
+    folder = Path(where).parent / "reference"  # the reference model's own folder of safetensors
+    rc = cli.main(["compress", str(folder), "--method", "svd-llm", "--ratio", "0.3", "--calib", "reference",
+                   "--nsamples", "8", "--seqlen", "64", "--out", str(tmp_path / "out"), "-q", "--stream", "--cost",
+                   "--json"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and result["streamed"]
+    cost = result["cost"]
+    assert cost["forward"] == "layer-by-layer pass (streamed)" and cost["forward_seconds"] > 0
+    assert {"statistics", "decompositions", "other"} <= set(cost["stages"]) and "save" not in cost["stages"]
+    assert abs(cost["stages"]["total"]["seconds"] - result["seconds"]) <= 0.03 * result["seconds"] + 0.02

@@ -19,7 +19,7 @@ from rankdown.engine import PlanContext, run_sequential
 from rankdown.methods import method_class
 from rankdown.storage import LayerStore, MemoryBudget, MemoryStore, parse_bytes
 from rankdown.stats_cache import StatsCache
-from rankdown.timing import Stages, cost_record
+from rankdown.timing import Stages, cost_record, dense_forward
 
 log = logging.getLogger(__name__)
 
@@ -283,30 +283,3 @@ def _calibration(tokenizer: Any, calibration: Any, nsamples: int, seqlen: int, s
         raise ConfigError("a tokenizer is needed to turn the calibration text into tokens")
     return calibration_data(tokenizer, str(calibration), nsamples=nsamples, seqlen=seqlen, seed=seed, tokens=tokens)
 
-
-@torch.no_grad()
-def dense_forward(model: nn.Module, spec: ArchSpec, data: Any, batch_size: int, device: torch.device,
-                  store: LayerStore, budget: MemoryBudget) -> tuple[float, str]:
-    """Seconds of one dense forward over the calibration tokens in batches of ``batch_size``, and what
-    was run: in memory on the model's own device, the model's forward (embeddings, layers, norm and
-    head; the logits dropped batch by batch); otherwise (streamed, or compressing on another device)
-    the engine's layer-by-layer pass with nothing collected (embeddings and layers; streamed: each
-    layer read from disk)."""
-    from rankdown.engine import walk_layers
-
-    t0 = time.perf_counter()
-    params = next(model.parameters())
-    if not store.streams and params.device == device:
-        was_training = model.training
-        model.eval()
-        try:
-            for i in range(0, data.input_ids.shape[0], batch_size):
-                ids = data.input_ids[i:i + batch_size].to(device)
-                mask = data.attention_mask[i:i + batch_size].to(device)
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
-        finally:
-            model.train(was_training)
-        return time.perf_counter() - t0, "model forward (in memory)"
-    walk_layers(model, spec, lambda ctx: None, data.input_ids, data.attention_mask, batch_size, device, store,
-                "forward", False, budget)
-    return time.perf_counter() - t0, "layer-by-layer pass (streamed)" if store.streams else "layer-by-layer pass"

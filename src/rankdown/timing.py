@@ -17,9 +17,9 @@ compression reports (see :func:`rankdown.api.compress`):
   building and installing the factors;
 - ``distillation``: Lillama's training of the factors (its dense-teacher passes included);
 - ``save``: writing the compressed model (in memory runs; a streamed run writes shard by shard
-  inside the layer loop, counted under ``forward``);
-- ``other``: what none of these holds (finding the targets, counting parameters, loading layers of
-  a streamed model).
+  inside the layer loop, counted under ``other``);
+- ``other``: what none of these holds (finding the targets, counting parameters; streamed: reading
+  and writing the layers).
 
 The unit is one dense forward over the same calibration tokens at the same batch size, measured in
 the same run before anything is compressed (see :func:`rankdown.api.compress`'s ``cost``).
@@ -30,6 +30,8 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
+
+import torch
 
 STAGES = ("calibration", "forward", "statistics", "allocation", "decompositions", "distillation", "save", "other")
 _PAUSED = ""  # a stack entry whose time is counted nowhere
@@ -90,3 +92,31 @@ def cost_record(seconds: dict[str, float], unit: float | None, unit_kind: str | 
     """What a report carries as ``cost``: the unit, how it was measured, and the table."""
     return {"forward_seconds": None if unit is None else round(unit, 4), "forward": unit_kind,
             "stages": cost_table(seconds, unit)}
+
+
+@torch.no_grad()
+def dense_forward(model: Any, spec: Any, data: Any, batch_size: int, device: Any, store: Any,
+                  budget: Any) -> tuple[float, str]:
+    """Seconds of one dense forward over the calibration tokens in batches of ``batch_size``, and what
+    was run: in memory on the model's own device, the model's forward (embeddings, layers, norm and
+    head; the logits dropped batch by batch); otherwise (streamed, or compressing on another device)
+    the engine's layer-by-layer pass with nothing collected (embeddings and layers; streamed: each
+    layer read from disk; a resumed streamed run reads its finished layers compressed)."""
+    from rankdown.engine import walk_layers
+
+    t0 = time.perf_counter()
+    params = next(model.parameters())
+    if not store.streams and params.device == device:
+        was_training = model.training
+        model.eval()
+        try:
+            for i in range(0, data.input_ids.shape[0], batch_size):
+                ids = data.input_ids[i:i + batch_size].to(device)
+                mask = data.attention_mask[i:i + batch_size].to(device)
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+        finally:
+            model.train(was_training)
+        return time.perf_counter() - t0, "model forward (in memory)"
+    walk_layers(model, spec, lambda ctx: None, data.input_ids, data.attention_mask, batch_size, device, store,
+                "forward", False, budget)
+    return time.perf_counter() - t0, "layer-by-layer pass (streamed)" if store.streams else "layer-by-layer pass"
