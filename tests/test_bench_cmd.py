@@ -58,11 +58,17 @@ def test_bench_files_and_rows(grid):
         assert sp["decode_speedup"] == pytest.approx(sp["compressed"]["decode_tok_s"] / sp["dense"]["decode_tok_s"])
         assert sp["model_bytes_ratio"] == pytest.approx(c["params"] / saved["dense"]["params"], rel=1e-3)
     assert svd[0.4]["ppl"] > svd[0.1]["ppl"]  # removing more costs more
+    for c in svd.values():  # issue 32: the cost per stage, in dense forwards measured in the same run
+        cost = c["cost"]
+        assert cost["forward_seconds"] > 0 and "decompositions" in cost["stages"]
+        assert cost["stages"]["total"]["forwards"] == pytest.approx(
+            cost["stages"]["total"]["seconds"] / cost["forward_seconds"], rel=1e-2)
     md = (out / "results.md").read_text()
     assert md in stdout
     ppl_table = md.split("## Perplexity")[1].split("##")[0]
     assert "| method | 0.1 | 0.4 |" in ppl_table
     assert f"| svd | {svd[0.1]['ppl']:.3f} | {svd[0.4]['ppl']:.3f} |" in ppl_table
+    assert "## Compression cost" in md
     assert res["dense"]["ppl"] == pytest.approx(saved["dense"]["ppl"])
 
 

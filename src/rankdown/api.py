@@ -19,6 +19,7 @@ from rankdown.engine import PlanContext, run_sequential
 from rankdown.methods import method_class
 from rankdown.storage import LayerStore, MemoryBudget, MemoryStore, parse_bytes
 from rankdown.stats_cache import StatsCache
+from rankdown.timing import Stages, cost_record, dense_forward
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,9 @@ class CompressionReport:
     # each module's rank is in ``modules``
     allocation: dict[str, Any] | None = None
     heal: dict[str, Any] | None = None  # what healing did (rankdown/heal.py), None when it did not run
+    stages: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds (rankdown/timing.py)
+    forward_seconds: float | None = None  # one dense forward over the calibration tokens (compress(cost=True))
+    forward_kind: str | None = None  # how that forward was measured
 
     @property
     def ratio_achieved(self) -> float:
@@ -59,8 +63,10 @@ class CompressionReport:
     def record(self) -> dict[str, Any]:
         """Provenance stored in the saved model's config.json (without the structure)."""
         d = asdict(self)
-        for k in ("modules", "unfused_experts", "layer_seconds", "artifacts"):
+        for k in ("modules", "unfused_experts", "layer_seconds", "artifacts", "stages", "forward_seconds",
+                  "forward_kind"):
             d.pop(k)
+        d["cost"] = self.cost()
         d["ratio_achieved"] = self.ratio_achieved
         d["seed"] = self.run.get("seed")
         return d
@@ -76,6 +82,10 @@ class CompressionReport:
                                              "heal_kl_after": round(self.heal["kl_after"], 6),
                                              "heal_seconds": self.heal["seconds"]}),
         }
+
+    def cost(self) -> dict[str, Any]:
+        """Seconds per stage and as multiples of one dense forward (rankdown/timing.py)."""
+        return cost_record(self.stages, self.forward_seconds, self.forward_kind)
 
     def to_json(self) -> str:
         return json.dumps({**self.record(), "structure": self.structure}, indent=1)
@@ -141,6 +151,7 @@ def compress(
     progress: bool = True,
     store: LayerStore | None = None,
     heal: Any = None,
+    cost: bool = False,
 ) -> CompressionReport:
     """Compress ``model`` in place to ``config.ratio`` fewer parameters and report what changed.
 
@@ -153,6 +164,8 @@ def compress(
     ``store``: where the layers are kept between their visits (:class:`~rankdown.storage.LayerStore`);
     by default in memory, or a :class:`rankdown.storage.folder.StreamedModel` whose skeleton ``model``
     is, when the layers are read from disk one at a time (see :func:`rankdown.stream.compress_folder`).
+    ``cost``: also time one dense forward over the calibration tokens before compressing (not
+    counted in the report's seconds), the unit of the report's :meth:`~CompressionReport.cost`.
 
     Under torchrun every process calls this with the same arguments; the calibration batches are
     split between them and the statistics summed (see :mod:`rankdown.distributed`), and every
@@ -172,12 +185,23 @@ def compress(
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(run.seed)
         return _compress(model, tokenizer, config, run, calibration, device, nsamples, seqlen, progress,
-                         MemoryStore(model) if store is None else store, heal)
+                         MemoryStore(model) if store is None else store, heal, cost)
 
 
 def _compress(model: nn.Module, tokenizer: Any, config: MethodConfig, run: RunSettings, calibration: Any,
               device: torch.device, nsamples: int, seqlen: int, progress: bool, store: LayerStore,
-              heal: Any = None) -> CompressionReport:
+              heal: Any = None, cost: bool = False) -> CompressionReport:
+    timer = Stages()
+    with timer.stage("other"):
+        report = _compress_timed(model, tokenizer, config, run, calibration, device, nsamples, seqlen, progress,
+                                 store, heal, cost, timer)
+    report.stages = dict(timer.seconds)
+    return report
+
+
+def _compress_timed(model: nn.Module, tokenizer: Any, config: MethodConfig, run: RunSettings, calibration: Any,
+                    device: torch.device, nsamples: int, seqlen: int, progress: bool, store: LayerStore,
+                    heal: Any, cost: bool, timer: Stages) -> CompressionReport:
     distributed.barrier()  # every process has checked its arguments before any goes on (and writes)
     progress = progress and distributed.is_main()
     method = method_class(config.method)(config, run)
@@ -198,18 +222,30 @@ def _compress(model: nn.Module, tokenizer: Any, config: MethodConfig, run: RunSe
         if not loaded:
             from rankdown.calib import check_seqlen
 
-            data = _calibration(tokenizer, calibration, nsamples, seqlen, run.seed,
-                                getattr(config, "calib_tokens", None), model=model)  # Lillama's token budget
-            check_seqlen(model, data.seqlen)
-            loaded.append(data)
-            heap.trim()  # what tokenizing left in the tokenizer threads' arenas
+            with timer.stage("calibration"):
+                data = _calibration(tokenizer, calibration, nsamples, seqlen, run.seed,
+                                    getattr(config, "calib_tokens", None), model=model)  # Lillama's token budget
+                check_seqlen(model, data.seqlen)
+                loaded.append(data)
+                heap.trim()  # what tokenizing left in the tokenizer threads' arenas
         return loaded[0]
 
     with MemoryBudget(parse_bytes(run.max_memory)) as budget:
         context = PlanContext(model, spec, load_calibration, batch_size, device, progress, budget,
                               store, StatsCache(run.stats_cache) if run.stats_cache else None)
-        # a resumed run keeps its plan
-        ranks = store.plan(lambda: method.plan(targets, params_before, config.ratio, multiple, context))
+        unit = None
+        if cost and (method.needs_calibration or calibration is not None):
+            data = load_calibration()
+            with timer.paused():
+                t_unit = time.perf_counter()
+                unit = dense_forward(model, spec, data, batch_size, device, store, budget)
+                t0 += time.perf_counter() - t_unit  # not part of the compression's seconds
+
+        def plan() -> dict[str, Any]:
+            with timer.stage("allocation"):
+                return method.plan(targets, params_before, config.ratio, multiple, context)
+
+        ranks = store.plan(plan)  # a resumed run keeps its plan
         allocation = method.allocation_record(context)  # also on a resumed run, which skips plan()
         if allocation is not None:
             allocation["params_budget"] = round(params_before * (1.0 - config.ratio))
@@ -222,14 +258,16 @@ def _compress(model: nn.Module, tokenizer: Any, config: MethodConfig, run: RunSe
             if not isinstance(store, MemoryStore) or distributed.world() > 1:
                 raise ConfigError("healing needs the whole model in memory in one process: drop --heal, or "
                                   "compress with --no-stream and without torchrun")
-            teacher = teacher_targets(model, load_calibration(), heal, device, progress)
+            data = load_calibration()
+            with timer.stage("healing"):
+                teacher = teacher_targets(model, data, heal, device, progress)
         data = load_calibration() if method.needs_calibration else None
         if data is not None and method.ranks_from_statistics:
             _check_enough_tokens(data, ranks)
         modules, guards, layer_seconds = run_sequential(
             model, spec, method, ranks,
             None if data is None else data.input_ids, None if data is None else data.attention_mask,
-            batch_size, device, progress, budget, store,
+            batch_size, device, progress, budget, store, timer,
         )
     if budget.spilled:
         log.info("%.1f MB of activations went to disk (max_memory=%s)", budget.spilled / 1e6, run.max_memory)
@@ -239,14 +277,16 @@ def _compress(model: nn.Module, tokenizer: Any, config: MethodConfig, run: RunSe
         calibration=None if not loaded else {**loaded[0].describe(), "seed": run.seed},  # read by plan() or the loop
         modules={**earlier.get("modules", {}), **modules}, unfused_experts=unfused, guards=guards, layer_seconds=layer_seconds,
         device=run.device, run=run.to_dict(), artifacts=method.artifacts(), allocation=allocation,
+        forward_seconds=None if unit is None else unit[0], forward_kind=None if unit is None else unit[1],
     )
     log.info("%s: %d -> %d parameters (%.4f removed) in %.1fs", config.method, report.params_before,
              report.params_after, report.ratio_achieved, report.seconds)
     if teacher is not None:
         from rankdown.heal import heal as heal_model
 
-        report.heal = heal_model(model, teacher, heal, list(report.modules), seed=run.seed, device=device,
-                                 progress=progress)
+        with timer.stage("healing"):
+            report.heal = heal_model(model, teacher, heal, list(report.modules), seed=run.seed, device=device,
+                                     progress=progress)
     return report
 
 

@@ -9,6 +9,7 @@ and saves it. :func:`rankdown.loading.should_stream` decides which.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -40,6 +41,7 @@ def compress_model(
     resume: bool = True,
     on_resume: Callable[[int, Path], None] | None = None,
     heal: Any = None,
+    cost: bool = False,
 ) -> Compressed:
     """Compress model ``model`` (a name as :func:`rankdown.loading.load_model` takes it) and save it
     to ``out`` (None: compress only, in memory).
@@ -50,7 +52,9 @@ def compress_model(
     (``resume=False`` starts over; ``on_resume(done, folder)`` is told). Under torchrun every
     process takes part and process 0 saves (see rankdown/distributed.py). ``heal`` (a
     :class:`rankdown.heal.HealConfig`) distils the compressed model towards the dense one afterwards
-    (rankdown/heal.py); it needs the whole model in memory, so it is loaded whole.
+    (rankdown/heal.py); it needs the whole model in memory, so it is loaded whole. ``cost``: also time one
+    dense forward, the unit of the report's cost (see :func:`rankdown.compress`); the save's seconds
+    are added to the report's stages (not to the record already saved).
     """
     import torch
 
@@ -80,18 +84,20 @@ def compress_model(
         report, saved = compress_folder(model, out, config, calibration, run=run, nsamples=nsamples, seqlen=seqlen,
                                         dtype=getattr(torch, dtype), save_dtype=save_dtype(model, save, dtype),
                                         overwrite=overwrite, progress=progress, resume=resume,
-                                        on_resume=on_resume)
+                                        on_resume=on_resume, cost=cost)
         return Compressed(report, Path(saved), True)
     loaded, tokenizer = load_model(model, dtype)
     try:
         report = rankdown.compress(loaded, tokenizer, config, calibration, run=run, nsamples=nsamples, seqlen=seqlen,
-                                   progress=progress, heal=heal)
+                                   progress=progress, heal=heal, cost=cost)
     except KeyboardInterrupt as e:  # say what an interrupted in-memory run leaves: nothing
         e.add_note(f"the model was compressed in memory: nothing was kept{f' and nothing written to {out}' if out else ''}"
                    "; the same command starts over")
         raise
     saved = None
     if out and distributed.is_main():
+        t0 = time.perf_counter()
         loaded.to(save_dtype(model, save, dtype))
         saved = rankdown.save(loaded, tokenizer, out, report, overwrite=overwrite, source=source_record(model))
+        report.stages["save"] = report.stages.get("save", 0.0) + time.perf_counter() - t0
     return Compressed(report, saved, False)

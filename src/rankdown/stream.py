@@ -58,6 +58,7 @@ def compress_folder(
     progress: bool = True,
     resume: bool = True,
     on_resume: Callable[[int, Path], None] | None = None,
+    cost: bool = False,
 ) -> tuple[Any, Path]:
     """Compress the model in folder ``path`` into folder ``out`` holding one layer at a time.
 
@@ -115,7 +116,7 @@ def compress_folder(
             on_resume))
         streamed = StreamedModel(path, dtype, work, save_dtype)
         report = compress(streamed.model, tokenizer, config, calibration, run=run, nsamples=nsamples, seqlen=seqlen,
-                          progress=progress, store=ResumableStore(streamed, state) if resumable else streamed)
+                          progress=progress, store=ResumableStore(streamed, state) if resumable else streamed, cost=cost)
         if isinstance(state, RunState):  # a resumed run: the seconds its earlier runs spent too
             report.seconds_earlier = state.earlier
         distributed.barrier()  # every process is done reading finished layers from the work folder

@@ -309,8 +309,10 @@ def _cell(dense, tok, spec, ratio, cfg_run, calib, s: BenchSettings, manager, de
     cell: dict[str, Any] = {"method": spec, "ratio": ratio}
     try:
         model = copy.deepcopy(dense)
-        rep = rankdown.compress(model, tok, cfg, calib, run=run, nsamples=s.nsamples, seqlen=s.seqlen, progress=False)
-        cell.update(ratio_achieved=rep.ratio_achieved, params=rep.params_after, compress_s=rep.seconds)
+        rep = rankdown.compress(model, tok, cfg, calib, run=run, nsamples=s.nsamples, seqlen=s.seqlen, progress=False,
+                                cost=True)
+        cell.update(ratio_achieved=rep.ratio_achieved, params=rep.params_after, compress_s=rep.seconds,
+                    cost=rep.cost())
         cell.update(_evaluate(model, tok, s, manager, progress))
         cell["ppl_change"] = cell["ppl"] / dense_row["ppl"] - 1
         if s.speed:

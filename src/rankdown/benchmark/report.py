@@ -49,10 +49,20 @@ def markdown(results: dict[str, Any]) -> str:
         out += ["", f"## Speed-up vs dense, decode / prefill (batch {s['speed_batch_size']}, prompt "
                 f"{s['speed_prompt_len']}, {s['speed_new_tokens']} new tokens; measured alternating)", "",
                 *_grid(results, lambda c: f"{c['speed']['decode_speedup']:.2f}x / {c['speed']['prefill_speedup']:.2f}x")]
+    if any("cost" in c for c in results["cells"]):
+        out += ["", "## Compression cost (seconds; in dense forwards over the calibration tokens, measured in the "
+                "same run; per stage in results.json)", "", *_grid(results, _cost_cell)]
     errors = [c for c in results["cells"] if "error" in c]
     if errors:
         out += ["", "## Errors", ""] + [f"- {c['method']} at {c['ratio']:g}: {c['error']}" for c in errors]
     return "\n".join(out) + "\n"
+
+
+def _cost_cell(cell: dict[str, Any]) -> str:
+    if "cost" not in cell:
+        return ""
+    total = cell["cost"]["stages"]["total"]
+    return f"{total['seconds']:.1f} s" + ("" if total["forwards"] is None else f" ({total['forwards']:.1f}x)")
 
 
 def _plots(results: dict[str, Any], out: Path) -> list[str]:

@@ -79,9 +79,9 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
     done = compress_model(args.model, args.out, config, args.calib, run=run, nsamples=args.nsamples,
                           seqlen=args.seqlen, dtype=args.dtype, save=args.save_dtype, overwrite=args.overwrite,
                           stream=args.stream, progress=not args.quiet, resume=not args.restart, on_resume=resuming,
-                          heal=heal)
+                          heal=heal, cost=args.cost)
     out = None if done.out is None else str(done.out)
-    result = {**done.report.summary(), "out": out, "streamed": done.streamed}
+    result = {**done.report.summary(), "out": out, "streamed": done.streamed, "cost": done.report.cost()}
     earlier = done.report.seconds_earlier
     if earlier:
         result["seconds_total"] = round(done.report.seconds + earlier, 3)
@@ -105,6 +105,8 @@ def cmd_compress(args: argparse.Namespace) -> dict[str, Any]:
         h = done.report.heal
         print(f"healed: held-out KL to the dense model {h['kl_before']:.4f} -> {h['kl_after']:.4f} "
               f"({h['steps']} steps, best at {h['best_step']}, {h['seconds']:.0f}s)")
+    if args.cost:
+        print(cost_lines(result["cost"]))
     if out:
         print(f"saved to {out}: {_size(result['bytes_on_disk'])} on disk in {result['save_dtype']} "
               f"(--save-dtype {_other_dtype(result['save_dtype'])} changes it)")
@@ -147,3 +149,12 @@ def _other_dtype(dtype: str) -> str:
 
 def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def cost_lines(cost: dict[str, Any]) -> str:
+    """The stage table of ``--cost``: seconds and multiples of one dense forward."""
+    rows = [{"stage": k, "seconds": v["seconds"], "x forward": v["forwards"]} for k, v in cost["stages"].items()]
+    unit = cost["forward_seconds"]
+    head = (f"cost in dense forwards (one {cost['forward']} over the calibration tokens: {unit:.2f} s)"
+            if unit else "cost per stage (no dense forward measured: a data-free method)")
+    return head + "\n" + table(rows, ["stage", "seconds", "x forward"])

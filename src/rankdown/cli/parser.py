@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None,
                    help="calibration windows per forward pass (default 8; lillama 4: its optimiser steps)")
     p.add_argument("--out", default=None, help="folder to save the compressed model to (required, unless --dry-run)")
+    p.add_argument("--cost", action="store_true",
+                   help="also time one dense forward over the calibration tokens before compressing and print the "
+                        "seconds per stage as multiples of it (--json carries them as 'cost' without this flag, "
+                        "with no multiples)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (ranks or kept sizes per module, parameters before and after, size on disk) "
                         "and write nothing; a method whose plan reads statistics still runs that pass")

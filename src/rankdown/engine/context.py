@@ -17,6 +17,7 @@ from rankdown.linalg import Guard
 from rankdown.nn.portable import LowRankLinear
 from rankdown.stats import InputStats
 from rankdown.storage import MemoryBudget, TensorStore
+from rankdown.timing import Stages
 
 
 def module_spec(module: nn.Module) -> dict:
@@ -45,6 +46,7 @@ class LayerContext:
     carry: dict[str, Any] = field(default_factory=dict)
     _outputs: TensorStore | None = field(default=None, repr=False)  # this layer's outputs, while still valid
     _replays: Replays = field(default_factory=Replays, repr=False)  # recorded inputs of last linears
+    timer: Stages = field(default_factory=Stages, repr=False)  # the run's stage clock (rankdown.timing)
 
     # -- the layer ---------------------------------------------------------------------------------
     def groups(self) -> list[list[str]]:
@@ -117,7 +119,6 @@ class LayerContext:
             return self.call(self._inputs.hidden[b], b)
 
     # -- statistics ------------------------------------------------------------------------------------
-    @torch.no_grad()
     def collect(
         self, inputs: list[str], outputs: list[str] = (), gram: bool = True, keep_outputs: bool = False,
         replay: bool = False,
@@ -142,6 +143,12 @@ class LayerContext:
         its last linear applied to the recorded inputs instead of running it again (see
         :mod:`rankdown.engine.replay`): the sequential loop then runs the attention once, not four times.
         """
+        with self.timer.stage("statistics"):
+            return self._collect(inputs, outputs, gram, keep_outputs, replay)
+
+    @torch.no_grad()
+    def _collect(self, inputs: list[str], outputs: list[str], gram: bool, keep_outputs: bool,
+                 replay: bool) -> tuple[dict[str, InputStats], dict[str, InputStats]]:
         self._replays.forget_around([*inputs, *outputs])  # a module with hooks inside it runs afresh
         recording = Recording(self._replay_units([*inputs, *outputs]) if replay else {}, self.budget)
         same = (len(inputs) > 1 and self.spec.experts is None
@@ -225,9 +232,10 @@ class LayerContext:
         layer's inputs. Computed once while no module is replaced (also by :meth:`collect` with
         ``keep_outputs``): the store is shared with the engine, so a visit must not clear it."""
         if self._outputs is None:
-            out = TensorStore(self.budget)
-            for b in range(self.batches):
-                out.append(self._run(b))
+            with self.timer.stage("forward"):
+                out = TensorStore(self.budget)
+                for b in range(self.batches):
+                    out.append(self._run(b))
             self._outputs = out
         return self._outputs
 

@@ -27,6 +27,7 @@ from rankdown.arch import ArchSpec
 from rankdown.engine.capture import LayerInputs, _place_outside_layers, capture
 from rankdown.engine.context import LayerContext
 from rankdown.storage import LayerStore, MemoryBudget, MemoryStore, TensorStore
+from rankdown.timing import Stages
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ def walk_layers(
     progress: bool = True,
     budget: MemoryBudget | None = None,
     write: bool = False,
+    timer: Stages | None = None,
 ) -> tuple[list[float], list[dict]]:
     """Call ``visit`` on every layer in order, on ``device``; returns the seconds spent per layer
     and, when ``write``, every layer's records (``modules``, ``guards``: full path -> record).
@@ -53,8 +55,12 @@ def walk_layers(
     get no inputs (data-free methods) and nothing is run. Activations beyond ``budget`` go to disk.
     ``store`` gives each layer before its visit and takes it back after (with its records when
     ``write``); a layer it gives with records (finished by an earlier run) is not visited, only run.
+    ``timer``: the run's stage clock: the capture and the passes that only make the next layer's
+    inputs count as ``forward``, each visit as ``decompositions`` less what it counts itself
+    (``statistics``, ``distillation``; see rankdown/timing.py).
     """
     device = torch.device(device)
+    timer = Stages() if timer is None else timer
     own_budget = budget is None
     budget = MemoryBudget() if budget is None else budget
     path, layers = spec.find_layers(model)
@@ -70,8 +76,9 @@ def walk_layers(
         if calibrate:
             store.load_outside()
             _place_outside_layers(model, path, device)
-            hidden, args, kwargs, masks = capture(model, layers, input_ids, attention_mask, batch_size, device,
-                                                  TensorStore(budget))
+            with timer.stage("forward"):
+                hidden, args, kwargs, masks = capture(model, layers, input_ids, attention_mask, batch_size, device,
+                                                      TensorStore(budget))
             store.drop_outside()
         bar = tqdm(range(len(layers)), desc=desc, unit="layer", disable=not progress)
         for i in bar:
@@ -81,9 +88,10 @@ def walk_layers(
             layer.to(device)
             if calibrate:
                 inputs = LayerInputs(hidden, args[i], kwargs[i], masks)
-            ctx = LayerContext(i, f"{path}.{i}", layer, spec, inputs, device, budget=budget, carry=carry)
+            ctx = LayerContext(i, f"{path}.{i}", layer, spec, inputs, device, budget=budget, carry=carry, timer=timer)
             if done is None:
-                visit(ctx)
+                with timer.stage("decompositions"):
+                    visit(ctx)
             if calibrate:
                 if i + 1 < len(layers):
                     nxt = ctx.outputs()
@@ -127,6 +135,7 @@ def run_sequential(
     progress: bool = True,
     budget: MemoryBudget | None = None,
     store: LayerStore | None = None,
+    timer: Stages | None = None,
 ) -> tuple[dict[str, dict], dict[str, dict], list[float]]:
     """Compress ``model`` in place, layer by layer (kept in ``store``, by default in memory).
 
@@ -144,7 +153,7 @@ def run_sequential(
         input_ids = attention_mask = None
     seconds, records = walk_layers(model, spec, visit, input_ids, attention_mask, batch_size, device,
                                    MemoryStore(model) if store is None else store, type(method).__name__,
-                                   progress, budget, write=True)
+                                   progress, budget, write=True, timer=timer)
     modules: dict[str, dict] = {}
     guards: dict[str, dict] = {}
     for record in records:

@@ -223,9 +223,11 @@ class Lillama(Method):
                             ctx.index)
                 teacher.clear()
             teacher_in = student
-        target = self._dense_outputs(ctx, teacher_in)  # before any module is replaced
+        with ctx.timer.stage("distillation"):  # the dense teacher's outputs are the training's targets
+            target = self._dense_outputs(ctx, teacher_in)  # before any module is replaced
         self._init_factors(ctx, ranks)
-        self._curves[ctx.prefix] = self._distill(ctx, teacher_in, target)
+        with ctx.timer.stage("distillation"):
+            self._curves[ctx.prefix] = self._distill(ctx, teacher_in, target)
         ctx.changed()  # trained in place: the next layer's inputs are the trained layer's outputs
         self._curves[ctx.prefix]["seconds"] = time.perf_counter() - t0
         if teacher_in is not student:
