@@ -89,7 +89,10 @@ def test_dense_figures_are_cached_by_content(tmp_path, monkeypatch):
 
 
 def test_cli_generate_with_a_cached_baseline(tmp_path, monkeypatch):
-    monkeypatch.setenv("RANKDOWN_CACHE", str(tmp_path / "cache"))
+    import test_cli
+
+    # the command runs in a subprocess with test_cli.ENV: the empty cache must reach it there
+    monkeypatch.setitem(test_cli.ENV, "RANKDOWN_CACHE", str(tmp_path / "cache"))
     args = ["eval", "reference", "--generate", "--new-tokens", "12", "--baseline", "reference", "--out",
             str(tmp_path / "out"), "--json"]
     first = last_json(rankdown(*args))
