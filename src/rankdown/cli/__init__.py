@@ -5,7 +5,8 @@ full disk, Ctrl-C, SIGTERM and a closed pipe become (one line on stderr, no trac
 status), and the names the tests and ``python -m rankdown.cli`` reach.
 
     parser.py    build_parser: the flags, a method's generated from its config dataclass
-    compress.py  rankdown compress       evaluate.py  rankdown eval
+    compress.py  rankdown compress (and --dry-run, --heal, --cost)
+    evaluate.py  rankdown eval           evaluate_gen.py  its --generate and --tasks humaneval
     commands.py  rankdown generate | inspect | demo | bench
     checks.py    what is checked before any work, and the words of the errors
     output.py    table
