@@ -187,7 +187,8 @@ def kfac_statistics(context: "PlanContext", targets: list[Target], owners: dict[
     statistics, when ``inputs``; path -> statistics of the trimmed, clipped output gradients).
 
     Modelled on :func:`rankdown.sensitivity.output_fisher`, which keeps only G's diagonal.
-    TODO: move onto its layer-wise backward once that is merged (one layer's G at a time).
+    The model must be in memory: the layer-wise backward of :mod:`rankdown.engine.backward` (which
+    streams the fisher allocation) would let this pass hold one layer's G at a time; not done yet.
     """
     model = context.model
     data = context.calibration()
